@@ -1,0 +1,253 @@
+"""One dataclass describes a training run; every entry point (CLI, Ray Tune, report) builds it.
+
+Validation lives here so the CLI, the search-space checker and the Tune trainable reject the
+same bad values with the same one-line message.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+BITS = (1, 2, 3, 4, 5, 6, 7, 8, 32)
+LOSSES = ("madry", "mix", "trades")
+ATTACKS = ("fgsm", "pgd", "cw", "trades")
+TERNARY_MODES = ("twn0.7", "exact")
+GROUP_AXES = ("out", "in")
+GROUP_MODES = ("penalty", "prox")
+BUILTIN_DATASETS = ("digits", "cifar10", "mnist", "fashion-mnist", "svhn")
+
+
+class ConfigError(ValueError):
+    """A bad user-supplied value. Its message is one line naming the value and what is accepted."""
+
+
+def check_dataset(name: str) -> None:
+    if name in BUILTIN_DATASETS:
+        return
+    if name.startswith("folder:") and len(name) > len("folder:"):
+        return
+    raise ConfigError(
+        f"unknown dataset {name!r}; accepted: {', '.join(BUILTIN_DATASETS)} or folder:PATH"
+    )
+
+
+@dataclass
+class QuantConfig:
+    """Binary-Relax settings: what to quantize, to how many bits, and the relaxation schedule."""
+
+    bits: int = 2
+    ternary_mode: str = "twn0.7"  # reference 0.7*mean|w| rule, or the exact optimal projection
+    lloyd_iters: int = 1  # b >= 3: refinement steps of (levels, scale); the reference uses one
+    lambda0: float = 1.0  # relaxation weight before the first epoch's growth
+    rho: float = 1.05  # lambda <- rho * lambda at the start of every epoch
+    phase2_start: float = 0.75  # fraction of epochs after which weights are hard-quantized
+    quantize_stem: bool = True
+    quantize_shortcut: bool = False  # 1x1 projection shortcuts
+    quantize_fc: bool = False  # the classifier
+
+    def validate(self) -> None:
+        if self.bits not in BITS:
+            raise ConfigError(f"bits={self.bits!r} is not supported; accepted: 1-8 or 32 (float)")
+        if self.ternary_mode not in TERNARY_MODES:
+            raise ConfigError(
+                f"ternary_mode={self.ternary_mode!r}; accepted: {', '.join(TERNARY_MODES)}"
+            )
+        if self.lloyd_iters < 1:
+            raise ConfigError(f"lloyd_iters={self.lloyd_iters}; accepted: an integer >= 1")
+        if not self.lambda0 > 0:
+            raise ConfigError(f"lambda0={self.lambda0}; accepted: a number > 0")
+        if not self.rho >= 1:
+            raise ConfigError(f"rho={self.rho}; accepted: a number >= 1")
+        if not 0.0 <= self.phase2_start <= 1.0:
+            raise ConfigError(f"phase2_start={self.phase2_start}; accepted: a fraction in [0, 1]")
+
+
+@dataclass
+class AttackConfig:
+    """An L-infinity attack; inputs live in [0, 1]."""
+
+    kind: str = "pgd"
+    eps: float = 8 / 255
+    step: float = 2 / 255
+    steps: int = 10
+    random_start: bool = True
+
+    def validate(self, what: str = "attack") -> None:
+        if self.kind not in ATTACKS:
+            raise ConfigError(f"{what} {self.kind!r} is unknown; accepted: {', '.join(ATTACKS)}")
+        if not self.eps >= 0:
+            raise ConfigError(f"{what} eps={self.eps}; accepted: a number >= 0")
+        if not self.step >= 0:
+            raise ConfigError(f"{what} step={self.step}; accepted: a number >= 0")
+        if self.steps < 1:
+            raise ConfigError(f"{what} steps={self.steps}; accepted: an integer >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one trial needs. Field names are the search-space keys."""
+
+    # data
+    dataset: str = "digits"
+    data_root: str = "./data"
+    download: bool = False
+    subset_train: int | None = None
+    subset_test: int | None = None
+    val_fraction: float = 0.1
+    augment: bool | None = None  # None: crop+flip for 32x32 colour images only
+    # model
+    depth: int = 8  # 6n+2; ResNet20 is depth 20
+    width: int = 16
+    ensemble: int = 1
+    noise: float = 0.1
+    # optimisation
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of epochs; lr x0.1 at each
+    # loss
+    loss: str = "mix"
+    alpha: float = 0.2  # weight of the natural term in `mix`
+    beta: float = 6.0  # weight of the KL term in `trades`
+    group_lasso: float = 0.0
+    group_axis: str = "out"
+    group_mode: str = "penalty"
+    # quantization and attacks
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    train_attack: AttackConfig = field(default_factory=AttackConfig)
+    eval_attack: AttackConfig = field(default_factory=lambda: AttackConfig(steps=20, random_start=False))
+    proxy_eval_size: int = 256  # fixed validation subset for the cheap per-epoch robust proxy
+    proxy_attack_steps: int = 3
+    cw: bool = True  # also run CW-Linf in the final evaluation
+    # run
+    seed: int = 0
+    eval_seed: int = 1234
+    device: str = "auto"
+    max_grad_norm: float | None = None
+
+    def validate(self) -> None:
+        check_dataset(self.dataset)
+        self.quant.validate()
+        self.train_attack.validate("training attack")
+        self.eval_attack.validate("evaluation attack")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss {self.loss!r} is unknown; accepted: {', '.join(LOSSES)}")
+        if self.depth < 8 or (self.depth - 2) % 6:
+            raise ConfigError(f"depth={self.depth}; accepted: 6n+2 with n >= 1 (8, 14, 20, 32, ...)")
+        for name in ("width", "ensemble", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}; accepted: an integer >= 1")
+        for name in ("subset_train", "subset_test"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"{name}={v}; accepted: an integer >= 1")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha={self.alpha}; accepted: a number in [0, 1]")
+        if not self.beta >= 0:
+            raise ConfigError(f"beta={self.beta}; accepted: a number >= 0")
+        if not self.noise >= 0:
+            raise ConfigError(f"noise={self.noise}; accepted: a number >= 0")
+        if not self.lr > 0:
+            raise ConfigError(f"lr={self.lr}; accepted: a number > 0")
+        if not self.group_lasso >= 0:
+            raise ConfigError(f"group_lasso={self.group_lasso}; accepted: a number >= 0")
+        if self.group_axis not in GROUP_AXES:
+            raise ConfigError(f"group_axis={self.group_axis!r}; accepted: {', '.join(GROUP_AXES)}")
+        if self.group_mode not in GROUP_MODES:
+            raise ConfigError(f"group_mode={self.group_mode!r}; accepted: {', '.join(GROUP_MODES)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction={self.val_fraction}; accepted: a fraction in [0, 1)")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device={self.device!r}; accepted: auto, cpu, cuda, cuda:N")
+
+    # --- flat dict view: search spaces, MLflow params and Tune configs use flat keys ---------
+    def to_flat(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if dataclasses.is_dataclass(v):
+                for g in dataclasses.fields(v):
+                    out[f"{f.name}.{g.name}"] = getattr(v, g.name)
+            else:
+                out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> "TrainConfig":
+        """Build from flat keys. Short aliases (bits, lambda0, rho, phase2_start, eps, attack_steps)
+        map to nested fields so search spaces read naturally. Unknown keys are an error."""
+        cfg = cls()
+        for key, value in flat.items():
+            set_field(cfg, key, value)
+        return cfg
+
+
+ALIASES = {
+    "bits": "quant.bits",
+    "ternary_mode": "quant.ternary_mode",
+    "lloyd_iters": "quant.lloyd_iters",
+    "lambda0": "quant.lambda0",
+    "rho": "quant.rho",
+    "phase2_start": "quant.phase2_start",
+    "quantize_shortcut": "quant.quantize_shortcut",
+    "quantize_fc": "quant.quantize_fc",
+    "eps": "train_attack.eps",
+    "attack_step": "train_attack.step",
+    "attack_steps": "train_attack.steps",
+}
+
+
+def known_keys() -> list[str]:
+    return sorted(set(TrainConfig().to_flat()) | set(ALIASES))
+
+
+def set_field(cfg: TrainConfig, key: str, value: Any) -> None:
+    """Set a flat or dotted key on cfg, coercing to the field's type."""
+    path = ALIASES.get(key, key)
+    parts = path.split(".")
+    target: Any = cfg
+    for p in parts[:-1]:
+        if not hasattr(target, p) or not dataclasses.is_dataclass(getattr(target, p)):
+            raise ConfigError(f"unknown parameter {key!r}; accepted: {', '.join(known_keys())}")
+        target = getattr(target, p)
+    names = {f.name: f for f in dataclasses.fields(target)}
+    if parts[-1] not in names:
+        raise ConfigError(f"unknown parameter {key!r}; accepted: {', '.join(known_keys())}")
+    current = getattr(target, parts[-1])
+    if current is None:  # optional field: take the type from its annotation
+        ann = str(names[parts[-1]].type)
+        current = True if "bool" in ann else 0 if "int" in ann else 0.0 if "float" in ann else ""
+    setattr(target, parts[-1], _coerce(key, value, current))
+
+
+def _coerce(key: str, value: Any, current: Any) -> Any:
+    if value is None or (isinstance(value, str) and value.lower() == "none"):
+        return None
+    try:
+        if isinstance(current, bool):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if isinstance(current, int) and not isinstance(current, bool):
+            f = float(value)
+            if f != int(f):
+                raise ValueError
+            return int(f)
+        if isinstance(current, float):
+            return float(value)
+        if isinstance(current, tuple):
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v]
+            return tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{key}={value!r} has the wrong type; accepted: {type(current).__name__}"
+        ) from None
+    return value
