@@ -151,7 +151,11 @@ class BinaryRelax:
         return self.state.lam
 
     def phase2_epoch(self, epochs: int) -> int:
-        return int(round(self.config.phase2_start * epochs))
+        """First hard-quantized epoch. Any phase2_start < 1 leaves at least the last epoch in
+        phase II, so BatchNorm statistics match the deployed weights; 1.0 means never."""
+        if self.config.phase2_start >= 1.0:
+            return epochs
+        return min(int(round(self.config.phase2_start * epochs)), epochs - 1)
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """lam <- rho * lam at every epoch start (epoch 0 already uses lam0 * rho); hard

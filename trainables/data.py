@@ -1,0 +1,220 @@
+"""Datasets as in-memory tensors, batched and augmented on the training device.
+
+The datasets here are small (CIFAR-10 is 150 MB as uint8), so holding them as tensors and slicing
+batches beats a DataLoader: no worker processes per trial, no per-sample Python.
+
+Splits are fixed by a data seed that does not depend on the trial seed, so every trial of a sweep
+trains, selects and is evaluated on the same images.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ConfigError, TrainConfig, check_dataset
+
+DATA_SEED = 0
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+
+
+class DataError(ConfigError):
+    """Data that cannot be found or read; reported like any other bad input."""
+
+
+@dataclass
+class Split:
+    x: torch.Tensor  # N x C x H x W, uint8 (0..255) or float in [0, 1]
+    y: torch.Tensor  # N, int64
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def take(self, idx: torch.Tensor | slice) -> "Split":
+        return Split(self.x[idx], self.y[idx])
+
+    def to_float(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.x.to(device)
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        return x, self.y.to(device)
+
+
+@dataclass
+class DataBundle:
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    augment: bool
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train.x.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.x.shape[-1])
+
+
+def load_data(cfg: TrainConfig) -> DataBundle:
+    """Load cfg.dataset, hold out the validation split and apply the subsets."""
+    check_dataset(cfg.dataset)
+    train, test, num_classes = _load_raw(cfg.dataset, os.path.expanduser(cfg.data_root), cfg.download,
+                                         cfg.subset_train, cfg.subset_test)
+    g = torch.Generator().manual_seed(DATA_SEED)
+    perm = torch.randperm(len(train), generator=g)
+    if cfg.subset_train is not None:
+        perm = perm[: cfg.subset_train]
+    n_val = int(round(cfg.val_fraction * len(perm)))
+    if cfg.val_fraction > 0:
+        n_val = max(1, n_val)
+    if len(perm) - n_val < 1:
+        raise DataError(f"subset_train={cfg.subset_train} leaves no training images; accepted: a larger subset")
+    val, train = train.take(perm[:n_val]), train.take(perm[n_val:])
+    if cfg.subset_test is not None and cfg.subset_test < len(test):
+        test = test.take(torch.randperm(len(test), generator=g)[: cfg.subset_test])
+    augment = cfg.augment
+    if augment is None:  # crop + flip only where the reference uses it: 32x32 colour images
+        augment = train.x.shape[1] == 3 and train.x.shape[-1] >= 32 and cfg.dataset != "svhn"
+    return DataBundle(cfg.dataset, train, val, test, num_classes, bool(augment))
+
+
+def _load_raw(name: str, root: str, download: bool, subset_train: int | None,
+              subset_test: int | None) -> tuple[Split, Split, int]:
+    if name == "digits":
+        return _digits()
+    if name.startswith("folder:"):
+        return _folder(name[len("folder:"):], subset_train, subset_test)
+    return _torchvision(name, root, download)
+
+
+@lru_cache(maxsize=1)
+def _digits() -> tuple[Split, Split, int]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).div_(16.0).unsqueeze(1)  # 1797 x 1 x 8 x 8
+    y = torch.tensor(d.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(DATA_SEED))
+    n_test = len(y) // 5
+    full = Split(x, y)
+    return full.take(perm[n_test:]), full.take(perm[:n_test]), 10
+
+
+def _torchvision(name: str, root: str, download: bool) -> tuple[Split, Split, int]:
+    import torchvision.datasets as tvd
+
+    def fetch(split_train: bool):
+        try:
+            if name == "cifar10":
+                ds = tvd.CIFAR10(root, train=split_train, download=download)
+                return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
+            if name in ("mnist", "fashion-mnist"):
+                cls = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
+                ds = cls(root, train=split_train, download=download)
+                return ds.data.unsqueeze(1).contiguous(), ds.targets.clone()
+            if name == "svhn":
+                ds = tvd.SVHN(root, split="train" if split_train else "test", download=download)
+                return torch.from_numpy(ds.data), torch.from_numpy(ds.labels).long()
+        except RuntimeError as e:
+            if "not found" in str(e).lower() or "corrupted" in str(e).lower():
+                raise DataError(
+                    f"dataset {name!r} not found under data_root={root!r}; pass --download to fetch it "
+                    f"or --data-root pointing at an existing copy"
+                ) from None
+            raise
+        raise DataError(f"unknown dataset {name!r}")
+
+    xtr, ytr = fetch(True)
+    xte, yte = fetch(False)
+    return Split(xtr, ytr.long()), Split(xte, yte.long()), int(max(ytr.max(), yte.max())) + 1
+
+
+def _list_images(split_dir: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    files, labels = [], []
+    for i, c in enumerate(classes):
+        d = split_dir / c
+        if not d.is_dir():
+            continue
+        for f in sorted(d.iterdir()):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(f)
+                labels.append(i)
+    return files, labels
+
+
+def _decode(files: list[Path]) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(files[0]) as im0:
+        mode = "L" if im0.mode in ("L", "1", "I", "I;16") else "RGB"
+        size = im0.size
+
+    def read(f: Path) -> np.ndarray:
+        with Image.open(f) as im:
+            im = im.convert(mode)
+            if im.size != size:
+                im = im.resize(size)
+            return np.asarray(im, dtype=np.uint8)
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as ex:
+        arrs = list(ex.map(read, files))
+    x = torch.from_numpy(np.stack(arrs))
+    return x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2).contiguous()
+
+
+@lru_cache(maxsize=4)
+def _folder(path: str, subset_train: int | None, subset_test: int | None) -> tuple[Split, Split, int]:
+    """A tree with train/<class>/ and test/<class>/ images. Only the images a subset uses are
+    decoded (the same fixed permutation that load_data applies), so quick runs start fast."""
+    root = Path(os.path.expanduser(path))
+    if not (root / "train").is_dir() or not (root / "test").is_dir():
+        raise DataError(
+            f"folder dataset {path!r} needs train/<class>/ and test/<class>/ image folders; "
+            f"unpack the data there or pass another folder:PATH"
+        )
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"folder dataset {path!r} has no class folders under train/")
+    out = []
+    g = torch.Generator().manual_seed(DATA_SEED)
+    for split, subset in (("train", subset_train), ("test", subset_test)):
+        files, labels = _list_images(root / split, classes)
+        if not files:
+            raise DataError(f"folder dataset {path!r} has no images under {split}/")
+        y = torch.tensor(labels, dtype=torch.long)
+        keep = torch.arange(len(files))
+        if subset is not None and subset < len(files):
+            # mirror load_data: the first `subset` entries of the data-seed permutation
+            keep = torch.randperm(len(files), generator=g)[:subset]
+            keep_sorted = keep.sort().values
+            dec = _decode([files[i] for i in keep_sorted.tolist()])
+            x = torch.zeros((len(files),) + tuple(dec.shape[1:]), dtype=torch.uint8)
+            x[keep_sorted] = dec
+        else:
+            if split == "train":
+                torch.randperm(len(files), generator=g)  # keep the generator in step
+            x = _decode(files)
+        out.append(Split(x, y))
+    return out[0], out[1], len(classes)
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with zero padding and horizontal flip, vectorised over the batch."""
+    n, c, h, w = x.shape
+    dev = x.device
+    shifts = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(dev)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(dev)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    iy = torch.arange(h, device=dev)[None, :] + shifts[0][:, None]  # n x h
+    ix = torch.arange(w, device=dev)[None, :] + shifts[1][:, None]  # n x w
+    ix = torch.where(flip[:, None], ix.flip(1), ix)
+    b = torch.arange(n, device=dev)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[b, iy[:, :, None], ix[:, None, :]]  # n x h x w x c
+    return out.permute(0, 3, 1, 2).contiguous()

@@ -1,0 +1,247 @@
+"""The training loop every trial runs: adversarial Binary-Relax training of an EnResNet.
+
+It knows nothing about Ray, MLflow or the terminal: it reports metrics and checkpoint payloads
+through `Hooks`, which the CLI (`trainables.train`) and the Ray Tune adapter (`trainables.tune`)
+implement. The payload is a plain dict, so resuming is the same code path everywhere.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .attacks import perturb  # noqa: F401  (re-exported for callers building custom evaluations)
+from .config import AttackConfig, TrainConfig
+from .data import DataBundle, augment_batch, load_data
+from .losses import group_penalty, group_prox_, tradeoff_loss
+from .metrics import accuracy, structure_metrics
+from .models import Ensemble, build_model
+from .quant import BinaryRelax, cached, export_state_dict, quantize_
+
+FINAL_KEYS = ("clean_acc", "robust_acc", "fgsm_acc", "weight_sparsity", "channel_sparsity",
+              "channel_sparsity_in", "size_bits", "compression", "epoch")
+
+
+class DivergedError(RuntimeError):
+    """The loss or the weights stopped being finite: the run fails alone, with this reason."""
+
+
+class Hooks:
+    """Where a run's progress goes. The default keeps nothing (a plain in-process call)."""
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        return None
+
+    def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any], final: bool) -> None:
+        pass
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Run:
+    """A model, its BR handle, optimizer and data, ready to train or evaluate."""
+
+    def __init__(self, cfg: TrainConfig, data: DataBundle | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        seed_everything(cfg.seed)
+        self.data = data if data is not None else load_data(cfg)
+        self.model: Ensemble = build_model(
+            cfg.depth, cfg.width, self.data.in_channels, self.data.num_classes, cfg.ensemble, cfg.noise
+        ).to(self.device)
+        self.br: BinaryRelax = quantize_(self.model, cfg.quant)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0,
+        )
+        milestones = sorted({int(round(f * cfg.epochs)) for f in cfg.lr_milestones} - {0})
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones, 0.1)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.epoch = 0  # epochs completed
+        xs, ys = self.data.val.to_float(self.device)
+        self.val = (xs, ys)
+        k = min(cfg.proxy_eval_size, len(ys))
+        self.proxy = (xs[:k], ys[:k])
+
+    # --- checkpoint payload ---------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "binary_relax": self.br.state_dict(),
+            "generator": self.generator.get_state(),
+            "rng": _rng_state(),
+            "config": self.cfg.to_flat(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.br.load_state_dict(state["binary_relax"])
+        self.generator.set_state(state["generator"])
+        _set_rng_state(state["rng"])
+        self.epoch = int(state["epoch"])
+
+    # --- training -------------------------------------------------------------------------
+    def train_epoch(self) -> dict[str, float]:
+        cfg, model, br = self.cfg, self.model, self.br
+        br.start_epoch(self.epoch, cfg.epochs)
+        model.train()
+        train = self.data.train
+        perm = torch.randperm(len(train), generator=self.generator)
+        total, batches = 0.0, 0
+        penalty_on = cfg.group_lasso > 0 and cfg.group_mode == "penalty"
+        prox_on = cfg.group_lasso > 0 and cfg.group_mode == "prox"
+        for i in range(0, len(perm), cfg.batch_size):
+            idx = perm[i : i + cfg.batch_size]
+            if len(idx) < 2:  # BatchNorm needs two samples
+                continue
+            x, y = train.take(idx).to_float(self.device)
+            if self.data.augment:
+                x = augment_batch(x, self.generator)
+            with cached():
+                loss = tradeoff_loss(model, x, y, cfg.loss, cfg.train_attack, cfg.alpha, cfg.beta)
+            if penalty_on:
+                loss = loss + cfg.group_lasso * group_penalty(br.float_weights(), cfg.group_axis)
+            if not torch.isfinite(loss):
+                raise DivergedError(
+                    f"loss is {float(loss)} at epoch {self.epoch + 1}, step {batches + 1} "
+                    f"(lr={self.optimizer.param_groups[0]['lr']:g})"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            self.optimizer.step()
+            if prox_on:
+                lr = self.optimizer.param_groups[0]["lr"]
+                group_prox_(br.float_weights(), lr * cfg.group_lasso, cfg.group_axis)
+            total += loss.item()
+            batches += 1
+        for p in model.parameters():
+            if not torch.isfinite(p).all():
+                raise DivergedError(f"weights are no longer finite after epoch {self.epoch + 1}")
+        self.scheduler.step()
+        self.epoch += 1
+        return {"train_loss": total / max(1, batches)}
+
+    # --- evaluation -----------------------------------------------------------------------
+    def _eval_rng(self):
+        devices = [self.device] if self.device.type == "cuda" else []
+        return torch.random.fork_rng(devices=devices)
+
+    def proxy_metrics(self) -> dict[str, float]:
+        """Cheap per-epoch objectives: clean accuracy on the validation split and a few-step PGD
+        on a fixed validation subset. Seeded, and isolated from the training RNG stream."""
+        cfg = self.cfg
+        k = cfg.proxy_attack_steps  # step 2.5*eps/k, the usual choice for a k-step PGD
+        atk = AttackConfig("pgd", cfg.eval_attack.eps, 2.5 * cfg.eval_attack.eps / k, k, True)
+        with self._eval_rng():
+            torch.manual_seed(cfg.eval_seed)
+            clean = accuracy(self.model, self.br, *self.val, {"clean": None})["clean"]
+            rob = accuracy(self.model, self.br, *self.proxy, {"pgd": atk})["pgd"]
+        return {"clean_acc": clean, "robust_acc": rob}
+
+    def evaluate(self, seed: int | None = None, attacks: dict[str, AttackConfig | None] | None = None,
+                 split: str = "test") -> dict[str, float]:
+        """The full evaluation on the fully quantized model (noise on, eval mode)."""
+        cfg = self.cfg
+        if attacks is None:
+            ev = cfg.eval_attack
+            attacks = {
+                "clean_acc": None,
+                "robust_acc": ev,
+                "fgsm_acc": AttackConfig("fgsm", ev.eps, ev.eps, 1, False),
+            }
+            if cfg.cw:
+                attacks["cw_acc"] = AttackConfig("cw", ev.eps, ev.step, ev.steps, ev.random_start)
+        x, y = getattr(self.data, split).to_float(self.device)
+        with self._eval_rng():
+            torch.manual_seed(cfg.eval_seed if seed is None else seed)
+            return accuracy(self.model, self.br, x, y, attacks)
+
+    def structure(self) -> dict[str, float]:
+        return structure_metrics(self.model, self.br)
+
+    def export(self) -> dict[str, torch.Tensor]:
+        return export_state_dict(self.model, self.br)
+
+
+def train(cfg: TrainConfig, hooks: Hooks | None = None, log: Callable[[str], None] | None = None,
+          data: DataBundle | None = None) -> dict[str, Any]:
+    """Train per cfg (resuming from hooks.load_checkpoint()), report every epoch, and return the
+    final metrics of the fully quantized model on the test split."""
+    hooks = hooks or Hooks()
+    run = Run(cfg, data)
+    state = hooks.load_checkpoint()
+    if state is not None:
+        run.load_state_dict(state)
+        if log:
+            log(f"resumed after epoch {run.epoch}/{cfg.epochs}")
+    metrics: dict[str, Any] = dict(state.get("metrics", {})) if state else {}
+    while run.epoch < cfg.epochs:
+        t0 = time.perf_counter()
+        stats = run.train_epoch()
+        proxy = run.proxy_metrics()
+        metrics = {
+            **stats, **proxy, **run.structure(),
+            "val_clean_acc": proxy["clean_acc"], "val_robust_acc": proxy["robust_acc"],
+            "epoch": run.epoch, "max_epochs": cfg.epochs, "lambda": run.br.lam,
+            "phase": 2 if run.br.state.mode == "quantized" else 1,
+            "lr": run.optimizer.param_groups[0]["lr"], "epoch_time_s": time.perf_counter() - t0,
+        }
+        final = run.epoch == cfg.epochs
+        if final:
+            metrics.update(run.evaluate())  # test split: what the front is made of
+        if log:
+            log(_progress_line(metrics, cfg.epochs))
+        ck = {**run.state_dict(), "metrics": metrics}
+        if final:
+            ck["quantized_model"] = run.export()
+        hooks.report(metrics, ck, final)
+    return metrics
+
+
+def _progress_line(m: dict[str, Any], epochs: int) -> str:
+    parts = [f"epoch {m['epoch']}/{epochs}", f"loss {m['train_loss']:.4f}",
+             f"clean {m['clean_acc']:.4f}", f"robust {m['robust_acc']:.4f}",
+             f"ch_sparsity {m['channel_sparsity']:.4f}", f"w_sparsity {m['weight_sparsity']:.4f}",
+             f"lambda {m['lambda']:.3g}", f"{m['epoch_time_s']:.1f}s"]
+    return "  ".join(parts)
+
+
+def is_finite_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
