@@ -1,0 +1,278 @@
+"""Offline validation of the Ray cluster-launcher configs (cluster.yaml, cluster.local.yaml).
+
+Uses Ray's own schema validation, the same code path `ray up` runs before touching a cloud:
+`prepare_config` (merge provider defaults, local-provider checks) followed by
+`validate_config` (jsonschema against ray/autoscaler/ray-schema.json + consistency checks).
+Both are private Ray APIs, so a plain jsonschema check against ray-schema.json is the
+fallback if they move. No network, no cloud credentials, a few seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from pathlib import Path
+
+import click
+import jsonschema
+import pytest
+import yaml
+
+import ray.autoscaler
+
+REPO = Path(__file__).resolve().parents[1]
+AWS_YAML = REPO / "cluster.yaml"
+LOCAL_YAML = REPO / "cluster.local.yaml"
+
+try:  # private API (ray 2.60): the exact checks `ray up` does
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    HAVE_RAY_VALIDATION = True
+except ImportError:  # pragma: no cover - fallback if Ray moves them
+    HAVE_RAY_VALIDATION = False
+
+SCHEMA_PATH = Path(os.path.dirname(ray.autoscaler.__file__)) / "ray-schema.json"
+
+COMMAND_KEYS = (
+    "initialization_commands",
+    "setup_commands",
+    "head_setup_commands",
+    "worker_setup_commands",
+    "head_start_ray_commands",
+    "worker_start_ray_commands",
+)
+
+# A dashboard / Ray client / GCS exposed beyond localhost is remote code execution for
+# anyone who can reach the port.
+_PUBLIC_DASHBOARD = re.compile(r"--dashboard-host[=\s]+['\"]?(0\.0\.0\.0|::|\*)")
+_CLIENT_PORT = re.compile(r"--ray-client-server-port")
+_SSH_ONLY_PORTS = {22}
+
+
+def _load(path: Path) -> dict:
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    assert isinstance(cfg, dict), f"{path.name} is not a YAML mapping"
+    return cfg
+
+
+def validate(cfg: dict) -> dict:
+    """Validate like `ray up` does; returns the prepared (defaults-merged) config."""
+    cfg = copy.deepcopy(cfg)
+    if HAVE_RAY_VALIDATION:
+        prepared = prepare_config(cfg)
+        validate_config(prepared)
+        return prepared
+    with open(SCHEMA_PATH) as f:  # pragma: no cover
+        jsonschema.validate(cfg, json.load(f))
+    return cfg  # pragma: no cover
+
+
+def security_problems(cfg: dict) -> list[str]:
+    """Things that would expose the cluster beyond SSH."""
+    problems = []
+    for key in COMMAND_KEYS:
+        for cmd in cfg.get(key) or []:
+            if _PUBLIC_DASHBOARD.search(cmd):
+                problems.append(f"{key}: dashboard bound to all interfaces: {cmd!r}")
+            if _CLIENT_PORT.search(cmd):
+                problems.append(f"{key}: Ray client server port opened: {cmd!r}")
+    rules = cfg.get("provider", {}).get("security_group", {}).get("IpPermissions", [])
+    for rule in rules:
+        ports = set(range(rule.get("FromPort", -1), rule.get("ToPort", -1) + 1))
+        if rule.get("FromPort", -1) == -1 or not ports <= _SSH_ONLY_PORTS:
+            problems.append(f"security group opens more than SSH: {rule}")
+    return problems
+
+
+def _start_commands(cfg: dict) -> list[str]:
+    cmds = cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
+    return [c for c in cmds if "ray start" in c]
+
+
+@pytest.fixture(scope="module")
+def aws_raw() -> dict:
+    return _load(AWS_YAML)
+
+
+@pytest.fixture(scope="module")
+def local_raw() -> dict:
+    return _load(LOCAL_YAML)
+
+
+@pytest.fixture(scope="module")
+def aws(aws_raw) -> dict:
+    return validate(aws_raw)
+
+
+@pytest.fixture(scope="module")
+def local(local_raw) -> dict:
+    return validate(local_raw)
+
+
+# ----------------------------------------------------------------------------- validity
+
+
+def test_ray_validation_api_available():
+    # If this fails, Ray moved its private helpers: the suite falls back to the bare
+    # jsonschema check, which misses the local-provider and min/max_workers checks.
+    assert HAVE_RAY_VALIDATION
+    assert SCHEMA_PATH.is_file()
+
+
+def test_aws_config_validates(aws):
+    assert aws["provider"]["type"] == "aws"
+    assert aws["cluster_name"] == "brsearch"
+
+
+def test_aws_config_also_passes_bare_schema(aws_raw):
+    with open(SCHEMA_PATH) as f:
+        jsonschema.validate(aws_raw, json.load(f))
+
+
+def test_aws_node_types(aws):
+    types = aws["available_node_types"]
+    head = types[aws["head_node_type"]]
+    assert head.get("max_workers", 0) == 0
+    assert "GPU" not in head["resources"], "head should be a CPU node"
+
+    gpu_types = {n: t for n, t in types.items() if t["resources"].get("GPU", 0) >= 1}
+    assert gpu_types, "need a GPU worker node type"
+    for name, t in gpu_types.items():
+        assert 0 <= t["min_workers"] <= t["max_workers"] <= aws["max_workers"], name
+        assert t["node_config"]["InstanceType"].startswith(("g", "p")), name
+        assert t["node_config"].get("ImageId"), f"{name}: Ray's default AMI is too old"
+    for name, t in types.items():
+        for res, val in t["resources"].items():
+            assert isinstance(val, int) and not isinstance(val, bool), (name, res, val)
+
+
+def test_local_config_validates(local, local_raw):
+    assert local_raw["provider"]["type"] == "local"
+    assert "available_node_types" not in local_raw  # the local provider rejects it
+    assert local_raw["provider"]["head_ip"]
+    assert local_raw["provider"]["worker_ips"]
+    # prepare_config builds the single on-prem node type itself
+    assert list(local["available_node_types"]) == ["local.cluster.node"]
+    node = local["available_node_types"]["local.cluster.node"]
+    assert node["max_workers"] == len(local_raw["provider"]["worker_ips"])
+
+
+@pytest.mark.parametrize("which", ["aws", "local"])
+def test_project_installed_on_every_node(which, aws, local):
+    cfg = {"aws": aws, "local": local}[which]
+    mounts = cfg["file_mounts"]
+    project = [remote for remote, src in mounts.items() if src in (".", "./")]
+    assert project, "the repo must be shipped to the nodes via file_mounts"
+    for key in ("head_setup_commands", "worker_setup_commands"):
+        joined = "\n".join(cfg[key])
+        assert f"-e {project[0]}" in joined, f"{key} must `pip install -e` the project"
+        # nothing leaked in from Ray's provider defaults (nightly wheel, bare pip)
+        assert "ray-wheels" not in joined and "\npip install" not in "\n" + joined
+
+
+@pytest.mark.parametrize("which", ["aws", "local"])
+def test_token_auth_on_every_node(which, aws, local):
+    cfg = {"aws": aws, "local": local}[which]
+    token_mounts = [r for r in cfg["file_mounts"] if r.endswith("/.ray/auth_token")]
+    assert token_mounts, "the cluster auth token must be shipped to every node"
+    assert cfg["file_mounts"][token_mounts[0]] == "~/.ray/auth_token"
+    starts = _start_commands(cfg)
+    assert len(starts) == 2
+    for cmd in starts:
+        assert "RAY_AUTH_MODE=token" in cmd, cmd
+
+
+@pytest.mark.parametrize("which", ["aws", "local"])
+def test_nothing_exposed_publicly(which, aws_raw, local_raw, aws, local):
+    for cfg in {"aws": (aws_raw, aws), "local": (local_raw, local)}[which]:
+        assert security_problems(cfg) == []
+    prepared = {"aws": aws, "local": local}[which]
+    head_start = [c for c in prepared["head_start_ray_commands"] if "ray start" in c]
+    assert head_start and all("--head" in c for c in head_start)
+    assert all("--dashboard-host=127.0.0.1" in c for c in head_start)
+
+
+def test_aws_provider_has_no_extra_ingress(aws_raw):
+    assert "security_group" not in aws_raw["provider"]
+
+
+# ------------------------------------------------- the checks themselves can fail
+
+
+def test_unknown_top_level_key_fails(aws_raw):
+    bad = copy.deepcopy(aws_raw)
+    bad["dashboard_public"] = True
+    with pytest.raises(jsonschema.ValidationError):
+        validate(bad)
+
+
+def test_fractional_node_resources_fail(aws_raw):
+    bad = copy.deepcopy(aws_raw)
+    bad["available_node_types"]["gpu_worker"]["resources"] = {"CPU": 4, "GPU": 0.5}
+    with pytest.raises(jsonschema.ValidationError):
+        validate(bad)
+
+
+def test_missing_node_config_fails(aws_raw):
+    bad = copy.deepcopy(aws_raw)
+    del bad["available_node_types"]["gpu_worker"]["node_config"]
+    with pytest.raises(jsonschema.ValidationError):
+        validate(bad)
+
+
+def test_min_workers_over_global_max_fails(aws_raw):
+    bad = copy.deepcopy(aws_raw)
+    bad["available_node_types"]["gpu_worker"]["min_workers"] = bad["max_workers"] + 1
+    with pytest.raises(ValueError):
+        validate(bad)
+
+
+def test_local_provider_rejects_node_types(local_raw):
+    bad = copy.deepcopy(local_raw)
+    bad["available_node_types"] = {"gpu": {"node_config": {}, "resources": {"GPU": 1}}}
+    with pytest.raises(click.ClickException):
+        validate(bad)
+
+
+def test_local_provider_needs_ips(local_raw):
+    bad = copy.deepcopy(local_raw)
+    del bad["provider"]["worker_ips"]
+    with pytest.raises(click.ClickException):
+        validate(bad)
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        "ray start --head --port=6379 --dashboard-host=0.0.0.0",
+        "ray start --head --dashboard-host 0.0.0.0",
+        "ray start --head --ray-client-server-port=10001",
+    ],
+)
+def test_security_check_catches_public_ports(aws_raw, cmd):
+    bad = copy.deepcopy(aws_raw)
+    bad["head_start_ray_commands"] = ["ray stop", cmd]
+    assert security_problems(bad)
+
+
+def test_security_check_catches_open_ingress(aws_raw):
+    bad = copy.deepcopy(aws_raw)
+    bad["provider"]["security_group"] = {
+        "IpPermissions": [
+            {"FromPort": 8265, "ToPort": 8265, "IpProtocol": "tcp",
+             "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}
+        ]
+    }
+    assert security_problems(bad)
+    validate(bad)  # schema-valid, so only our own check catches it
+
+
+def test_ray_defaults_would_expose_dashboard():
+    # Why head_start_ray_commands must be explicit: Ray's AWS defaults (merged in when the
+    # key is missing) bind the dashboard to 0.0.0.0.
+    cfg = _load(AWS_YAML)
+    del cfg["head_start_ray_commands"]
+    assert security_problems(validate(cfg))
