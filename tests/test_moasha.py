@@ -1,0 +1,256 @@
+"""Unit tests for search.moasha, driven by synthetic result dicts (no ray.init needed)."""
+
+import pickle
+
+import numpy as np
+import pytest
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+from search.moasha import MOASHAScheduler, MOASHAStateCallback, decide, rung_positions
+
+CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
+OBJ = ["clean_acc", "robust_acc", "channel_sparsity"]
+
+
+def make_trial() -> Trial:
+    # A stub Trial is a real Tune Trial that needs no registered trainable and no Ray cluster.
+    return Trial("__fake", stub=True)
+
+
+def report(sched, trial, t, vec, time_attr="epoch"):
+    result = {time_attr: t, **dict(zip(OBJ, vec))}
+    return sched.on_trial_result(None, trial, result)
+
+
+def make_sched(**kw):
+    args = dict(metrics=OBJ, modes=["max"] * 3, time_attr="epoch", grace_period=1,
+                reduction_factor=2, max_t=8)
+    args.update(kw)
+    return MOASHAScheduler(**args)
+
+
+# ----------------------------------------------------------------------- pure decision
+
+
+def test_decide_first_vector_at_a_rung_continues():
+    assert decide([], [0.0, 0.0, 0.0], 3)
+
+
+def test_decide_dominated_vs_non_dominated():
+    rung = [[0.8, 0.5, 0.5]]
+    assert not decide(rung, [0.7, 0.4, 0.5], 2)  # dominated: position 1 >= max(1, 2 // 2)
+    assert decide(rung, [0.5, 0.8, 0.5], 2)  # mutually non-dominated, both extremes: tie
+    assert decide(rung, [0.8, 0.5, 0.5], 2)  # identical: tie resolves optimistically
+    assert decide(rung, [0.9, 0.6, 0.6], 2)  # dominates the recorded one
+
+
+def test_decide_keeps_top_floor_n_over_eta():
+    # 6 vectors strictly ordered by dominance (a chain): positions 0..5.
+    chain = [[i / 10] * 3 for i in range(5, 0, -1)]  # 0.5, 0.4, ... 0.1 recorded
+    # n = 6, eta = 3 -> keep 2: positions 0, 1 continue
+    assert decide(chain, [0.45] * 3, 3)  # position 1
+    assert not decide(chain, [0.35] * 3, 3)  # position 2
+    # eta = 2 -> keep 3
+    assert decide(chain, [0.35] * 3, 2)
+    assert not decide(chain, [0.25] * 3, 2)
+
+
+def test_decide_crowding_breaks_ties_inside_a_front():
+    # 2-D front on x + y = 1: the extremes have infinite crowding distance, and the interior
+    # points are ordered by crowding distance: (0.5, 0.5) -> 1.4 beats (0.3, 0.7) -> 1.0.
+    ext = [[0.0, 1.0], [1.0, 0.0]]
+    assert rung_positions(ext + [[0.3, 0.7], [0.5, 0.5]]).tolist() == [0, 0, 3, 2]
+    eta = 4 / 3  # n = 4 -> keep floor(3) = 3 positions
+    assert decide(ext + [[0.3, 0.7]], [0.5, 0.5], eta)  # position 2 < 3
+    assert not decide(ext + [[0.5, 0.5]], [0.3, 0.7], eta)  # position 3
+    # with eta = 2 (keep 2) even the better interior point of a 4-point front is stopped
+    assert not decide(ext + [[0.3, 0.7]], [0.5, 0.5], 2)
+
+
+def test_rung_positions_and_nan_is_worst():
+    pos = rung_positions([[0.5, 0.5], [0.4, 0.4], [np.nan, 0.9], [0.6, 0.6]])
+    # NaN -> worst clean value, but (nan, 0.9) still has the best robust value: front 0
+    assert pos.tolist() == [2, 3, 0, 0]
+    assert not decide([[0.1, 0.1]], [np.nan, 0.0], 2)
+
+
+# ----------------------------------------------------------------------- scheduler
+
+
+def test_scheduler_is_fifo_subclass_with_string_metric():
+    s = make_sched()
+    assert isinstance(s, FIFOScheduler)
+    # Tune's strict metric check does `scheduler.metric not in result`: must be a str
+    assert s.metric == "clean_acc" and isinstance(s.metric, str)
+    assert s.metrics == OBJ and s.modes == ["max"] * 3
+    assert s.milestones == [1, 2, 4]  # grace * eta**k < max_t; no rung at max_t = 8
+    assert all(isinstance(m, int) for m in s.milestones)
+    assert make_sched(grace_period=1, reduction_factor=2.5, max_t=8).milestones == [1, 2.5, 6.25]
+
+
+def test_milestones_eta3():
+    s = make_sched(grace_period=1, reduction_factor=3, max_t=27)
+    assert s.milestones == [1, 3, 9]
+    s = make_sched(grace_period=2, reduction_factor=3, max_t=30)
+    assert s.milestones == [2, 6, 18]
+
+
+def test_set_search_properties_keeps_our_metrics():
+    s = make_sched()
+    assert s.set_search_properties(None, None) is True
+    assert s.set_search_properties(None, None, config={}) is True
+    assert s.metric == "clean_acc" and s.metrics == OBJ
+    assert s.set_search_properties("robust_acc", "max") is True
+    assert s.set_search_properties("robust_acc", "min") is False
+    assert s.set_search_properties("loss", "min") is False
+    assert s.metrics == OBJ
+
+
+def test_continues_non_dominated_and_stops_dominated_at_rung():
+    s = make_sched(reduction_factor=2)
+    a, b, c, d = (make_trial() for _ in range(4))
+    assert report(s, a, 1, [0.9, 0.3, 0.5]) == CONTINUE  # first at rung
+    assert report(s, b, 1, [0.3, 0.9, 0.5]) == CONTINUE  # non-dominated, tie with a
+    assert report(s, c, 1, [0.2, 0.2, 0.4]) == STOP  # dominated by a and b
+    assert report(s, d, 1, [0.5, 0.5, 0.9]) == CONTINUE  # non-dominated (best sparsity)
+    assert s.stopped_trials == {c.trial_id}
+    assert {x["trial_id"] for x in s.decisions if x["decision"] == STOP} == {c.trial_id}
+
+
+def test_eta2_four_trials_at_a_rung_stops_the_right_ones():
+    # Rung at epoch 2; eta = 2. Arrival order matters (asynchronous): n, keep = (1,1) (2,1) (3,1) (4,2)
+    s = make_sched(grace_period=2, reduction_factor=2, max_t=8)
+    t1, t2, t3, t4 = (make_trial() for _ in range(4))
+    for tr in (t1, t2, t3, t4):
+        assert report(s, tr, 1, [0.0, 0.0, 0.0]) == CONTINUE  # below grace: never judged
+    assert report(s, t1, 2, [0.5, 0.5, 0.5]) == CONTINUE  # n=1
+    assert report(s, t2, 2, [0.4, 0.4, 0.4]) == STOP  # n=2, keep 1, dominated by t1
+    assert report(s, t3, 2, [0.6, 0.6, 0.6]) == CONTINUE  # n=3, dominates everything
+    assert report(s, t4, 2, [0.45, 0.45, 0.45]) == STOP  # n=4, keep 2, position 2
+    assert s.stopped_trials == {t2.trial_id, t4.trial_id}
+    recs = s.rung_records()[2]
+    assert set(recs) == {t1.trial_id, t2.trial_id, t3.trial_id, t4.trial_id}
+    # a stopped trial stays stopped if another (buffered) result arrives
+    assert report(s, t2, 3, [1.0, 1.0, 1.0]) == STOP
+
+
+def test_never_stops_before_grace_period():
+    s = make_sched(grace_period=3, reduction_factor=2, max_t=12)
+    good = make_trial()
+    assert report(s, good, 3, [0.9, 0.9, 0.9]) == CONTINUE
+    bad = make_trial()
+    for epoch in (0, 1, 2):
+        assert report(s, bad, epoch, [0.0, 0.0, 0.0]) == CONTINUE
+    assert not s.stopped_trials
+    assert report(s, bad, 3, [0.0, 0.0, 0.0]) == STOP
+
+
+def test_trial_is_judged_once_per_rung():
+    s = make_sched(grace_period=2, reduction_factor=2, max_t=16)  # rungs 2, 4, 8
+    a, b = make_trial(), make_trial()
+    assert report(s, a, 2, [0.9, 0.9, 0.9]) == CONTINUE
+    assert report(s, b, 2, [0.9, 0.9, 0.9]) == CONTINUE  # tie
+    # later results between rungs (epoch 3) do not re-judge at rung 2
+    assert report(s, b, 3, [0.0, 0.0, 0.0]) == CONTINUE
+    assert len(s.rung_records()[2]) == 2
+    # next rung judges b again with its new values
+    assert report(s, a, 4, [0.9, 0.9, 0.9]) == CONTINUE
+    assert report(s, b, 4, [0.1, 0.1, 0.1]) == STOP
+
+
+def test_trial_reaching_max_t_is_not_stopped_by_rung_logic():
+    s = make_sched(grace_period=1, reduction_factor=3, max_t=9)  # rungs 1, 3
+    best = make_trial()
+    for e in range(1, 10):
+        assert report(s, best, e, [0.9, 0.9, 0.9]) == CONTINUE
+    late = make_trial()
+    # a trial whose first result is already at max_t is past every rung: not judged
+    assert report(s, late, 9, [0.0, 0.0, 0.0]) == CONTINUE
+    assert report(s, late, 10, [0.0, 0.0, 0.0]) == CONTINUE
+    assert late.trial_id not in s.stopped_trials
+    assert 9 not in s.milestones
+
+
+def test_min_mode_objectives_are_negated():
+    s = MOASHAScheduler(["acc", "loss"], ["max", "min"], time_attr="training_iteration",
+                        grace_period=1, reduction_factor=2, max_t=4)
+    a, b, c = make_trial(), make_trial(), make_trial()
+    r = lambda tr, acc, loss: s.on_trial_result(None, tr, {"training_iteration": 1, "acc": acc, "loss": loss})
+    assert r(a, 0.8, 0.2) == CONTINUE
+    assert r(b, 0.8, 0.1) == CONTINUE  # lower loss dominates a
+    assert r(c, 0.8, 0.3) == STOP  # higher loss: dominated
+
+
+def test_missing_time_or_metric_does_not_record():
+    s = make_sched()
+    tr = make_trial()
+    assert s.on_trial_result(None, tr, {"clean_acc": 0.1}) == CONTINUE
+    assert s.on_trial_result(None, tr, {"epoch": 1, "clean_acc": 0.1}) == CONTINUE
+    assert all(len(r) == 0 for r in s.rung_records().values())
+
+
+def test_fifo_hooks_accept_none_controller():
+    s = make_sched()
+    tr = make_trial()
+    s.on_trial_add(None, tr)
+    report(s, tr, 1, [0.5, 0.5, 0.5])
+    s.on_trial_complete(None, tr, {"epoch": 1})
+    s.on_trial_remove(None, tr)
+    s.on_trial_error(None, tr)
+    assert "MO-ASHA" in s.debug_string()
+
+
+def _filled_scheduler():
+    s = make_sched(grace_period=1, reduction_factor=2, max_t=8)
+    trials = [make_trial() for _ in range(3)]
+    report(s, trials[0], 1, [0.9, 0.9, 0.9])
+    report(s, trials[1], 1, [0.1, 0.1, 0.1])  # stopped
+    report(s, trials[2], 2, [0.5, 0.5, 0.5])
+    return s, trials
+
+
+def test_save_restore_roundtrip(tmp_path):
+    s, trials = _filled_scheduler()
+    path = tmp_path / "moasha.pkl"
+    s.save(str(path))
+    fresh = make_sched(grace_period=1, reduction_factor=2, max_t=8)
+    fresh.restore(str(path))
+    assert fresh.stopped_trials == s.stopped_trials == {trials[1].trial_id}
+    assert fresh.rung_records() == s.rung_records()
+    assert fresh.decisions == s.decisions
+    # rung history is used: a new dominated trial at rung 1 (n=3, keep 1) is stopped
+    newcomer = make_trial()
+    assert report(fresh, newcomer, 1, [0.5, 0.5, 0.5]) == STOP
+    # the restored scheduler itself pickles (tuner.pkl pickles the scheduler)
+    again = pickle.loads(pickle.dumps(fresh))
+    assert again.rung_records() == fresh.rung_records()
+
+
+def test_state_callback_roundtrip_and_validation():
+    s, _ = _filled_scheduler()
+    cb = s.state_callback()
+    assert isinstance(cb, MOASHAStateCallback) and cb.scheduler is s
+    state = cb.get_state()
+    assert state  # truthy, so Tune's CallbackList actually writes it
+    fresh = make_sched(grace_period=1, reduction_factor=2, max_t=8)
+    fresh.state_callback().set_state(pickle.loads(pickle.dumps(state)))
+    assert fresh.rung_records() == s.rung_records()
+    other = MOASHAScheduler(["a", "b"], "max", max_t=8)
+    with pytest.raises(ValueError):
+        other.set_state(state)
+    # scheduler and callback pickled together keep pointing at each other (as in tuner.pkl)
+    s2, cb2 = pickle.loads(pickle.dumps((s, cb)))
+    assert cb2.scheduler is s2
+
+
+def test_constructor_validation():
+    with pytest.raises(ValueError):
+        MOASHAScheduler(OBJ, ["max", "max"], max_t=8)
+    with pytest.raises(ValueError):
+        MOASHAScheduler(OBJ, ["max", "up", "max"], max_t=8)
+    with pytest.raises(ValueError):
+        MOASHAScheduler(OBJ, "max", reduction_factor=1, max_t=8)
+    with pytest.raises(ValueError):
+        MOASHAScheduler(OBJ, "max", grace_period=0, max_t=8)
+    assert MOASHAScheduler(OBJ, "max", max_t=8).modes == ["max"] * 3
