@@ -123,8 +123,6 @@ class Run:
         train = self.data.train
         perm = torch.randperm(len(train), generator=self.generator)
         total, batches = 0.0, 0
-        penalty_on = cfg.group_lasso > 0 and cfg.group_mode == "penalty"
-        prox_on = cfg.group_lasso > 0 and cfg.group_mode == "prox"
         for i in range(0, len(perm), cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
             if len(idx) < 2:  # BatchNorm needs two samples
@@ -132,24 +130,7 @@ class Run:
             x, y = train.take(idx).to_float(self.device)
             if self.data.augment:
                 x = augment_batch(x, self.generator)
-            with cached():
-                loss = tradeoff_loss(model, x, y, cfg.loss, cfg.train_attack, cfg.alpha, cfg.beta)
-            if penalty_on:
-                loss = loss + cfg.group_lasso * group_penalty(br.float_weights(), cfg.group_axis)
-            if not torch.isfinite(loss):
-                raise DivergedError(
-                    f"loss is {float(loss)} at epoch {self.epoch + 1}, step {batches + 1} "
-                    f"(lr={self.optimizer.param_groups[0]['lr']:g})"
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            self.optimizer.step()
-            if prox_on:
-                lr = self.optimizer.param_groups[0]["lr"]
-                group_prox_(br.float_weights(), lr * cfg.group_lasso, cfg.group_axis)
-            total += loss.item()
+            total += self.train_step(x, y, batches + 1)
             batches += 1
         for p in model.parameters():
             if not torch.isfinite(p).all():
@@ -157,6 +138,29 @@ class Run:
         self.scheduler.step()
         self.epoch += 1
         return {"train_loss": total / max(1, batches)}
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int = 1) -> float:
+        """One optimizer step on a prepared batch (attack, trade-off loss, group penalty or
+        proximal step); returns the loss. The model's mode and the BR phase are the caller's."""
+        cfg, model, br = self.cfg, self.model, self.br
+        with cached():
+            loss = tradeoff_loss(model, x, y, cfg.loss, cfg.train_attack, cfg.alpha, cfg.beta)
+        if cfg.group_lasso > 0 and cfg.group_mode == "penalty":
+            loss = loss + cfg.group_lasso * group_penalty(br.float_weights(), cfg.group_axis)
+        if not torch.isfinite(loss):
+            raise DivergedError(
+                f"loss is {float(loss)} at epoch {self.epoch + 1}, step {step} "
+                f"(lr={self.optimizer.param_groups[0]['lr']:g})"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        if cfg.group_lasso > 0 and cfg.group_mode == "prox":
+            lr = self.optimizer.param_groups[0]["lr"]
+            group_prox_(br.float_weights(), lr * cfg.group_lasso, cfg.group_axis)
+        return loss.item()
 
     # --- evaluation -----------------------------------------------------------------------
     def _eval_rng(self):
