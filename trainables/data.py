@@ -218,3 +218,23 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> 
     b = torch.arange(n, device=dev)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[b, iy[:, :, None], ix[:, None, :]]  # n x h x w x c
     return out.permute(0, 3, 1, 2).contiguous()
+
+
+def check_available(cfg: TrainConfig) -> None:
+    """Fail fast, before any work starts, if cfg's data cannot be loaded; decodes nothing."""
+    check_dataset(cfg.dataset)
+    name = cfg.dataset
+    if name == "digits":
+        return
+    if name.startswith("folder:"):
+        root = Path(os.path.expanduser(name[len("folder:"):]))
+        for split in ("train", "test"):
+            d = root / split
+            if not d.is_dir() or not any(p.is_dir() for p in d.iterdir()):
+                raise DataError(
+                    f"folder dataset {str(root)!r} needs train/<class>/ and test/<class>/ image folders; "
+                    f"unpack the data there or pass another folder:PATH"
+                )
+        return
+    if not cfg.download:
+        _torchvision(name, os.path.expanduser(cfg.data_root), False)

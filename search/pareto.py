@@ -1,0 +1,350 @@
+"""`python -m search.pareto`: the distributed Pareto sweep.
+
+Ray Tune runs one adversarial Binary-Relax training per trial, Optuna proposes configurations
+(three objectives, all maximised: clean accuracy, robust accuracy, channel sparsity), and the
+driver logs everything to MLflow. With no arguments it runs a small local sweep on the embedded
+digits data. Every input is checked before Ray starts or anything is written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainables.cliutil import OneLineParser, fail
+from trainables.config import ConfigError, TrainConfig
+from trainables.data import check_available
+from trainables.fileio import atomic_write_text
+
+from .searcher import OBJECTIVES, SAMPLERS
+from .space import Space, load_space, parse_sets
+
+SCHEDULERS = ("fifo", "moasha")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+STATE_DIR = "brsearch"  # our own files inside the experiment directory
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="python -m search.pareto", description=__doc__)
+    p.add_argument("--name", help="sweep name (default: sweep-<date>-<time>); resume by name")
+    p.add_argument("--space", default="paper", help="built-in space name, or a .py/.yaml file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="pin a parameter for every trial (repeatable)")
+    p.add_argument("--dataset", default="digits", help="digits, cifar10, mnist, fashion-mnist, svhn or folder:PATH")
+    p.add_argument("--data-root", default="./data")
+    p.add_argument("--download", action="store_true", help="let torchvision download the data")
+    p.add_argument("--subset-train", type=int)
+    p.add_argument("--subset-test", type=int)
+    p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--sampler", default="nsga2", help=f"one of {', '.join(SAMPLERS)}")
+    p.add_argument("--scheduler", default="fifo", help="fifo (every trial runs all epochs) or moasha")
+    p.add_argument("--grace-period", type=int, default=1, help="moasha: first rung, in epochs")
+    p.add_argument("--reduction-factor", type=float, default=3.0, help="moasha: keep the top 1/eta at each rung")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster fits)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, help="default: 1 on a cluster with GPUs, else 0; fractions allowed")
+    p.add_argument("--max-failures", type=int, default=2, help="retries of a trial from its last checkpoint")
+    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start Ray locally)")
+    p.add_argument("--num-cpus", type=int, help="local Ray only: CPUs to use")
+    p.add_argument("--storage-path", default="./brsearch_results")
+    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    p.add_argument("--experiment", default="brsearch", help="MLflow experiment holding the sweep's runs")
+    p.add_argument("--resume", action="store_true", help="continue the sweep --name")
+    p.add_argument("--quiet", action="store_true", help="less Ray output")
+    return p
+
+
+@dataclass
+class Plan:
+    """Everything validated, nothing written yet."""
+
+    args: argparse.Namespace
+    name: str
+    space: Space
+    storage_path: str
+    exp_dir: str
+    local: bool
+    tracking_uri: str
+    address: str | None
+    resume: bool
+    stored: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def state_dir(self) -> Path:
+        if self.local:
+            return Path(self.exp_dir) / STATE_DIR
+        return Path(".brsearch") / self.name  # remote storage: keep the sqlite files local
+
+    def record(self) -> dict[str, Any]:
+        a = self.args
+        return {
+            "name": self.name, "space": self.space.describe(), "fingerprint": self.space.fingerprint(),
+            "sampler": a.sampler, "scheduler": a.scheduler, "seed": a.seed, "trials": a.trials,
+            "epochs": a.epochs, "dataset": a.dataset, "storage_path": self.storage_path,
+            "tracking_uri": self.tracking_uri, "experiment": a.experiment,
+            "grace_period": a.grace_period, "reduction_factor": a.reduction_factor,
+        }
+
+
+def _writable(path: Path) -> bool:
+    p = path.resolve()
+    while not p.exists():
+        p = p.parent
+    return p.is_dir() and os.access(p, os.W_OK | os.X_OK)
+
+
+def prepare(args: argparse.Namespace) -> Plan:
+    """All the checks, none of the writes; raises ConfigError with a one-line message."""
+    from .tracking import absolute_tracking_uri
+
+    if args.sampler not in SAMPLERS:
+        raise ConfigError(f"--sampler {args.sampler!r} is unknown; accepted: {', '.join(SAMPLERS)}")
+    if args.scheduler not in SCHEDULERS:
+        raise ConfigError(f"--scheduler {args.scheduler!r} is unknown; accepted: {', '.join(SCHEDULERS)}")
+    for flag in ("trials", "epochs", "max_concurrent", "grace_period"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} {v}; accepted: an integer >= 1")
+    if args.reduction_factor <= 1:
+        raise ConfigError(f"--reduction-factor {args.reduction_factor}; accepted: a number > 1")
+    if args.cpus_per_trial <= 0 or (args.gpus_per_trial is not None and args.gpus_per_trial < 0):
+        raise ConfigError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+    if args.max_failures < 0:
+        raise ConfigError(f"--max-failures {args.max_failures}; accepted: an integer >= 0")
+    if args.resume and not args.name:
+        raise ConfigError("--resume needs --name NAME of the sweep to continue")
+    name = args.name or time.strftime("sweep-%Y%m%d-%H%M%S")
+    if not NAME_RE.match(name):
+        raise ConfigError(f"--name {name!r}; accepted: letters, digits, '_', '-', '.' (up to 100)")
+
+    base: dict[str, Any] = {"dataset": args.dataset, "epochs": args.epochs, "download": args.download,
+                            "data_root": str(Path(os.path.expanduser(args.data_root)).resolve())}
+    if args.dataset.startswith("folder:"):
+        base["dataset"] = "folder:" + str(Path(os.path.expanduser(args.dataset[7:])).resolve())
+    for k in ("subset_train", "subset_test"):
+        if getattr(args, k) is not None:
+            base[k] = getattr(args, k)
+    space = load_space(args.space)
+    space = space.pin({**base, **parse_sets(args.set)})
+    space.validate()
+    check_available(TrainConfig.from_flat(space.fixed))
+
+    storage = args.storage_path
+    local = "://" not in storage or storage.startswith("file://")
+    if local:
+        storage = str(Path(os.path.expanduser(storage.replace("file://", "", 1))).resolve())
+        if not _writable(Path(storage)):
+            raise ConfigError(f"--storage-path {args.storage_path}: not writable; accepted: a writable directory or an s3://, gs:// URI")
+    else:
+        import pyarrow.fs
+
+        try:
+            pyarrow.fs.FileSystem.from_uri(storage)
+        except Exception as e:
+            raise ConfigError(f"--storage-path {args.storage_path}: {str(e).splitlines()[0]}") from None
+    exp_dir = os.path.join(storage, name) if local else f"{storage.rstrip('/')}/{name}"
+
+    tracking_uri = absolute_tracking_uri(args.tracking_uri)
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        if not _writable(db.parent) or (db.exists() and not os.access(db, os.W_OK)):
+            raise ConfigError(f"--tracking-uri {args.tracking_uri}: {db} is not writable; accepted: a writable sqlite path or an http(s):// server")
+    elif not tracking_uri.startswith(("http://", "https://", "databricks", "postgresql", "mysql")):
+        raise ConfigError(f"--tracking-uri {args.tracking_uri}: unsupported; accepted: sqlite:///PATH, http(s)://HOST:PORT or a database URI")
+
+    plan = Plan(args, name, space, storage, exp_dir, local, tracking_uri,
+                args.address or os.environ.get("RAY_ADDRESS"), args.resume)
+    sweep_json = plan.state_dir / "sweep.json"
+    if args.resume:
+        from ray.tune import Tuner
+
+        if not sweep_json.exists() or not Tuner.can_restore(exp_dir):
+            raise ConfigError(f"--resume: no sweep named {name!r} under {storage}; accepted: the --name (and --storage-path) of an earlier sweep")
+        plan.stored = json.loads(sweep_json.read_text())
+        if plan.stored.get("fingerprint") != space.fingerprint():
+            raise ConfigError(f"--resume {name}: the space or pinned values differ from the stored sweep's; accepted: the same --space/--set/--dataset/--epochs, or a new --name")
+    elif local and Path(exp_dir).exists() and any(Path(exp_dir).iterdir()):
+        raise ConfigError(f"sweep {name!r} already exists under {storage}; accepted: --resume to continue it, or another --name")
+    return plan
+
+
+# --- running ---------------------------------------------------------------------------------
+
+def _connect(plan: Plan) -> None:
+    import ray
+
+    try:
+        if plan.address:
+            ray.init(address=plan.address, log_to_driver=not plan.args.quiet)
+        else:
+            ray.init(num_cpus=plan.args.num_cpus, include_dashboard=False, log_to_driver=not plan.args.quiet)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        fail(f"cannot reach the Ray cluster at {plan.address}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; accepted: a running cluster's address, 'auto' on its head node, or no --address for a local run")
+
+
+def trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def run(plan: Plan) -> int:
+    import optuna
+    import ray
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from trainables.tune import trainable
+
+    from .moasha import MOASHAScheduler
+    from .results import format_front, front_frame, trials_frame, write_tables
+    from .searcher import ParetoSearch, make_sampler
+    from .tracking import MLflowSweepCallback, finish_parent_run, get_or_create_experiment, start_parent_run
+
+    args = plan.args
+    _connect(plan)
+    res = ray.cluster_resources()
+    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if res.get("GPU", 0) >= 1 else 0.0)
+    slots = int(res.get("CPU", 1) // args.cpus_per_trial) or 1
+    if gpus:
+        slots = min(slots, int(res.get("GPU", 0) // gpus) or 1)
+    max_concurrent = min(args.max_concurrent or slots, args.trials)
+
+    plan.state_dir.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(plan.tracking_uri)
+    if plan.resume:
+        experiment_id, parent = plan.stored["experiment_id"], plan.stored["parent_run_id"]
+        client.update_run(parent, status="RUNNING")
+    else:
+        experiment_id = get_or_create_experiment(client, args.experiment, plan.tracking_uri)
+        parent = start_parent_run(
+            client, experiment_id, plan.name,
+            {**{k: v for k, v in plan.record().items() if k != "space"}, "max_concurrent": max_concurrent,
+             "gpus_per_trial": gpus, "cpus_per_trial": args.cpus_per_trial, "objectives": ",".join(OBJECTIVES)},
+            _version_tags(),
+        )
+        client.log_dict(parent, plan.space.describe(), "space.json")
+        atomic_write_text(json.dumps({**plan.record(), "experiment_id": experiment_id, "parent_run_id": parent},
+                                     indent=2, default=str), plan.state_dir / "sweep.json")
+    print(f"brsearch: sweep {plan.name!r}: {args.trials} trials x {args.epochs} epochs, sampler {args.sampler}, "
+          f"scheduler {args.scheduler}, {max_concurrent} at once ({args.cpus_per_trial:g} CPU, {gpus:g} GPU each)\n"
+          f"  results  {plan.exp_dir}\n  mlflow   {plan.tracking_uri} (experiment {args.experiment!r}, parent run {parent})",
+          flush=True)
+
+    wrapped = tune.with_resources(trainable, {"cpu": args.cpus_per_trial, "gpu": gpus})
+    if plan.resume:
+        tuner = tune.Tuner.restore(plan.exp_dir, trainable=wrapped, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+    else:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{(plan.state_dir / 'optuna.db').resolve()}")
+        searcher = ParetoSearch(plan.space, make_sampler(args.sampler, args.seed, max_concurrent), plan.name, storage)
+        callbacks: list[Any] = [MLflowSweepCallback(plan.tracking_uri, experiment_id, parent, plan.name), _Progress(args.trials)]
+        scheduler = None
+        if args.scheduler == "moasha":
+            scheduler = MOASHAScheduler(list(OBJECTIVES), ["max"] * 3, time_attr="epoch",
+                                        grace_period=args.grace_period, reduction_factor=args.reduction_factor,
+                                        max_t=args.epochs)
+            callbacks.append(scheduler.state_callback())
+        tuner = tune.Tuner(
+            wrapped,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=args.trials,
+                                        max_concurrent_trials=max_concurrent, trial_dirname_creator=trial_dirname),
+            run_config=tune.RunConfig(
+                name=plan.name, storage_path=plan.storage_path, callbacks=callbacks,
+                failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                verbose=0 if args.quiet else 1,
+            ),
+        )
+    tuner.fit()
+
+    trials = tune.ExperimentAnalysis(plan.exp_dir).trials
+    df = trials_frame(trials)
+    front = front_frame(df)
+    out_dir = Path(plan.exp_dir) if plan.local else plan.state_dir
+    files = write_tables(out_dir, df, front)
+    finished = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+    interrupted = finished < args.trials
+    finish_parent_run(client, parent, experiment_id, df, front, files, "KILLED" if interrupted else "FINISHED")
+    counts = df["status"].value_counts().to_dict() if len(df) else {}
+    print(f"\nPareto front of {plan.name!r} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}):")
+    print(format_front(front))
+    print(f"\nwrote {', '.join(str(f) for f in files)}")
+    if interrupted:
+        print(f"sweep interrupted after {finished}/{args.trials} trials; continue with: "
+              f"python -m search.pareto --name {plan.name} --storage-path {plan.storage_path} --resume", file=sys.stderr)
+        return 130
+    return 0 if counts.get("completed") else 1
+
+
+class _Progress:
+    """One terminal line per finished trial, on top of Tune's status table."""
+
+    def __new__(cls, total: int):
+        from ray.tune import Callback
+
+        class Progress(Callback):
+            def __init__(self, total: int) -> None:
+                self.total, self.done = total, 0
+
+            def get_state(self):
+                return {"done": self.done}
+
+            def set_state(self, state):
+                self.done = state.get("done", 0)
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                self._line(trial)
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                self._line(trial)
+
+            def _line(self, trial):
+                from .tracking import trial_outcome
+
+                self.done += 1
+                status, reason = trial_outcome(trial)
+                r = trial.last_result or {}
+                objs = "  ".join(f"{m} {r[m]:.4f}" for m in OBJECTIVES if isinstance(r.get(m), (int, float)))
+                print(f"[{self.done}/{self.total}] {trial.trial_id} {status}: {objs} {reason}".rstrip(), flush=True)
+
+        return Progress(total)
+
+
+def _version_tags() -> dict[str, str]:
+    import subprocess
+
+    import mlflow
+    import optuna
+    import ray
+    import torch
+
+    tags = {"ray_version": ray.__version__, "optuna_version": optuna.__version__,
+            "mlflow_version": mlflow.__version__, "torch_version": torch.__version__}
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent).stdout.strip()
+        if sha:
+            tags["git_sha"] = sha
+    except Exception:
+        pass
+    return tags
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        plan = prepare(args)
+    except ConfigError as e:
+        fail(str(e))
+    return run(plan)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

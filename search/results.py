@@ -1,0 +1,100 @@
+"""The sweep's results as tables: every trial, and the Pareto front among completed ones.
+
+Written with pyarrow as Parquet (plus CSV copies) under <storage-path>/<name>/, each file to a
+temporary name and renamed, so a crash mid-write leaves the previous good file.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from trainables.fileio import atomic_path
+
+from .front import non_dominated_mask
+from .searcher import OBJECTIVES
+from .tracking import trial_outcome
+
+METRIC_COLUMNS = ("clean_acc", "robust_acc", "fgsm_acc", "cw_acc", "channel_sparsity", "channel_sparsity_in",
+                  "weight_sparsity", "size_bits", "compression", "epoch", "max_epochs",
+                  "val_clean_acc", "val_robust_acc", "time_total_s")
+
+
+def trials_frame(trials: list[Any]) -> pd.DataFrame:
+    """One row per Tune trial: id, status (completed/stopped/failed), reason, config, metrics."""
+    rows = []
+    for t in trials:
+        status, reason = trial_outcome(t)
+        last = t.last_result or {}
+        row: dict[str, Any] = {"trial_id": t.trial_id, "trial_name": str(t), "status": status, "reason": reason}
+        for k in METRIC_COLUMNS:
+            v = last.get(k)
+            row[k] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+        for k, v in sorted((t.config or {}).items()):
+            row[f"config.{k}"] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if not len(df):
+        df = pd.DataFrame(columns=["trial_id", "trial_name", "status", "reason", *METRIC_COLUMNS])
+    df["pareto"] = front_mask(df)
+    return df.sort_values("trial_id").reset_index(drop=True)
+
+
+def front_mask(df: pd.DataFrame) -> list[bool]:
+    """Non-dominated among completed trials with finite objectives; everything else is off."""
+    ok = [
+        r["status"] == "completed" and all(r[m] is not None and math.isfinite(r[m]) for m in OBJECTIVES)
+        for _, r in df.iterrows()
+    ]
+    mask = [False] * len(df)
+    idx = [i for i, o in enumerate(ok) if o]
+    if idx:
+        pts = df.iloc[idx][list(OBJECTIVES)].to_numpy(dtype=float)
+        for i, on in zip(idx, non_dominated_mask(pts)):
+            mask[i] = bool(on)
+    return mask
+
+
+def front_frame(df: pd.DataFrame) -> pd.DataFrame:
+    cols = ["trial_id", *OBJECTIVES] + [c for c in df.columns if c not in ("trial_id", *OBJECTIVES, "pareto")]
+    front = df[df["pareto"]][cols] if len(df) else df
+    return front.sort_values(list(OBJECTIVES), ascending=False).reset_index(drop=True)
+
+
+def write_tables(out_dir: Path, trials_df: pd.DataFrame, front_df: pd.DataFrame) -> list[Path]:
+    written = []
+    for name, df in (("trials", trials_df), ("pareto", front_df)):
+        table = pa.Table.from_pandas(_arrow_safe(df), preserve_index=False)
+        for suffix, write in ((".parquet", pq.write_table), (".csv", pacsv.write_csv)):
+            path = out_dir / f"{name}{suffix}"
+            with atomic_path(path) as tmp:
+                write(table, str(tmp))
+            written.append(path)
+    return written
+
+
+def _arrow_safe(df: pd.DataFrame) -> pd.DataFrame:
+    """Mixed-type config columns (e.g. 0.0 and 'x') become strings so Arrow accepts them."""
+    out = df.copy()
+    for c in out.columns:
+        kinds = {type(v) for v in out[c] if v is not None and not (isinstance(v, float) and math.isnan(v))}
+        if len(kinds) > 1 and not kinds <= {int, float}:
+            out[c] = out[c].map(lambda v: None if v is None else str(v))
+    return out
+
+
+def format_front(front_df: pd.DataFrame) -> str:
+    """The front as a terminal table."""
+    if not len(front_df):
+        return "(no completed trial: the front is empty)"
+    cols = ["trial_id", *OBJECTIVES, "weight_sparsity", "compression"]
+    cols += [c for c in ("config.bits", "config.loss", "config.alpha", "config.beta", "config.group_lasso",
+                         "config.lambda0", "config.rho", "config.phase2_start", "config.lr") if c in front_df]
+    view = front_df[cols].copy()
+    view.columns = [c.replace("config.", "") for c in cols]
+    return view.to_string(index=False, float_format=lambda v: f"{v:.4g}")

@@ -1,0 +1,103 @@
+"""Optuna behind Ray Tune, with the three fixes multi-objective sweeps need.
+
+Ray's `OptunaSearch` tells Optuna COMPLETE with whatever the last result held, so (a) a trial
+a scheduler stopped after 2 epochs lands on the sampler's Pareto front with low-fidelity values,
+(b) a NaN objective leaves the Optuna trial RUNNING forever (the tell raises and is only
+logged), and (c) trials asked after the last experiment checkpoint stay RUNNING after a crash.
+`ParetoSearch` tells PRUNED, FAIL and reconciles such orphans.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+from .space import Space
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("clean_acc", "robust_acc", "channel_sparsity")
+
+
+def make_sampler(name: str, seed: int, max_concurrent: int) -> optuna.samplers.BaseSampler:
+    if name == "nsga2":
+        # a generation per ~2x the parallel slots keeps generations full under async execution
+        return optuna.samplers.NSGAIISampler(population_size=max(4, 2 * max_concurrent), seed=seed)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
+                                          n_startup_trials=max(4, 2 * max_concurrent))
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=max(4, 2 * max_concurrent))
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"unknown sampler {name!r}")
+
+
+SAMPLERS = ("nsga2", "tpe", "gp", "random")
+
+
+class ParetoSearch(OptunaSearch):
+    def __init__(self, space: Space, sampler: optuna.samplers.BaseSampler, study_name: str,
+                 storage: optuna.storages.BaseStorage, objectives: tuple[str, ...] = OBJECTIVES) -> None:
+        self._brs_space = space
+        super().__init__(space=space.suggest, metric=list(objectives), mode=["max"] * len(objectives),
+                         sampler=sampler, study_name=study_name, storage=storage)
+        self.pruned: set[str] = set()
+
+    def suggest(self, trial_id: str) -> dict | None:
+        params = super().suggest(trial_id)
+        ot = self._ot_trials.get(trial_id)
+        if ot is not None:
+            ot.set_user_attr("ray_trial_id", trial_id)
+        return params
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials:
+            return
+        ot = self._ot_trials.get(trial_id)
+        if ot is None:
+            return
+        state, values, reason = self.outcome(result, error)
+        try:
+            if reason:
+                ot.set_user_attr("brsearch_reason", reason)
+            self._ot_study.tell(ot, values, state=state)
+        except Exception as exc:  # never leave a zombie RUNNING trial behind
+            log.warning("optuna tell failed for %s (%s); marking FAIL", trial_id, exc)
+            try:
+                self._ot_study.tell(ot, state=TrialState.FAIL)
+            except Exception:
+                pass
+        if state == TrialState.PRUNED:
+            self.pruned.add(trial_id)
+        self._completed_trials.add(trial_id)
+
+    def outcome(self, result: dict | None, error: bool) -> tuple[TrialState, list[float] | None, str]:
+        if error or not result:
+            return TrialState.FAIL, None, "error" if error else "no result"
+        if not result.get("final") or result.get("epoch", 0) < result.get("max_epochs", 0):
+            return TrialState.PRUNED, None, f"stopped after epoch {result.get('epoch')}"
+        values = [result.get(m) for m in self.metric]
+        if any(v is None or not math.isfinite(float(v)) for v in values):
+            return TrialState.FAIL, None, f"non-finite objectives {values}"
+        return TrialState.COMPLETE, [float(v) for v in values], ""
+
+    @property
+    def study(self) -> optuna.Study:
+        return self._ot_study
+
+    def reconcile_orphans(self) -> int:
+        """After a restore: Optuna trials left RUNNING that Tune no longer tracks become FAIL, so
+        samplers (TPE's constant liar especially) stop treating them as pending forever."""
+        live = {t.number for tid, t in self._ot_trials.items() if tid not in self._completed_trials}
+        n = 0
+        for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.number not in live:
+                self._ot_study._storage.set_trial_user_attr(t._trial_id, "brsearch_reason", "orphaned by a crash")
+                self._ot_study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                n += 1
+        return n
