@@ -203,7 +203,7 @@ def run(plan: Plan) -> int:
     from trainables.tune import trainable
 
     from .moasha import MOASHAScheduler
-    from .results import format_front, front_frame, trials_frame, write_tables
+    from .results import format_front, front_frame, trials_frame, upload, write_tables
     from .searcher import ParetoSearch, make_sampler
     from .tracking import MLflowSweepCallback, finish_parent_run, get_or_create_experiment, start_parent_run
 
@@ -269,13 +269,14 @@ def run(plan: Plan) -> int:
     front = front_frame(df)
     out_dir = Path(plan.exp_dir) if plan.local else plan.state_dir
     files = write_tables(out_dir, df, front)
+    shown = [str(f) for f in files] if plan.local else upload(files, plan.exp_dir)
     finished = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
     interrupted = finished < args.trials
     finish_parent_run(client, parent, experiment_id, df, front, files, "KILLED" if interrupted else "FINISHED")
     counts = df["status"].value_counts().to_dict() if len(df) else {}
     print(f"\nPareto front of {plan.name!r} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}):")
     print(format_front(front))
-    print(f"\nwrote {', '.join(str(f) for f in files)}")
+    print(f"\nwrote {', '.join(shown)}")
     if interrupted:
         print(f"sweep interrupted after {finished}/{args.trials} trials; continue with: "
               f"python -m search.pareto --name {plan.name} --storage-path {plan.storage_path} --resume", file=sys.stderr)

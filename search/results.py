@@ -78,6 +78,19 @@ def write_tables(out_dir: Path, trials_df: pd.DataFrame, front_df: pd.DataFrame)
     return written
 
 
+def upload(files: list[Path], dest_uri: str) -> list[str]:
+    """Copy result files to remote storage (s3://, gs://): the storage path named by the user is
+    where people look. An object store replaces an object in one step, so no rename is needed."""
+    import pyarrow.fs as pafs
+
+    out = []
+    for f in files:
+        dest = f"{dest_uri.rstrip('/')}/{f.name}"
+        pafs.copy_files(str(f), dest, destination_filesystem=None)
+        out.append(dest)
+    return out
+
+
 def _arrow_safe(df: pd.DataFrame) -> pd.DataFrame:
     """Mixed-type config columns (e.g. 0.0 and 'x') become strings so Arrow accepts them."""
     out = df.copy()
