@@ -205,7 +205,7 @@ def run(plan: Plan) -> int:
     from .moasha import MOASHAScheduler
     from .results import format_front, front_frame, trials_frame, upload, write_tables
     from .searcher import ParetoSearch, make_sampler
-    from .tracking import MLflowSweepCallback, finish_parent_run, get_or_create_experiment, start_parent_run
+    from .tracking import MLflowSweepCallback, ProgressCallback, finish_parent_run, get_or_create_experiment, start_parent_run
 
     args = plan.args
     _connect(plan)
@@ -244,7 +244,7 @@ def run(plan: Plan) -> int:
     else:
         storage = optuna.storages.RDBStorage(f"sqlite:///{(plan.state_dir / 'optuna.db').resolve()}")
         searcher = ParetoSearch(plan.space, make_sampler(args.sampler, args.seed, max_concurrent), plan.name, storage)
-        callbacks: list[Any] = [MLflowSweepCallback(plan.tracking_uri, experiment_id, parent, plan.name), _Progress(args.trials)]
+        callbacks: list[Any] = [MLflowSweepCallback(plan.tracking_uri, experiment_id, parent, plan.name), ProgressCallback(args.trials)]
         scheduler = None
         if args.scheduler == "moasha":
             scheduler = MOASHAScheduler(list(OBJECTIVES), ["max"] * 3, time_attr="epoch",
@@ -282,40 +282,6 @@ def run(plan: Plan) -> int:
               f"python -m search.pareto --name {plan.name} --storage-path {plan.storage_path} --resume", file=sys.stderr)
         return 130
     return 0 if counts.get("completed") else 1
-
-
-class _Progress:
-    """One terminal line per finished trial, on top of Tune's status table."""
-
-    def __new__(cls, total: int):
-        from ray.tune import Callback
-
-        class Progress(Callback):
-            def __init__(self, total: int) -> None:
-                self.total, self.done = total, 0
-
-            def get_state(self):
-                return {"done": self.done}
-
-            def set_state(self, state):
-                self.done = state.get("done", 0)
-
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                self._line(trial)
-
-            def on_trial_error(self, iteration, trials, trial, **info):
-                self._line(trial)
-
-            def _line(self, trial):
-                from .tracking import trial_outcome
-
-                self.done += 1
-                status, reason = trial_outcome(trial)
-                r = trial.last_result or {}
-                objs = "  ".join(f"{m} {r[m]:.4f}" for m in OBJECTIVES if isinstance(r.get(m), (int, float)))
-                print(f"[{self.done}/{self.total}] {trial.trial_id} {status}: {objs} {reason}".rstrip(), flush=True)
-
-        return Progress(total)
 
 
 def _version_tags() -> dict[str, str]:

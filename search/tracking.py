@@ -219,6 +219,32 @@ class MLflowSweepCallback(Callback):
         ])
 
 
+class ProgressCallback(Callback):
+    """One terminal line per finished trial, on top of Tune's status table."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done = total, 0
+
+    def get_state(self) -> dict[str, Any]:
+        return {"done": self.done}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.done = int(state.get("done", 0))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._line(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._line(trial)
+
+    def _line(self, trial: Any) -> None:
+        self.done += 1
+        status, reason = trial_outcome(trial)
+        r = trial.last_result or {}
+        objs = "  ".join(f"{m} {r[m]:.4f}" for m in OBJECTIVES if isinstance(r.get(m), (int, float)))
+        print(f"[{self.done}/{self.total}] {trial.trial_id} {status}: {objs} {reason}".rstrip(), flush=True)
+
+
 # --- the parent run ----------------------------------------------------------------------------
 
 def start_parent_run(client: MlflowClient, experiment_id: str, sweep: str, params: dict[str, Any],
