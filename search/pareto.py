@@ -194,17 +194,51 @@ def trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def run(plan: Plan) -> int:
+def build_tuner(plan: Plan, max_concurrent: int, gpus: float, callbacks: list[Any], *,
+                stop: Any = None, reuse_actors: bool = False) -> Any:
+    """The Tuner of a new sweep: ParetoSearch over the plan's space, the --scheduler, storage and
+    failure policy. `run` uses it; benchmarks/search_efficiency.py too (with a `stop` for an epoch
+    budget and `reuse_actors`), so both measure the same sweep. Needs `plan.state_dir` to exist."""
     import optuna
+    from ray import tune
+
+    from trainables.tune import trainable
+
+    from .moasha import MOASHAScheduler
+    from .searcher import ParetoSearch, make_sampler
+
+    args = plan.args
+    storage = optuna.storages.RDBStorage(f"sqlite:///{(plan.state_dir / 'optuna.db').resolve()}")
+    searcher = ParetoSearch(plan.space, make_sampler(args.sampler, args.seed, max_concurrent), plan.name, storage)
+    callbacks = list(callbacks)
+    scheduler = None
+    if args.scheduler == "moasha":
+        scheduler = MOASHAScheduler(list(OBJECTIVES), ["max"] * 3, time_attr="epoch",
+                                    grace_period=args.grace_period, reduction_factor=args.reduction_factor,
+                                    max_t=args.epochs)
+        callbacks.append(scheduler.state_callback())
+    return tune.Tuner(
+        tune.with_resources(trainable, {"cpu": args.cpus_per_trial, "gpu": gpus}),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=args.trials,
+                                    max_concurrent_trials=max_concurrent, trial_dirname_creator=trial_dirname,
+                                    reuse_actors=reuse_actors),
+        run_config=tune.RunConfig(
+            name=plan.name, storage_path=plan.storage_path, callbacks=callbacks, stop=stop,
+            failure_config=tune.FailureConfig(max_failures=args.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            verbose=0 if args.quiet else 1,
+        ),
+    )
+
+
+def run(plan: Plan) -> int:
     import ray
     from mlflow.tracking import MlflowClient
     from ray import tune
 
     from trainables.tune import trainable
 
-    from .moasha import MOASHAScheduler
     from .results import format_front, front_frame, trials_frame, upload, write_tables
-    from .searcher import ParetoSearch, make_sampler
     from .tracking import MLflowSweepCallback, ProgressCallback, finish_parent_run, get_or_create_experiment, start_parent_run
 
     args = plan.args
@@ -242,26 +276,8 @@ def run(plan: Plan) -> int:
         tuner = tune.Tuner.restore(plan.exp_dir, trainable=wrapped, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
     else:
-        storage = optuna.storages.RDBStorage(f"sqlite:///{(plan.state_dir / 'optuna.db').resolve()}")
-        searcher = ParetoSearch(plan.space, make_sampler(args.sampler, args.seed, max_concurrent), plan.name, storage)
-        callbacks: list[Any] = [MLflowSweepCallback(plan.tracking_uri, experiment_id, parent, plan.name), ProgressCallback(args.trials)]
-        scheduler = None
-        if args.scheduler == "moasha":
-            scheduler = MOASHAScheduler(list(OBJECTIVES), ["max"] * 3, time_attr="epoch",
-                                        grace_period=args.grace_period, reduction_factor=args.reduction_factor,
-                                        max_t=args.epochs)
-            callbacks.append(scheduler.state_callback())
-        tuner = tune.Tuner(
-            wrapped,
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=args.trials,
-                                        max_concurrent_trials=max_concurrent, trial_dirname_creator=trial_dirname),
-            run_config=tune.RunConfig(
-                name=plan.name, storage_path=plan.storage_path, callbacks=callbacks,
-                failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                verbose=0 if args.quiet else 1,
-            ),
-        )
+        tuner = build_tuner(plan, max_concurrent, gpus, [
+            MLflowSweepCallback(plan.tracking_uri, experiment_id, parent, plan.name), ProgressCallback(args.trials)])
     tuner.fit()
 
     trials = tune.ExperimentAnalysis(plan.exp_dir).trials
