@@ -19,7 +19,7 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from .front import DEFAULT_REFERENCE, hypervolume, non_dominated_mask
+from .front import SWEEP_REFERENCE, hypervolume, non_dominated_mask
 from .searcher import OBJECTIVES
 
 SECRET_PATTERN = re.compile(r"(token|secret|password|passwd|credential|api[_-]?key|access[_-]?key)", re.I)
@@ -106,7 +106,7 @@ class MLflowSweepCallback(Callback):
     """Driver-side logging with a trial->run map that survives `Tuner.restore`."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str,
-                 reference: tuple[float, ...] = DEFAULT_REFERENCE) -> None:
+                 reference: tuple[float, ...] = SWEEP_REFERENCE) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
@@ -257,7 +257,8 @@ def start_parent_run(client: MlflowClient, experiment_id: str, sweep: str, param
 def finish_parent_run(client: MlflowClient, parent_run_id: str, experiment_id: str,
                       trials_df: Any, front_df: Any, files: list[Path], status: str = "FINISHED") -> None:
     """Tags every child pareto=true/false to match the front, ends orphaned children, and logs
-    the front as a table, PNG projections and an interactive 3-D HTML plot on the parent."""
+    the front as a table, PNG projections and an interactive 3-D HTML plot on the parent, plus
+    `hypervolume.png` (the parent's hypervolume metric against epochs consumed)."""
     children = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
                                   max_results=50000)
     on_front = set(front_df["trial_id"]) if len(front_df) else set()
@@ -275,8 +276,36 @@ def finish_parent_run(client: MlflowClient, parent_run_id: str, experiment_id: s
     with tempfile.TemporaryDirectory() as d:
         for path in plot_front(trials_df, front_df, Path(d)):
             client.log_artifact(parent_run_id, str(path), "plots")
+        history = client.get_metric_history(parent_run_id, "hypervolume")
+        if history:
+            client.log_artifact(parent_run_id, str(plot_hypervolume(history, Path(d))), "plots")
     client.log_metric(parent_run_id, "n_pareto", float(len(front_df)))
     client.set_terminated(parent_run_id, status)
+
+
+def plot_hypervolume(history: list[Any], out: Path) -> Path:
+    """hypervolume.png: the parent run's `hypervolume` metric history (MLflow Metric objects,
+    step = training epochs consumed by the sweep so far) as a step curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted((m.step, m.timestamp, m.value) for m in history)
+    xs, ys = [0] + [p[0] for p in pts], [0.0] + [p[2] for p in pts]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.step(xs, ys, where="post", color="crimson")
+    ax.plot(xs[1:], ys[1:], "o", color="crimson", ms=4, label="a trial completed")
+    ax.set_xlabel("training epochs consumed (all trials)")
+    ax.set_ylabel(f"hypervolume (reference {tuple(SWEEP_REFERENCE)})")
+    ax.set_title("brsearch: hypervolume of the front")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path = out / "hypervolume.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_front(trials_df: Any, front_df: Any, out: Path) -> list[Path]:
