@@ -78,7 +78,7 @@ class Space:
         for name, p in self.params.items():
             if name not in keys:
                 raise ConfigError(f"unknown parameter {name!r} in space {self.name}; accepted: {', '.join(sorted(keys))}")
-            _validate_param(self.name, name, p, self.params)
+            _validate_param(self.name, name, p, self.params, self.fixed)
         if self.func is not None:
             import optuna
 
@@ -122,7 +122,8 @@ def _check_value(name: str, value: Any) -> None:
     cfg.validate()
 
 
-def _validate_param(space: str, name: str, p: Any, all_params: dict[str, Any]) -> None:
+def _validate_param(space: str, name: str, p: Any, all_params: dict[str, Any],
+                    fixed: dict[str, Any] | None = None) -> None:
     where = f"space {space}, parameter {name!r}"
     if not isinstance(p, dict):
         raise ConfigError(f"{where}: expected a mapping with 'type'; got {p!r}")
@@ -149,6 +150,8 @@ def _validate_param(space: str, name: str, p: Any, all_params: dict[str, Any]) -
         for v in (lo, hi):
             _check_value(name, int(v) if kind == "int" else float(v))
     for key, want in (p.get("when") or {}).items():
+        if key in (fixed or {}) and key not in all_params:
+            continue  # pinned (e.g. --set loss=trades): the pinned value decides the condition
         other = all_params.get(key)
         if other is None or other.get("type") != "categorical":
             raise ConfigError(f"{where}: 'when' refers to {key!r}, which is not a categorical parameter of the space")
