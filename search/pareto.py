@@ -19,10 +19,9 @@ from typing import Any
 
 from trainables.cliutil import OneLineParser, fail
 from trainables.config import ConfigError, TrainConfig
-from trainables.data import check_available
 from trainables.fileio import atomic_write_text
 
-from .searcher import OBJECTIVES, SAMPLERS
+from .objectives import OBJECTIVES, SAMPLERS  # not .searcher: it imports Ray and Optuna
 from .space import Space, load_space, parse_sets
 
 SCHEDULERS = ("fifo", "moasha")
@@ -102,9 +101,8 @@ def _writable(path: Path) -> bool:
 
 
 def prepare(args: argparse.Namespace) -> Plan:
-    """All the checks, none of the writes; raises ConfigError with a one-line message."""
-    from .tracking import absolute_tracking_uri
-
+    """All the checks, none of the writes; raises ConfigError with a one-line message. The cheap
+    checks come first, before torch, Ray and MLflow are imported (seconds), so a typo fails fast."""
     if args.sampler not in SAMPLERS:
         raise ConfigError(f"--sampler {args.sampler!r} is unknown; accepted: {', '.join(SAMPLERS)}")
     if args.scheduler not in SCHEDULERS:
@@ -135,6 +133,8 @@ def prepare(args: argparse.Namespace) -> Plan:
     space = load_space(args.space)
     space = space.pin({**base, **parse_sets(args.set)})
     space.validate()
+    from trainables.data import check_available
+
     check_available(TrainConfig.from_flat(space.fixed))
 
     storage = args.storage_path
@@ -151,6 +151,8 @@ def prepare(args: argparse.Namespace) -> Plan:
         except Exception as e:
             raise ConfigError(f"--storage-path {args.storage_path}: {str(e).splitlines()[0]}") from None
     exp_dir = os.path.join(storage, name) if local else f"{storage.rstrip('/')}/{name}"
+
+    from .tracking import absolute_tracking_uri
 
     tracking_uri = absolute_tracking_uri(args.tracking_uri)
     if tracking_uri.startswith("sqlite:///"):

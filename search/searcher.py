@@ -16,11 +16,10 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from .objectives import OBJECTIVES, SAMPLERS  # noqa: F401  (re-exported: the names callers know)
 from .space import Space
 
 log = logging.getLogger(__name__)
-
-OBJECTIVES = ("clean_acc", "robust_acc", "channel_sparsity")
 
 
 def make_sampler(name: str, seed: int, max_concurrent: int) -> optuna.samplers.BaseSampler:
@@ -35,9 +34,6 @@ def make_sampler(name: str, seed: int, max_concurrent: int) -> optuna.samplers.B
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ValueError(f"unknown sampler {name!r}")
-
-
-SAMPLERS = ("nsga2", "tpe", "gp", "random")
 
 
 class ParetoSearch(OptunaSearch):
