@@ -1,0 +1,228 @@
+"""Binary-Relax projections and the relaxed/quantized training weights (algorithms.md section 1)."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from trainables.config import QuantConfig
+from trainables.models import build_model
+from trainables.quant import (
+    cached,
+    project_binary,
+    project_multibit,
+    project_ternary_exact,
+    project_ternary_twn,
+    projector,
+    quantize_,
+)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------
+# projections
+
+
+def test_binary_scale_is_mean_abs():
+    w = torch.tensor([1.0, -2.0, 3.0, -4.0, 0.0])
+    # mean|w| over all five entries (the zero counts) = 10/5; sign(0) = 0 keeps the zero
+    assert torch.equal(project_binary(w), torch.tensor([2.0, -2.0, 2.0, -2.0, 0.0]))
+    for seed in range(5):
+        w = torch.randn(16, 8, 3, 3, generator=_gen(seed))
+        p = project_binary(w)
+        assert torch.allclose(p, w.abs().mean() * torch.sign(w))
+        assert torch.allclose(p.abs(), torch.full_like(p, float(w.abs().mean())))
+
+
+def test_ternary_threshold_rule():
+    w = torch.tensor([0.1, -1.0, 2.0, -0.5, 0.0])
+    # mean|w| = 0.72, threshold 0.504: only -1 and 2 survive; scale = (1 + 2) / n with n = 5
+    assert torch.allclose(project_ternary_twn(w), torch.tensor([0.0, -0.6, 0.6, 0.0, 0.0]))
+    for seed in range(5):
+        w = torch.randn(8, 4, 3, 3, generator=_gen(seed))
+        a = w.abs()
+        support = a >= 0.7 * a.mean()
+        scale = a[support].sum() / w.numel()  # reference scale: divided by n, not by |S|
+        expected = torch.where(support, scale * torch.sign(w), torch.zeros_like(w))
+        assert torch.allclose(project_ternary_twn(w), expected)
+
+
+def _brute_force_ternary_error(w: np.ndarray) -> float:
+    """min over every q in {-1,0,1}^n (q != 0) and delta > 0 of ||delta q - w||^2."""
+    q = np.array(list(itertools.product((-1.0, 0.0, 1.0), repeat=len(w))))
+    q = q[np.abs(q).sum(1) > 0]
+    wq = q @ w
+    qq = (q * q).sum(1)
+    gain = np.where(wq > 0, wq * wq / qq, 0.0)  # optimal delta = <w,q>/<q,q> when positive
+    return float(w @ w - gain.max())
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_exact_ternary_is_optimal(n):
+    rng = np.random.default_rng(n)
+    for _ in range(6):
+        w = rng.standard_normal(n)
+        p = project_ternary_exact(torch.tensor(w)).numpy()
+        # of the form delta * q with q ternary
+        mags = np.unique(np.abs(p[p != 0]))
+        assert len(mags) == 1 and mags[0] > 0
+        assert np.all(np.sign(p[p != 0]) == np.sign(w[p != 0]))
+        err = float(((p - w) ** 2).sum())
+        assert err == pytest.approx(_brute_force_ternary_error(w), rel=1e-9, abs=1e-12)
+    # the reference 0.7 rule is a heuristic: never better than the exact projection
+    for _ in range(20):
+        w = torch.tensor(rng.standard_normal(n))
+        e_exact = float(((project_ternary_exact(w) - w) ** 2).sum())
+        e_twn = float(((project_ternary_twn(w) - w) ** 2).sum())
+        assert e_exact <= e_twn + 1e-12
+
+
+@pytest.mark.parametrize("bits", range(3, 9))
+@pytest.mark.parametrize("lloyd_iters", [1, 3])
+def test_multibit_level_count(bits, lloyd_iters):
+    K = 2 ** (bits - 1) - 1
+    # uniform magnitudes hit every level, so an extra level would show up
+    w = torch.empty(40_000).uniform_(-1, 1, generator=_gen(bits))
+    p = project_multibit(w, bits, lloyd_iters)
+    values = torch.unique(p)
+    assert len(values) <= 2**bits - 1
+    assert len(values) >= 2**bits - 3  # and the grid is really used
+    # symmetric integer levels -K..K times one scale
+    s = values.abs().max() / K
+    k = p / s
+    assert torch.allclose(k, k.round(), atol=1e-4)
+    assert int(k.round().abs().max()) == K
+    assert torch.equal(projector(QuantConfig(bits=bits, lloyd_iters=lloyd_iters))(w), p)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 5, 8])
+def test_lloyd_iterations_never_raise_the_error(bits):
+    strictly_lower = 0
+    for seed in range(8):
+        g = _gen(seed)
+        base = torch.randn(4096, generator=g, dtype=torch.float64)
+        if seed % 2:  # heavy tail: the max-based grid is far from optimal here
+            base = base ** 3
+        errors = [float(((project_multibit(base, bits, it) - base) ** 2).sum()) for it in range(1, 6)]
+        for before, after in zip(errors, errors[1:]):
+            assert after <= before * (1 + 1e-12)
+        strictly_lower += errors[-1] < errors[0] * (1 - 1e-6)
+    assert strictly_lower > 0  # the iterations do something
+
+
+@pytest.mark.parametrize("config", [QuantConfig(bits=b) for b in (1, 2, 3, 4, 5, 6, 7, 8)]
+                         + [QuantConfig(bits=2, ternary_mode="exact"), QuantConfig(bits=4, lloyd_iters=5)],
+                         ids=lambda c: f"b{c.bits}-{c.ternary_mode}-{c.lloyd_iters}")
+def test_all_zero_tensor_projects_to_zeros(config):
+    w = torch.zeros(4, 3, 3, 3)
+    p = projector(config)(w)
+    assert not torch.isnan(p).any()
+    assert torch.equal(p, torch.zeros_like(w))
+
+
+# ------------------------------------------------------------------------------------------
+# relaxed weights, phases and the straight-through gradient
+
+
+def _quantized_model(bits=2, **kw):
+    torch.manual_seed(0)
+    model = build_model(8, 4, 3, 10, 1, 0.0)
+    br = quantize_(model, QuantConfig(bits=bits, **kw))
+    return model, br
+
+
+def _weights_seen_in_forward(model, modules, x):
+    seen = {}
+
+    def hook(m, inputs):
+        seen[id(m)] = m.weight.detach().clone()
+
+    handles = [m.register_forward_pre_hook(hook) for _, m in modules]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return [seen[id(m)] for _, m in modules]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_relaxed_weights_interpolate_and_phase2_is_quantized(bits):
+    model, br = _quantized_model(bits, lambda0=0.5, rho=1.1, phase2_start=0.75)
+    assert len(br.modules) == 7  # stem + 2 convs in each of 3 blocks; the 1x1 shortcuts stay float
+    project = projector(br.config)
+    x = torch.rand(2, 3, 32, 32)
+    br.start_epoch(1, 8)
+    lam = br.lam
+    assert lam == pytest.approx(0.5 * 1.1**2)
+    assert br.state.mode == "relaxed"
+    used = _weights_seen_in_forward(model, br.modules, x)
+    for w, u in zip(br.float_weights(), used):
+        w = w.detach()
+        p = project(w)
+        assert torch.allclose(u, (w + lam * p) / (1 + lam), atol=1e-7)
+        lo, hi = torch.minimum(w, p), torch.maximum(w, p)
+        assert bool(((u >= lo - 1e-7) & (u <= hi + 1e-7)).all())
+        assert not torch.allclose(u, p) and not torch.allclose(u, w)
+    br.start_epoch(6, 8)  # phase II starts at round(0.75 * 8) = 6
+    assert br.state.mode == "quantized"
+    for w, u in zip(br.float_weights(), _weights_seen_in_forward(model, br.modules, x)):
+        assert torch.equal(u, project(w.detach()))
+
+
+@pytest.mark.parametrize("epoch", [0, 3])  # relaxed, then hard-quantized
+def test_straight_through_gradient_reaches_float_weights(epoch):
+    model, br = _quantized_model(2, phase2_start=0.75)
+    br.start_epoch(epoch, 4)
+    model.train()
+    x = torch.rand(4, 3, 16, 16)
+    y = torch.tensor([0, 1, 2, 3])
+    with cached():
+        used = [m.weight for _, m in br.modules]  # the cached u that every forward below uses
+        for u in used:
+            u.retain_grad()
+        F.cross_entropy(model(x), y).backward()
+    for (_, m), u in zip(br.modules, used):
+        g = m.parametrizations.weight.original.grad
+        assert g is not None and g.abs().sum() > 0
+        # straight-through: dL/dw is dL/du unchanged (no 1/(1+lam) factor, no masking)
+        assert torch.equal(g, u.grad)
+
+
+def test_straight_through_gradient_single_conv():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, bias=False)
+    br = quantize_(conv, QuantConfig(bits=4))
+    br.start_epoch(0, 10)
+    x, r = torch.randn(2, 2, 5, 5), torch.randn(2, 3, 3, 3)
+    (conv(x) * r).sum().backward()
+    u = conv.weight.detach().clone().requires_grad_(True)
+    (F.conv2d(x, u) * r).sum().backward()
+    assert torch.allclose(conv.parametrizations.weight.original.grad, u.grad, atol=1e-6)
+
+
+def test_phase2_epoch_rules():
+    for epochs in range(1, 12):
+        for start in (0.0, 0.1, 0.5, 0.6, 0.75, 0.9, 0.99):
+            _, br = _quantized_model(2, phase2_start=start)
+            m = br.phase2_epoch(epochs)
+            assert 0 <= m <= epochs - 1  # at least the last epoch is hard-quantized
+            modes = []
+            for e in range(epochs):
+                br.start_epoch(e, epochs)
+                modes.append(br.state.mode)
+            assert modes == ["relaxed"] * m + ["quantized"] * (epochs - m)
+        _, br = _quantized_model(2, phase2_start=1.0)
+        assert br.phase2_epoch(epochs) == epochs
+        for e in range(epochs):
+            br.start_epoch(e, epochs)
+            assert br.state.mode == "relaxed"
+    _, br = _quantized_model(2, phase2_start=0.5)
+    assert br.phase2_epoch(2) == 1
+    assert br.phase2_epoch(200) == 100
