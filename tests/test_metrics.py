@@ -1,0 +1,143 @@
+"""Group penalty / proximal step (algorithms.md 3.3) and the structure metrics (section 5)."""
+
+import pytest
+import torch
+
+from trainables.config import QuantConfig
+from trainables.losses import GROUP_EPS, group_penalty, group_prox_
+from trainables.metrics import channel_sparsity, structure_metrics, weight_sparsity
+from trainables.models import build_model
+from trainables.quant import model_bits, quantize_
+
+DIMS = {"out": (1, 2, 3), "in": (0, 2, 3)}
+
+
+# ------------------------------------------------------------------------------------------
+# group lasso
+
+
+@pytest.mark.parametrize("axis", ["out", "in"])
+def test_group_penalty_gradient(axis):
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64),
+          torch.randn(5, 6, 1, 1, generator=g, dtype=torch.float64)]
+    ws[0][2 if axis == "out" else slice(None), 1 if axis == "in" else slice(None)] = 0.0  # a dead group
+    fc = torch.randn(10, 5, generator=g, dtype=torch.float64)  # not 4-D: not penalised
+    ws = [w.requires_grad_(True) for w in ws]
+    fc.requires_grad_(True)
+    r = group_penalty(ws + [fc], axis)
+    expected_value = sum(torch.sqrt((w * w).sum(DIMS[axis]) + GROUP_EPS).sum() for w in ws)
+    assert r.item() == pytest.approx(expected_value.item(), rel=1e-12)
+    r.backward()
+    for w in ws:
+        norm = torch.sqrt((w.detach() ** 2).sum(DIMS[axis], keepdim=True) + 1e-8)
+        assert torch.allclose(w.grad, w.detach() / norm, rtol=1e-10, atol=1e-12)
+    assert fc.grad is None
+    # the dead group gets a zero (not NaN) gradient thanks to the 1e-8
+    assert torch.isfinite(ws[0].grad).all()
+
+
+@pytest.mark.parametrize("axis", ["out", "in"])
+def test_group_prox_zeroes_small_groups_and_shrinks_the_rest(axis):
+    step = 0.5
+    # five groups with norms 0.3, 0.5 (= step), 1.0, 2.0, 5.0 along the chosen axis
+    norms = torch.tensor([0.3, 0.5, 1.0, 2.0, 5.0], dtype=torch.float64)
+    base = torch.zeros(5, 3, 2, 2, dtype=torch.float64)
+    base[:, 0, 0, 0] = 0.6
+    base[:, 1, 1, 1] = -0.8  # each group direction has unit norm
+    w = base * norms[:, None, None, None]
+    if axis == "in":
+        w = w.transpose(0, 1).contiguous()  # groups now run along dim 1
+    before = w.clone()
+    group_prox_([w], step, axis)
+    group_norms = torch.sqrt((before ** 2).sum(DIMS[axis]))
+    assert torch.allclose(group_norms, norms)
+    for i, n in enumerate(norms.tolist()):
+        sel = (i,) if axis == "out" else (slice(None), i)
+        if n <= step:
+            assert torch.equal(w[sel], torch.zeros_like(w[sel]))
+        else:
+            assert torch.allclose(w[sel], before[sel] * (1 - step / n), rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------
+# sparsity
+
+
+def test_weight_sparsity_counts_entries_over_all_layers():
+    a = torch.ones(4, 2, 3, 3)
+    a[0] = 0  # 18 zeros of 72
+    b = torch.ones(2, 4, 1, 1)
+    b[1, 1] = 0  # 1 zero of 8
+    assert weight_sparsity([a, b]) == pytest.approx(19 / 80)
+    assert weight_sparsity([torch.zeros(3, 3, 3, 3)]) == 1.0
+    assert weight_sparsity([torch.ones(3, 3, 3, 3)]) == 0.0
+
+
+def test_channel_sparsity_out_and_in_are_count_weighted():
+    a = torch.randn(4, 3, 3, 3)  # 4 filters, 3 input channels
+    a[1] = 0
+    a[3] = 0  # 2 of 4 output filters dead
+    a[:, 2] = 0  # input channel 2 dead
+    a[0, 0, 1, 1] = 0  # an isolated zero kills nothing
+    b = torch.randn(8, 4, 3, 3)  # 8 filters, 4 input channels
+    b[5] = 0  # 1 of 8 filters dead
+    b[:, 0] = 0
+    b[:, 3] = 0  # 2 of 4 input channels dead
+    # count-weighted: (2 + 1) / (4 + 8); a parameter-weighted average would give another value
+    assert channel_sparsity([a, b], "out") == pytest.approx(3 / 12)
+    assert channel_sparsity([a, b], "in") == pytest.approx(3 / 7)
+    assert channel_sparsity([a], "out") == pytest.approx(0.5)
+    assert channel_sparsity([a], "in") == pytest.approx(1 / 3)
+    # a filter with one surviving weight is alive
+    a[1, 0, 0, 0] = 0.1
+    assert channel_sparsity([a], "out") == pytest.approx(0.25)
+
+
+# ------------------------------------------------------------------------------------------
+# model size
+
+
+DOC_BITS = {32: 8_713_024, 1: 415_056, 2: 682_752, 4: 1_218_144}  # algorithms.md section 5.3
+DOC_BITS_WITH_SHORTCUTS = {1: 335_760, 2: 606_016, 4: 1_146_528}
+N_RESNET20 = 272_282
+
+
+@pytest.mark.parametrize("bits", sorted(DOC_BITS))
+def test_model_size_matches_docs(bits):
+    model = build_model(20, 16, 3, 10, ensemble=1, noise=0.1)
+    br = quantize_(model, QuantConfig(bits=bits))
+    size, n = model_bits(model, br)
+    assert (size, n) == (DOC_BITS[bits], N_RESNET20)
+    s = structure_metrics(model, br)
+    assert s["size_bits"] == DOC_BITS[bits]
+    assert s["compression"] == pytest.approx(32 * N_RESNET20 / DOC_BITS[bits])
+    assert s["compression"] == pytest.approx({32: 1.0, 1: 20.99, 2: 12.76, 4: 7.15}[bits], abs=5e-3)
+    if bits in DOC_BITS_WITH_SHORTCUTS:
+        model = build_model(20, 16, 3, 10, ensemble=1, noise=0.1)
+        br = quantize_(model, QuantConfig(bits=bits, quantize_shortcut=True))
+        assert model_bits(model, br) == (DOC_BITS_WITH_SHORTCUTS[bits], N_RESNET20)
+
+
+def test_model_size_scales_with_ensemble():
+    model = build_model(20, 16, 3, 10, ensemble=2, noise=0.1)
+    br = quantize_(model, QuantConfig(bits=2))
+    assert model_bits(model, br) == (2 * DOC_BITS[2], 2 * N_RESNET20)
+    s = structure_metrics(model, br)
+    assert s["compression"] == pytest.approx(32 * N_RESNET20 / DOC_BITS[2])
+
+
+def test_structure_metrics_use_quantized_weights():
+    torch.manual_seed(0)
+    model = build_model(8, 8, 3, 10, ensemble=2, noise=0.0)
+    br = quantize_(model, QuantConfig(bits=2))
+    # float shadow weights have no zeros; their ternary projection has many (0.7 mean|w| rule)
+    assert weight_sparsity(br.float_weights()) == 0.0
+    s = structure_metrics(model, br)
+    assert s["weight_sparsity"] == pytest.approx(weight_sparsity(br.quantized_weights()))
+    assert 0.2 < s["weight_sparsity"] < 0.7
+    # kill one filter of member 1's stem: channel sparsity sees it through the projection
+    with torch.no_grad():
+        br.float_weights()[len(br.modules) // 2][3].mul_(1e-3)
+    n_filters = sum(w.shape[0] for w in br.quantized_weights())
+    assert structure_metrics(model, br)["channel_sparsity"] == pytest.approx(1 / n_filters)
