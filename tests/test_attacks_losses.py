@@ -1,0 +1,112 @@
+"""L-infinity attacks (algorithms.md 2.5) and the trade-off loss (3.2) on real models."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainables.attacks import margin_loss, perturb
+from trainables.config import AttackConfig, TrainConfig
+from trainables.loop import Run
+from trainables.losses import tradeoff_loss
+from trainables.models import build_model
+
+TOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def model_and_batch():
+    torch.manual_seed(0)
+    model = build_model(8, 8, 3, 10, ensemble=2, noise=0.1).eval()
+    x = torch.rand(16, 3, 16, 16)
+    x[:4] = (x[:4] > 0.5).float()  # images saturated at 0 and 1: the [0, 1] clamp matters
+    y = torch.randint(0, 10, (16,))
+    return model, x, y
+
+
+def _check_in_ball(x_adv, x, eps):
+    assert x_adv.shape == x.shape and not x_adv.requires_grad
+    assert float((x_adv - x).abs().max()) <= eps + TOL
+    assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+
+
+@pytest.mark.parametrize("random_start", [True, False])
+def test_pgd_stays_in_ball_and_box(model_and_batch, random_start):
+    model, x, y = model_and_batch
+    eps = 0.05
+    x_adv = perturb(model, x, y, AttackConfig("pgd", eps, 0.02, 7, random_start))
+    _check_in_ball(x_adv, x, eps)
+    # the attack moved the inputs up to the ball's surface
+    assert float((x_adv - x).abs().max()) == pytest.approx(eps, abs=TOL)
+    inner = (x > eps) & (x < 1 - eps)
+    assert float((x_adv - x)[inner].abs().mean()) > eps / 2
+
+
+def test_fgsm_is_one_signed_step(model_and_batch):
+    model, x, y = model_and_batch
+    eps = 0.03
+    _check_in_ball(perturb(model, x, y, AttackConfig("fgsm", eps, 0.0, 1, False)), x, eps)
+    # without noise the step is exactly eps * sign(grad) wherever the box does not clip it
+    torch.manual_seed(0)
+    quiet = build_model(8, 8, 3, 10, ensemble=1, noise=0.0).eval()
+    x_adv = perturb(quiet, x, y, AttackConfig("fgsm", eps, 0.0, 1, False))
+    _check_in_ball(x_adv, x, eps)
+    x_ = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(quiet(x_), y, reduction="sum"), x_)
+    inner = (x > eps) & (x < 1 - eps)
+    assert inner.sum() > 1000
+    assert torch.allclose((x_adv - x)[inner], eps * g.sign()[inner], atol=TOL)
+
+
+def test_cw_margin_attack_stays_in_ball(model_and_batch):
+    model, x, y = model_and_batch
+    eps = 0.04
+    torch.manual_seed(1)
+    x_adv = perturb(model, x, y, AttackConfig("cw", eps, 0.01, 10, True))
+    _check_in_ball(x_adv, x, eps)
+    assert float((x_adv - x).abs().max()) > eps / 2
+
+
+def test_margin_loss():
+    logits = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, -1.0]])
+    y = torch.tensor([0, 2])
+    # sample 0: best other 2 - 3 = -1; sample 1: best other 5 - (-1) = 6
+    assert float(margin_loss(logits, y)) == pytest.approx(5.0)
+
+
+def test_attacks_with_eps_zero_return_the_input(model_and_batch):
+    model, x, y = model_and_batch
+    for kind in ("fgsm", "pgd", "cw", "trades"):
+        assert torch.equal(perturb(model, x, y, AttackConfig(kind, 0.0, 0.01, 3, True)), x)
+
+
+def test_pgd_lowers_accuracy_of_a_trained_model():
+    # natural training (alpha = 1, no training attack) of a small noisy net on 8x8 digits
+    cfg = TrainConfig(dataset="digits", subset_train=600, subset_test=200, depth=8, width=8,
+                      epochs=2, batch_size=32, loss="mix", alpha=1.0, seed=0)
+    cfg.quant.bits = 32
+    cfg.train_attack.eps = 0.0
+    run = Run(cfg)
+    for _ in range(cfg.epochs):
+        run.train_epoch()
+    acc = run.evaluate(attacks={
+        "clean": None,
+        "fgsm": AttackConfig("fgsm", 0.1, 0.1, 1, False),
+        "pgd": AttackConfig("pgd", 0.1, 0.025, 10, True),
+    })
+    assert acc["clean"] > 0.6  # about 0.8 (seeds 0-2)
+    assert acc["pgd"] < acc["clean"] - 0.2
+    assert acc["pgd"] <= acc["fgsm"] + 0.05  # the iterated attack is at least about as strong
+
+
+def test_mix_loss_is_the_convex_combination(model_and_batch):
+    _, x, y = model_and_batch
+    torch.manual_seed(0)
+    model = build_model(8, 8, 3, 10, ensemble=1, noise=0.0).eval()
+    atk = AttackConfig("pgd", 0.05, 0.02, 3, True)
+    torch.manual_seed(5)
+    madry = tradeoff_loss(model, x, y, "madry", atk)
+    natural = F.cross_entropy(model(x), y)
+    torch.manual_seed(5)
+    mix = tradeoff_loss(model, x, y, "mix", atk, alpha=0.3)
+    assert mix.item() == pytest.approx(0.7 * madry.item() + 0.3 * natural.item(), rel=1e-5)
+    assert madry.item() > natural.item()  # the attack raised the loss
