@@ -19,6 +19,8 @@ import importlib.util
 import inspect
 import json
 import math
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -170,11 +172,16 @@ def load_space(ref: str | None) -> Space:
         if not path.is_file():
             raise ConfigError(f"--space {ref}: no such file; accepted: a .py/.yaml/.json file or a built-in name ({', '.join(builtin_spaces())})")
         if path.suffix == ".py":
-            spec = importlib.util.spec_from_file_location(f"brsearch_space_{path.stem}", path)
+            # registered in sys.modules: the searcher state Tune pickles every snapshot refers to a
+            # define-by-run space(trial) by module and name (resume loads the space before it)
+            mod_name = "brsearch_space_" + re.sub(r"\W", "_", path.stem)
+            spec = importlib.util.spec_from_file_location(mod_name, path)
             module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+            sys.modules[mod_name] = module
             try:
                 spec.loader.exec_module(module)  # type: ignore[union-attr]
             except Exception as e:  # a user's file: say which and why, in one line
+                sys.modules.pop(mod_name, None)
                 raise ConfigError(f"--space {ref}: could not load it ({type(e).__name__}: {e})") from None
             return _from_module(str(path), module)
         import yaml
