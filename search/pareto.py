@@ -11,7 +11,9 @@ import argparse
 import json
 import os
 import re
+import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,11 +95,46 @@ class Plan:
         }
 
 
-def _writable(path: Path) -> bool:
-    p = path.resolve()
-    while not p.exists():
+def _unwritable(path: Path) -> str | None:
+    """None if the directory `path` (there or not yet) can be created and written, else why not.
+    The nearest existing ancestor must be a directory (not a file), and a scratch directory is
+    created in it and removed again: os.access says yes to root everywhere, /proc and read-only
+    mounts included."""
+    p = Path(os.path.abspath(os.path.expanduser(str(path))))
+    while not os.path.lexists(p):
         p = p.parent
-    return p.is_dir() and os.access(p, os.W_OK | os.X_OK)
+    if not p.is_dir():
+        return f"{p} is a file, not a directory"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".brsearch-probe-", dir=p))
+    except OSError as e:
+        return f"cannot create anything in {p} ({e.strerror or e})"
+    return None
+
+
+def _writable(path: Path) -> bool:
+    return _unwritable(path) is None
+
+
+def _host_port(address: str, default_port: int | None = None) -> tuple[str, int] | None:
+    """host, port of HOST:PORT, ray://HOST:PORT or http(s)://[user@]HOST[:PORT]/...; None if none."""
+    rest = address.split("://", 1)[1] if "://" in address else address
+    rest = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+    host, sep, port = rest.rpartition(":")
+    if sep and port.isdigit() and host:
+        return host.strip("[]"), int(port)
+    if default_port and rest and ":" not in rest.strip("[]"):
+        return rest.strip("[]"), default_port
+    return None
+
+
+def _unreachable(host: str, port: int, timeout: float = 3.0) -> str | None:
+    """None if a TCP connection to host:port opens within `timeout` seconds, else why not."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as e:
+        return e.strerror or str(e) or type(e).__name__
 
 
 def prepare(args: argparse.Namespace) -> Plan:
@@ -141,8 +178,9 @@ def prepare(args: argparse.Namespace) -> Plan:
     local = "://" not in storage or storage.startswith("file://")
     if local:
         storage = str(Path(os.path.expanduser(storage.replace("file://", "", 1))).resolve())
-        if not _writable(Path(storage)):
-            raise ConfigError(f"--storage-path {args.storage_path}: not writable; accepted: a writable directory or an s3://, gs:// URI")
+        why = _unwritable(Path(storage))
+        if why:
+            raise ConfigError(f"--storage-path {args.storage_path}: not writable: {why}; accepted: a writable directory or an s3://, gs:// URI")
     else:
         import pyarrow.fs
 
@@ -152,15 +190,21 @@ def prepare(args: argparse.Namespace) -> Plan:
             raise ConfigError(f"--storage-path {args.storage_path}: {str(e).splitlines()[0]}") from None
     exp_dir = os.path.join(storage, name) if local else f"{storage.rstrip('/')}/{name}"
 
-    from .tracking import absolute_tracking_uri
+    from .tracking import absolute_tracking_uri, redact
 
     tracking_uri = absolute_tracking_uri(args.tracking_uri)
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri[len("sqlite:///"):])
-        if not _writable(db.parent) or (db.exists() and not os.access(db, os.W_OK)):
-            raise ConfigError(f"--tracking-uri {args.tracking_uri}: {db} is not writable; accepted: a writable sqlite path or an http(s):// server")
+        why = _unwritable(db.parent) or (None if not db.exists() or os.access(db, os.W_OK) else "read-only file")
+        if why:
+            raise ConfigError(f"--tracking-uri {args.tracking_uri}: {db} is not writable: {why}; accepted: a writable sqlite path or an http(s):// server")
     elif not tracking_uri.startswith(("http://", "https://", "databricks", "postgresql", "mysql")):
         raise ConfigError(f"--tracking-uri {args.tracking_uri}: unsupported; accepted: sqlite:///PATH, http(s)://HOST:PORT or a database URI")
+    elif tracking_uri.startswith(("http://", "https://")):  # MLflow's client retries for minutes
+        hp = _host_port(tracking_uri, 443 if tracking_uri.startswith("https") else 80)
+        why = hp and _unreachable(*hp)
+        if why:
+            raise ConfigError(f"--tracking-uri {redact(args.tracking_uri)}: cannot reach {hp[0]}:{hp[1]} ({why}); accepted: a running MLflow server (mlflow server --host 127.0.0.1 ...), or a sqlite:///PATH")
 
     plan = Plan(args, name, space, storage, exp_dir, local, tracking_uri,
                 args.address or os.environ.get("RAY_ADDRESS"), args.resume)
@@ -175,6 +219,11 @@ def prepare(args: argparse.Namespace) -> Plan:
             raise ConfigError(f"--resume {name}: the space or pinned values differ from the stored sweep's; accepted: the same --space/--set/--dataset/--epochs, or a new --name")
     elif local and Path(exp_dir).exists() and any(Path(exp_dir).iterdir()):
         raise ConfigError(f"sweep {name!r} already exists under {storage}; accepted: --resume to continue it, or another --name")
+    # last, as it may wait a few seconds: ray.init on a dead address retries for minutes
+    hp = _host_port(plan.address) if plan.address and plan.address not in ("auto", "local") else None
+    why = hp and _unreachable(*hp)
+    if why:
+        raise ConfigError(f"{'--address' if args.address else 'RAY_ADDRESS'} {redact(plan.address)}: cannot reach the Ray cluster at {hp[0]}:{hp[1]} ({why}); accepted: a running cluster's address (HEAD:6379, see `ray status` on the head), 'auto' on its head node, or no --address (and no RAY_ADDRESS) for a local run")
     return plan
 
 
@@ -187,7 +236,9 @@ def _connect(plan: Plan) -> None:
         if plan.address:
             ray.init(address=plan.address, log_to_driver=not plan.args.quiet)
         else:
-            ray.init(num_cpus=plan.args.num_cpus, include_dashboard=False, log_to_driver=not plan.args.quiet)
+            # "local": a new instance even where `ray start` left a cluster to auto-detect
+            ray.init(address="local", num_cpus=plan.args.num_cpus, include_dashboard=False,
+                     log_to_driver=not plan.args.quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
         fail(f"cannot reach the Ray cluster at {plan.address}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; accepted: a running cluster's address, 'auto' on its head node, or no --address for a local run")
 
@@ -241,7 +292,8 @@ def run(plan: Plan) -> int:
     from trainables.tune import trainable
 
     from .results import format_front, front_frame, trials_frame, upload, write_tables
-    from .tracking import MLflowSweepCallback, ProgressCallback, finish_parent_run, get_or_create_experiment, start_parent_run
+    from .tracking import (MLflowSweepCallback, NoRetryOnDivergence, ProgressCallback, finish_parent_run,
+                           get_or_create_experiment, redact, redact_obj, start_parent_run)
 
     args = plan.args
     _connect(plan)
@@ -265,12 +317,13 @@ def run(plan: Plan) -> int:
              "gpus_per_trial": gpus, "cpus_per_trial": args.cpus_per_trial, "objectives": ",".join(OBJECTIVES)},
             _version_tags(),
         )
-        client.log_dict(parent, plan.space.describe(), "space.json")
-        atomic_write_text(json.dumps({**plan.record(), "experiment_id": experiment_id, "parent_run_id": parent},
+        # credentials (user:password@ in a URI or path, token=...) never reach params or artifacts
+        client.log_dict(parent, redact_obj(plan.space.describe()), "space.json")
+        atomic_write_text(json.dumps(redact_obj({**plan.record(), "experiment_id": experiment_id, "parent_run_id": parent}),
                                      indent=2, default=str), plan.state_dir / "sweep.json")
     print(f"brsearch: sweep {plan.name!r}: {args.trials} trials x {args.epochs} epochs, sampler {args.sampler}, "
           f"scheduler {args.scheduler}, {max_concurrent} at once ({args.cpus_per_trial:g} CPU, {gpus:g} GPU each)\n"
-          f"  results  {plan.exp_dir}\n  mlflow   {plan.tracking_uri} (experiment {args.experiment!r}, parent run {parent})",
+          f"  results  {redact(plan.exp_dir)}\n  mlflow   {redact(plan.tracking_uri)} (experiment {args.experiment!r}, parent run {parent})",
           flush=True)
 
     wrapped = tune.with_resources(trainable, {"cpu": args.cpus_per_trial, "gpu": gpus})
@@ -279,7 +332,8 @@ def run(plan: Plan) -> int:
                                    resume_errored=False, restart_errored=False)
     else:
         tuner = build_tuner(plan, max_concurrent, gpus, [
-            MLflowSweepCallback(plan.tracking_uri, experiment_id, parent, plan.name), ProgressCallback(args.trials)])
+            MLflowSweepCallback(plan.tracking_uri, experiment_id, parent, plan.name), ProgressCallback(args.trials),
+            NoRetryOnDivergence()])
     tuner.fit()
 
     trials = tune.ExperimentAnalysis(plan.exp_dir).trials

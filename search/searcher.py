@@ -43,6 +43,7 @@ class ParetoSearch(OptunaSearch):
         super().__init__(space=space.suggest, metric=list(objectives), mode=["max"] * len(objectives),
                          sampler=sampler, study_name=study_name, storage=storage)
         self.pruned: set[str] = set()
+        self.diverged: dict[str, str] = {}  # trial id -> reason (non-finite loss or weights)
 
     def suggest(self, trial_id: str) -> dict | None:
         params = super().suggest(trial_id)
@@ -51,6 +52,12 @@ class ParetoSearch(OptunaSearch):
             ot.set_user_attr("ray_trial_id", trial_id)
         return params
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        # Tune calls on_trial_complete(error=True) with no result, so remember why here
+        if result.get("diverged"):
+            self.diverged[trial_id] = str(result.get("failure_reason") or "diverged")
+        super().on_trial_result(trial_id, result)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials:
             return
@@ -58,6 +65,8 @@ class ParetoSearch(OptunaSearch):
         if ot is None:
             return
         state, values, reason = self.outcome(result, error)
+        if trial_id in getattr(self, "diverged", {}):
+            state, values, reason = TrialState.FAIL, None, self.diverged[trial_id]
         try:
             if reason:
                 ot.set_user_attr("brsearch_reason", reason)
@@ -73,6 +82,8 @@ class ParetoSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
     def outcome(self, result: dict | None, error: bool) -> tuple[TrialState, list[float] | None, str]:
+        if result and result.get("diverged"):  # trainables.tune's last report of a diverged trial
+            return TrialState.FAIL, None, str(result.get("failure_reason") or "diverged")
         if error or not result:
             return TrialState.FAIL, None, "error" if error else "no result"
         if not result.get("final") or result.get("epoch", 0) < result.get("max_epochs", 0):
@@ -85,6 +96,15 @@ class ParetoSearch(OptunaSearch):
     @property
     def study(self) -> optuna.Study:
         return self._ot_study
+
+    def restore(self, checkpoint_path: str) -> None:
+        """`Tuner.restore` (`--resume`): reload the pickled state, then settle the Optuna trials a
+        crash left RUNNING that Tune will not continue."""
+        super().restore(checkpoint_path)
+        self.__dict__.setdefault("diverged", {})
+        n = self.reconcile_orphans()
+        if n:
+            log.warning("marked %d Optuna trial(s) orphaned by a crash as FAIL", n)
 
     def reconcile_orphans(self) -> int:
         """After a restore: Optuna trials left RUNNING that Tune no longer tracks become FAIL, so

@@ -24,11 +24,29 @@ from .searcher import OBJECTIVES
 
 SECRET_PATTERN = re.compile(r"(token|secret|password|passwd|credential|api[_-]?key|access[_-]?key)", re.I)
 URI_CREDENTIALS = re.compile(r"(://)[^/@\s]+@")
+# user:password@ that lost its scheme (a URI resolved as a local path keeps only one slash)
+USERINFO = re.compile(r"(^|[/\s=,;'\"])[^/@\s:'\"]+:[^/@\s'\"]*@")
+SECRET_ASSIGNMENT = re.compile(r"((?:token|secret|password|passwd|credential|api[_-]?key|access[_-]?key|signature)"
+                               r"[\w-]*=)[^&\s'\",;]+", re.I)
 
 
 def redact(value: Any) -> str:
-    """Strip user:password@ from URIs; credentials never reach logged params or artifacts."""
-    return URI_CREDENTIALS.sub(r"\1***@", str(value))
+    """Strip user:password@ from URIs and paths, and the values of token=/password=/... query
+    arguments; credentials never reach logged params or artifacts."""
+    text = URI_CREDENTIALS.sub(r"\1***@", str(value))
+    text = USERINFO.sub(r"\1***@", text)
+    return SECRET_ASSIGNMENT.sub(r"\1***", text)
+
+
+def redact_obj(obj: Any) -> Any:
+    """`redact` through dicts and lists (sweep.json, space.json); values of secret-named keys go."""
+    if isinstance(obj, dict):
+        return {k: "***" if isinstance(k, str) and SECRET_PATTERN.search(k) else redact_obj(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact_obj(v) for v in obj]
+    if isinstance(obj, str):
+        return redact(obj)
+    return obj
 
 
 def absolute_tracking_uri(uri: str) -> str:
@@ -76,6 +94,8 @@ def _finite_metrics(result: dict[str, Any], step: int) -> list[Metric]:
 def trial_outcome(trial: Any) -> tuple[str, str]:
     """(status, reason): completed | stopped (early, by the scheduler) | failed."""
     last = trial.last_result or {}
+    if last.get("diverged"):  # trainables.tune: non-finite loss or weights (ERROR, or stopped on it)
+        return "failed", str(last.get("failure_reason") or "DivergedError")[:500]
     if trial.status == "ERROR":
         return "failed", error_reason(trial)
     if last.get("final") and last.get("epoch", 0) >= last.get("max_epochs", 1):
@@ -241,8 +261,21 @@ class ProgressCallback(Callback):
         self.done += 1
         status, reason = trial_outcome(trial)
         r = trial.last_result or {}
-        objs = "  ".join(f"{m} {r[m]:.4f}" for m in OBJECTIVES if isinstance(r.get(m), (int, float)))
-        print(f"[{self.done}/{self.total}] {trial.trial_id} {status}: {objs} {reason}".rstrip(), flush=True)
+        objs = "  ".join(f"{m} {r[m]:.4f}" for m in OBJECTIVES
+                         if isinstance(r.get(m), (int, float)) and math.isfinite(r[m]))
+        print(" ".join(p for p in (f"[{self.done}/{self.total}] {trial.trial_id} {status}:", objs, reason) if p), flush=True)
+
+
+class NoRetryOnDivergence(Callback):
+    """A trial that reported `diverged` (trainables.tune) fails without Tune's retries: training is
+    deterministic, so a retry from its last checkpoint would diverge again. Ray has no retry filter
+    per exception; Tune checks the trial's own `max_failures` when the error arrives, which is
+    after this result. (Should this attribute go, a retry still fails at once on the marker
+    checkpoint the trial left.)"""
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if result.get("diverged") and hasattr(trial, "max_failures"):
+            trial.max_failures = 0
 
 
 # --- the parent run ----------------------------------------------------------------------------

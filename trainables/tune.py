@@ -15,21 +15,46 @@ import torch
 from ray import tune
 
 from .config import TrainConfig
-from .loop import Hooks, train
+from .loop import DivergedError, Hooks, train
 
 CHECKPOINT_FILE = "state.pt"
 MODEL_FILE = "model.pt"
+DIVERGED = "diverged"  # checkpoint marker and result flag of a trial whose loss/weights went non-finite
+OBJECTIVES = ("clean_acc", "robust_acc", "channel_sparsity")  # as search.objectives: every report needs them
 
 
 class TuneHooks(Hooks):
+    epoch = 0  # epochs completed as of the last report (or the checkpoint restored)
+    diverged_before = False  # restored from a diverged trial's marker
+
     def load_checkpoint(self) -> dict[str, Any] | None:
         ck = tune.get_checkpoint()
         if ck is None:
             return None
         with ck.as_directory() as d:
-            return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        if state.get(DIVERGED):  # a retry of a diverged trial: fail again at once, no retraining
+            self.diverged_before = True
+            raise DivergedError(state[DIVERGED])
+        self.epoch = int(state.get("epoch", 0))
+        print(f"trial {tune.get_context().get_trial_id()}: resumed after epoch {self.epoch}", flush=True)
+        return state
+
+    def report_diverged(self, error: DivergedError) -> None:
+        """The last report of a diverged trial: objectives NaN (no point of any front), the flag
+        and the reason, and a checkpoint holding only the marker. Training is deterministic, so a
+        retry from the previous checkpoint would diverge again: a restored attempt raises at once
+        (load_checkpoint), and the driver stops Tune's retries on the flag
+        (search.tracking.NoRetryOnDivergence). `epoch` stays the last completed one, so a
+        scheduler makes no new rung decision on this result."""
+        metrics = {**{m: float("nan") for m in OBJECTIVES}, DIVERGED: True,
+                   "failure_reason": f"DivergedError: {error}", "final": False, "epoch": self.epoch}
+        with tempfile.TemporaryDirectory() as d:
+            torch.save({DIVERGED: str(error), "epoch": self.epoch}, Path(d) / CHECKPOINT_FILE)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
     def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any], final: bool) -> None:
+        self.epoch = int(metrics.get("epoch", self.epoch))
         model = checkpoint.pop("quantized_model", None)
         with tempfile.TemporaryDirectory() as d:
             torch.save(checkpoint, Path(d) / CHECKPOINT_FILE)
@@ -46,4 +71,10 @@ def trainable(config: dict[str, Any]) -> None:
     if cfg.device == "auto" and not tune.get_context().get_trial_resources().required_resources.get("GPU"):
         cfg.device = "cpu"  # a CPU-only trial must not grab a GPU it was not given
     torch.set_num_threads(max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1))))
-    train(cfg, TuneHooks())
+    hooks = TuneHooks()
+    try:
+        train(cfg, hooks)
+    except DivergedError as e:  # the trial fails alone, with the reason, and is not retried
+        if not hooks.diverged_before:
+            hooks.report_diverged(e)
+        raise
