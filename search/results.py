@@ -18,7 +18,7 @@ from trainables.fileio import atomic_path
 
 from .front import non_dominated_mask
 from .searcher import OBJECTIVES
-from .tracking import trial_outcome
+from .tracking import redact, trial_outcome
 
 METRIC_COLUMNS = ("clean_acc", "robust_acc", "fgsm_acc", "cw_acc", "channel_sparsity", "channel_sparsity_in",
                   "weight_sparsity", "size_bits", "compression", "epoch", "max_epochs",
@@ -36,7 +36,8 @@ def trials_frame(trials: list[Any]) -> pd.DataFrame:
             v = last.get(k)
             row[k] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
         for k, v in sorted((t.config or {}).items()):
-            row[f"config.{k}"] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+            v = v if isinstance(v, (int, float, bool)) or v is None else redact(v)  # logged to MLflow too
+            row[f"config.{k}"] = v
         rows.append(row)
     df = pd.DataFrame(rows)
     if not len(df):
