@@ -23,6 +23,7 @@ from .tracking import redact, trial_outcome
 METRIC_COLUMNS = ("clean_acc", "robust_acc", "fgsm_acc", "cw_acc", "channel_sparsity", "channel_sparsity_in",
                   "weight_sparsity", "size_bits", "compression", "epoch", "max_epochs",
                   "val_clean_acc", "val_robust_acc", "time_total_s")
+STRING_COLUMNS = ("node_id",)  # the Ray node that ran the trial's last epoch
 
 
 def trials_frame(trials: list[Any]) -> pd.DataFrame:
@@ -35,13 +36,15 @@ def trials_frame(trials: list[Any]) -> pd.DataFrame:
         for k in METRIC_COLUMNS:
             v = last.get(k)
             row[k] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+        for k in STRING_COLUMNS:
+            row[k] = None if last.get(k) is None else str(last[k])
         for k, v in sorted((t.config or {}).items()):
             v = v if isinstance(v, (int, float, bool)) or v is None else redact(v)  # logged to MLflow too
             row[f"config.{k}"] = v
         rows.append(row)
     df = pd.DataFrame(rows)
     if not len(df):
-        df = pd.DataFrame(columns=["trial_id", "trial_name", "status", "reason", *METRIC_COLUMNS])
+        df = pd.DataFrame(columns=["trial_id", "trial_name", "status", "reason", *METRIC_COLUMNS, *STRING_COLUMNS])
     df["pareto"] = front_mask(df)
     return df.sort_values("trial_id").reset_index(drop=True)
 

@@ -60,7 +60,15 @@ class TuneHooks(Hooks):
             torch.save(checkpoint, Path(d) / CHECKPOINT_FILE)
             if model is not None:
                 torch.save(model, Path(d) / MODEL_FILE)
-            tune.report(dict(metrics, final=final), checkpoint=tune.Checkpoint.from_directory(d))
+            # node_id: which Ray node ran the trial (trials.parquet shows how a sweep used the cluster)
+            tune.report(dict(metrics, final=final, node_id=_node_id()),
+                        checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 def trainable(config: dict[str, Any]) -> None:
