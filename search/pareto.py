@@ -160,6 +160,8 @@ def prepare(args: argparse.Namespace) -> Plan:
     if not NAME_RE.match(name):
         raise ConfigError(f"--name {name!r}; accepted: letters, digits, '_', '-', '.' (up to 100)")
 
+    stored_space = _adopt_stored(args, name) if args.resume else None
+
     base: dict[str, Any] = {"dataset": args.dataset, "epochs": args.epochs, "download": args.download,
                             "data_root": str(Path(os.path.expanduser(args.data_root)).resolve())}
     if args.dataset.startswith("folder:"):
@@ -167,8 +169,11 @@ def prepare(args: argparse.Namespace) -> Plan:
     for k in ("subset_train", "subset_test"):
         if getattr(args, k) is not None:
             base[k] = getattr(args, k)
-    space = load_space(args.space)
-    space = space.pin({**base, **parse_sets(args.set)})
+    if stored_space is not None:  # --resume without --space/--set/...: the sweep's own space
+        space = stored_space
+    else:
+        space = load_space(args.space)
+        space = space.pin({**base, **parse_sets(args.set)})
     space.validate()
     from trainables.data import check_available
 
@@ -216,7 +221,7 @@ def prepare(args: argparse.Namespace) -> Plan:
             raise ConfigError(f"--resume: no sweep named {name!r} under {storage}; accepted: the --name (and --storage-path) of an earlier sweep")
         plan.stored = json.loads(sweep_json.read_text())
         if plan.stored.get("fingerprint") != space.fingerprint():
-            raise ConfigError(f"--resume {name}: the space or pinned values differ from the stored sweep's; accepted: the same --space/--set/--dataset/--epochs, or a new --name")
+            raise ConfigError(f"--resume {name}: the space or pinned values differ from the stored sweep's; accepted: leave out --space/--set/--dataset/--epochs/--subset-* to reuse the stored ones, repeat them exactly, or a new --name")
     elif local and Path(exp_dir).exists() and any(Path(exp_dir).iterdir()):
         raise ConfigError(f"sweep {name!r} already exists under {storage}; accepted: --resume to continue it, or another --name")
     # last, as it may wait a few seconds: ray.init on a dead address retries for minutes
@@ -225,6 +230,41 @@ def prepare(args: argparse.Namespace) -> Plan:
     if why:
         raise ConfigError(f"{'--address' if args.address else 'RAY_ADDRESS'} {redact(plan.address)}: cannot reach the Ray cluster at {hp[0]}:{hp[1]} ({why}); accepted: a running cluster's address (HEAD:6379, see `ray status` on the head), 'auto' on its head node, or no --address (and no RAY_ADDRESS) for a local run")
     return plan
+
+
+# flags that define a sweep: `--name X --resume` takes them from the stored sweep.json unless given
+RESUMED_FLAGS = ("trials", "epochs", "dataset", "sampler", "scheduler", "seed", "grace_period",
+                 "reduction_factor", "experiment", "tracking_uri")
+SPACE_FLAGS = ("space", "set", "dataset", "data_root", "download", "subset_train", "subset_test", "epochs")
+
+
+def _adopt_stored(args: argparse.Namespace, name: str) -> Space | None:
+    """`--name X --resume` (what an interrupted sweep prints) continues the sweep as it was started:
+    every flag of RESUMED_FLAGS left at its default takes the stored value, and with none of
+    SPACE_FLAGS given the stored space (pinned values included) is used. Returns that space, or
+    None when the space is to be built from the flags (and checked against the stored fingerprint)."""
+    storage = args.storage_path
+    if "://" not in storage or storage.startswith("file://"):
+        state = Path(os.path.expanduser(storage.replace("file://", "", 1))).resolve() / name / STATE_DIR
+    else:
+        state = Path(".brsearch") / name
+    try:
+        stored = json.loads((state / "sweep.json").read_text())
+    except (OSError, ValueError):
+        return None  # prepare() says there is no such sweep
+    defaults = build_parser().parse_args([])
+    explicit_space = any(getattr(args, k) != getattr(defaults, k) for k in SPACE_FLAGS)
+    for k in RESUMED_FLAGS:
+        v = stored.get(k)
+        if v is not None and getattr(args, k) == getattr(defaults, k) and "***" not in str(v):  # not redacted
+            setattr(args, k, v)
+    desc = stored.get("space")
+    if explicit_space or not isinstance(desc, dict):
+        return None
+    if desc.get("define_by_run"):  # a space(trial) function: load it again; the fingerprint catches edits
+        loaded = load_space(desc["name"])
+        return Space(desc["name"], {}, dict(desc.get("fixed") or {}), loaded.func, loaded.source)
+    return Space(desc["name"], dict(desc.get("params") or {}), dict(desc.get("fixed") or {}))
 
 
 # --- running ---------------------------------------------------------------------------------
