@@ -302,6 +302,8 @@ def test_sweep_interrupted_and_resumed(tmp_path):
     assert sorted(c.data.tags["ray_trial_id"] for c in children) == sorted(trials["trial_id"])
     assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"]
     assert all(c.info.status == "FINISHED" for c in children)
+    front = set(trials.loc[trials["pareto"], "trial_id"])
+    assert {c.data.tags["ray_trial_id"] for c in children if c.data.tags.get("pareto") == "true"} == front
 
     # resuming with a different pinned value is refused before anything runs
     from search.pareto import build_parser, prepare
