@@ -142,6 +142,7 @@ class MLflowSweepCallback(Callback):
     def __getstate__(self) -> dict[str, Any]:
         d = self.__dict__.copy()
         d["_client"] = None
+        d["_last_step"] = {}
         return d
 
     @property
@@ -189,8 +190,19 @@ class MLflowSweepCallback(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         rid = self.run_for(trial)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        self.client.log_batch(rid, metrics=_finite_metrics(result, step))
         self.epochs_consumed += 1
+        if step <= self._logged_step(trial.trial_id, rid):
+            return  # logged before a crash (--resume reran it), or a diverged trial's last report
+        self._last_step[trial.trial_id] = step
+        self.client.log_batch(rid, metrics=_finite_metrics(result, step))
+
+    def _logged_step(self, trial_id: str, run_id: str) -> int:
+        """The last epoch logged for the trial. Not part of the restored state (a snapshot may be
+        older than the crash): the first result of a trial in this driver asks MLflow."""
+        last = self.__dict__.setdefault("_last_step", {})
+        if trial_id not in last:
+            last[trial_id] = max((m.step for m in self.client.get_metric_history(run_id, "epoch")), default=0)
+        return last[trial_id]
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial)
