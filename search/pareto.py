@@ -261,6 +261,9 @@ def _adopt_stored(args: argparse.Namespace, name: str) -> Space | None:
     desc = stored.get("space")
     if explicit_space or not isinstance(desc, dict):
         return None
+    if "***" in json.dumps(desc.get("fixed") or {}):  # sweep.json keeps no credentials
+        raise ConfigError(f"--resume {name}: the stored space has values with credentials, which sweep.json does not "
+                          f"keep; accepted: the sweep's --space/--set/--dataset/--data-root/--epochs/--subset-* again")
     if desc.get("define_by_run"):  # a space(trial) function: load it again; the fingerprint catches edits
         loaded = load_space(desc["name"])
         return Space(desc["name"], {}, dict(desc.get("fixed") or {}), loaded.func, loaded.source)
