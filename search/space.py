@@ -84,14 +84,19 @@ class Space:
         if self.func is not None:
             import optuna
 
-            study = optuna.create_study(directions=["maximize"] * 3,
-                                        sampler=optuna.samplers.RandomSampler(seed=0))
-            for _ in range(8):  # a few dry samples of the user's function
-                t = study.ask()
-                cfg = self.suggest(t)
-                for k, v in cfg.items():
-                    _check_value(k, v)
-                study.tell(t, state=optuna.trial.TrialState.FAIL)
+            verbosity = optuna.logging.get_verbosity()
+            optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created" line on bad input
+            try:
+                study = optuna.create_study(directions=["maximize"] * 3,
+                                            sampler=optuna.samplers.RandomSampler(seed=0))
+                for _ in range(8):  # a few dry samples of the user's function
+                    t = study.ask()
+                    cfg = self.suggest(t)
+                    for k, v in cfg.items():
+                        _check_value(k, v)
+                    study.tell(t, state=optuna.trial.TrialState.FAIL)
+            finally:
+                optuna.logging.set_verbosity(verbosity)
 
 
 def _condition_holds(when: dict[str, Any] | None, chosen: dict[str, Any]) -> bool:
