@@ -1,0 +1,172 @@
+"""End to end: a real small MO-ASHA sweep (the CLI in a subprocess, tiny trials on digits).
+
+Checks what issue 4 promises about early-stopped trials and the sweep's hypervolume:
+
+* a trial MO-ASHA stopped is `stopped` in trials.parquet, PRUNED in the Optuna study (never
+  COMPLETE with low-fidelity values), off the front (ours and Optuna's) and tagged
+  `brsearch.status=stopped` in MLflow;
+* the parent MLflow run has a `hypervolume` metric with one point per completed trial, logged
+  against the epochs consumed so far, ending at the hypervolume of the completed trials, and a
+  `plots/hypervolume.png`.
+
+With 6 trials, 2 at once, 3 epochs and reduction factor 2 the rungs are at epochs 1 and 2 and the
+second and later arrivals at a rung continue only in the top half, so some trial is stopped in
+every run (checked over repeated runs: 2-3 of the 6 are stopped, whatever order the two parallel
+trials reach the rungs in). The test asserts it rather than passing vacuously.
+"""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+NAME = "eff"
+EPOCHS = 3
+TRIALS = 6
+SWEEP_ARGS = [
+    "--name", NAME, "--scheduler", "moasha", "--sampler", "nsga2", "--seed", "0",
+    "--trials", str(TRIALS), "--epochs", str(EPOCHS), "--max-concurrent", "2", "--num-cpus", "2",
+    "--grace-period", "1", "--reduction-factor", "2",
+    "--subset-train", "300", "--subset-test", "100",
+    "--set", "depth=8", "--set", "width=4", "--set", "attack_steps=2", "--set", "proxy_eval_size=64",
+    "--set", "cw=false", "--quiet",
+]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("moasha-sweep")
+    storage, db = root / "results", root / "mlflow.db"
+    cmd = [sys.executable, "-m", "search.pareto", *SWEEP_ARGS,
+           "--storage-path", str(storage), "--tracking-uri", f"sqlite:///{db}"]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"sweep failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    import pandas as pd
+
+    exp = storage / NAME
+    trials = pd.read_parquet(exp / "trials.parquet")
+    front = pd.read_parquet(exp / "pareto.parquet")
+    stopped = set(trials.loc[trials["status"] == "stopped", "trial_id"])
+    completed = set(trials.loc[trials["status"] == "completed", "trial_id"])
+    assert stopped, f"no trial was stopped early, the checks below would be vacuous:\n{trials}"
+    assert completed, f"no trial completed:\n{trials}"
+    return {"root": root, "exp": exp, "db": db, "trials": trials, "front": front,
+            "stopped": stopped, "completed": completed}
+
+
+def test_stopped_trials_in_trials_parquet(sweep):
+    df = sweep["trials"]
+    assert len(df) == TRIALS
+    assert set(df["status"]) <= {"completed", "stopped"}, df[["trial_id", "status", "reason"]]
+    stopped = df[df["status"] == "stopped"]
+    # stopped at a rung (epoch 1 or 2), never before the grace period, never at the full budget
+    assert stopped["epoch"].between(1, EPOCHS - 1).all(), stopped[["trial_id", "epoch"]]
+    assert stopped["reason"].str.startswith("stopped after epoch").all()
+    assert not stopped["pareto"].any()
+    assert (df.loc[df["status"] == "completed", "epoch"] == EPOCHS).all()
+    assert set(sweep["front"]["trial_id"]) <= sweep["completed"]
+    assert not set(sweep["front"]["trial_id"]) & sweep["stopped"]
+
+
+def test_stopped_trials_are_pruned_in_optuna(sweep):
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name=NAME, storage=f"sqlite:///{sweep['exp'] / 'brsearch' / 'optuna.db'}")
+    state = {t.user_attrs["ray_trial_id"]: t for t in study.trials}
+    assert set(state) == sweep["stopped"] | sweep["completed"]
+    for tid in sweep["stopped"]:
+        assert state[tid].state == TrialState.PRUNED, (tid, state[tid].state, state[tid].values)
+        assert state[tid].values is None
+    for tid in sweep["completed"]:
+        assert state[tid].state == TrialState.COMPLETE
+        row = sweep["trials"].set_index("trial_id").loc[tid]
+        assert state[tid].values == pytest.approx([row["clean_acc"], row["robust_acc"], row["channel_sparsity"]])
+    # Optuna's own front (what NSGA-II selects parents from) holds no stopped trial
+    assert not {t.user_attrs["ray_trial_id"] for t in study.best_trials} & sweep["stopped"]
+
+
+def _client(sweep):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{sweep['db']}")
+    exp = client.get_experiment_by_name("brsearch")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parent = [r for r in runs if r.data.tags.get("brsearch.kind") == "sweep"]
+    assert len(parent) == 1
+    children = {r.data.tags["ray_trial_id"]: r for r in runs if r.data.tags.get("mlflow.parentRunId")}
+    return client, parent[0], children
+
+
+def test_stopped_trials_tagged_in_mlflow(sweep):
+    _, _, children = _client(sweep)
+    assert set(children) == sweep["stopped"] | sweep["completed"]
+    for tid in sweep["stopped"]:
+        tags = children[tid].data.tags
+        assert tags["brsearch.status"] == "stopped"
+        assert tags["brsearch.reason"].startswith("stopped after epoch")
+        assert tags["pareto"] == "false"
+        assert children[tid].info.status == "FINISHED"
+    for tid in sweep["completed"]:
+        assert children[tid].data.tags["brsearch.status"] == "completed"
+
+
+def test_parent_hypervolume_against_epochs_consumed(sweep):
+    from search.front import SWEEP_REFERENCE, hypervolume
+
+    client, parent, _ = _client(sweep)
+    hist = sorted(client.get_metric_history(parent.info.run_id, "hypervolume"), key=lambda m: (m.step, m.timestamp))
+    assert len(hist) == len(sweep["completed"])  # recomputed whenever a trial completes
+    steps = [m.step for m in hist]
+    values = [m.value for m in hist]
+    df = sweep["trials"]
+    consumed = int(df["epoch"].sum())  # every reported epoch of every trial
+    assert steps == sorted(steps) and steps[0] >= EPOCHS and steps[-1] <= consumed
+    assert all(b >= a - 1e-12 for a, b in zip(values, values[1:]))  # the front only grows
+    done = df[df["status"] == "completed"][["clean_acc", "robust_acc", "channel_sparsity"]].to_numpy(float)
+    assert values[-1] == pytest.approx(hypervolume(done, SWEEP_REFERENCE))
+    assert values[-1] > 0 and math.isfinite(values[-1])
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert "plots/hypervolume.png" in plots
+
+
+# --------------------------------------------------------------- the benchmark's bookkeeping
+
+
+def _bench():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "search_efficiency.py"
+    spec = importlib.util.spec_from_file_location("search_efficiency", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_budget_fraction_on_synthetic_curves():
+    b = _bench()
+    setting = b.Setting("t", "t", epochs=2, full_trials=5, grace_period=1, reduction_factor=2, flags=())
+    assert setting.budget == 10
+    curve = [[0, 0.0], [2, 0.1], [6, 0.3], [12, 0.5]]  # the last point is past the budget
+    assert b.hv_at(curve, 10) == 0.3 and b.hv_at(curve, 1) == 0.0
+    assert b.first_reach(curve, 0.3, 10) == pytest.approx(0.6)
+    assert b.first_reach(curve, 0.5, 10) is None  # reached only after the budget
+    runs = [
+        {"method": "random", "seed": 0, "curve": [[0, 0.0], [4, 0.2], [10, 0.4]]},
+        {"method": "random", "seed": 1, "curve": [[0, 0.0], [2, 0.2]]},
+        {"method": "nsga2+moasha", "seed": 0, "curve": [[0, 0.0], [3, 0.35]]},
+        {"method": "nsga2+moasha", "seed": 1, "curve": [[0, 0.0], [5, 0.1]]},
+    ]
+    for r in runs:
+        r.update(trials_started=5, completed=5, stopped=0, wall_s=1.0)
+    s = b.summarize(setting, runs)
+    assert s["target_hv"] == pytest.approx(0.3)  # mean of random's finals 0.4 and 0.2
+    rnd, mo = s["methods"]["random"], s["methods"]["nsga2+moasha"]
+    assert rnd["budget_fraction"] == [1.0, None] and rnd["budget_fraction_mean"] == pytest.approx(1.0)
+    assert mo["budget_fraction"] == [pytest.approx(0.3), None]
+    assert mo["budget_fraction_mean"] == pytest.approx(0.65) and mo["lower_bound"] and mo["reached"] == 1
+    assert mo["final_hv_mean"] == pytest.approx(0.225)
