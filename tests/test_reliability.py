@@ -1,0 +1,640 @@
+"""Nothing lost: faults injected for real into `python -m search.pareto` sweeps.
+
+Real subprocesses, a real local Ray (and a `ray.cluster_utils.Cluster`), real sqlite MLflow
+stores (and a real `mlflow server`), real Optuna storage; no mocks. Trials are tiny (depth 8,
+width 4, 300 digits images) so the whole file runs in a few minutes on 2 CPU cores.
+
+Set BRSEARCH_RELIABILITY_LOG=/path/file.jsonl to append each fault's measurements (time to
+recover, what was lost) as one JSON line; docs/reliability.md is made from those lines.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--set", "depth=8", "--set", "width=4", "--subset-train", "300", "--subset-test", "100",
+        "--set", "attack_steps=2", "--set", "proxy_eval_size=64", "--set", "cw=false"]
+# for the faults injected mid-trial: epochs of ~1 s instead of ~0.3 s leave room to hit one
+SLOWER = [*TINY, "--subset-train", "900"]
+# a define-by-run space: trial numbers 1, 4, ... get a learning rate that makes the loss NaN in
+# epoch 2 (deterministically, on digits), the others train normally
+DIVERGE_SPACE = '''"""lr 1e8 for every third trial: its loss is NaN in epoch 2 (after one checkpoint)."""
+
+
+def space(trial):
+    return {"lr": 1e8 if trial.number % 3 == 1 else 0.05}
+'''
+
+
+# --- plumbing ----------------------------------------------------------------------------------
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0", **extra)
+    return env
+
+
+def record(fault: str, **fields) -> None:
+    """One measurement line: printed (pytest -s shows it) and appended to $BRSEARCH_RELIABILITY_LOG."""
+    line = json.dumps({"fault": fault, **fields}, default=str)
+    print(line)
+    log = os.environ.get("BRSEARCH_RELIABILITY_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(line + "\n")
+
+
+class Sweep:
+    """`python -m search.pareto ARGS` in its own process group, stdout+stderr read line by line
+    with arrival times."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen([sys.executable, "-m", "search.pareto", *args], cwd=cwd,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=env or _env(), start_new_session=True)
+        self.lines: list[tuple[float, str]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            self.lines.append((time.monotonic(), line.rstrip("\n")))
+
+    @property
+    def text(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+    def first(self, pattern: str) -> float | None:
+        """Arrival time of the first line matching `pattern`."""
+        rx = re.compile(pattern)
+        return next((t for t, line in list(self.lines) if rx.search(line)), None)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_group()
+            pytest.fail(f"sweep still running after {timeout:.0f}s; output tail:\n{self.text[-4000:]}")
+        self._reader.join(timeout=10)
+        return rc
+
+    def save(self, path: Path) -> None:
+        """The output with seconds since start, for a look after the fact."""
+        path.write_text("\n".join(f"{t - self.t0:8.2f}  {line}" for t, line in list(self.lines)))
+
+    def kill_group(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def group_members(pgid: int) -> list[str]:
+    """Command names of the live processes in a process group."""
+    out = subprocess.run(["ps", "-eo", "pgid=,stat=,comm="], capture_output=True, text=True).stdout
+    return [parts[2] for parts in (ln.split(None, 2) for ln in out.splitlines())
+            if len(parts) == 3 and parts[0] == str(pgid) and not parts[1].startswith("Z")]
+
+
+def snapshot(exp_dir: Path) -> dict[str, tuple[str, int]] | None:
+    """Tune's latest experiment snapshot (what Tuner.restore will see): trial id -> (status, the
+    training_iteration of its latest registered checkpoint, 0 if none). None while there is no
+    snapshot or it is being written."""
+    from ray import cloudpickle
+
+    files = sorted(exp_dir.glob("experiment_state-*.json"))
+    if not files:
+        return None
+    try:
+        data = json.loads(files[-1].read_text())
+        out = {}
+        for trial_json, meta_json in data["trial_data"]:
+            t, meta = json.loads(trial_json), json.loads(meta_json)
+            manager = cloudpickle.loads(bytes.fromhex(meta["checkpoint_manager"]["value"]))
+            latest = manager.latest_checkpoint_result
+            out[t["trial_id"]] = (t["status"], int(latest.metrics["training_iteration"]) if latest else 0)
+        return out
+    except (ValueError, KeyError, OSError, EOFError, AttributeError):
+        return None
+
+
+def sql(db: Path, query: str) -> list[tuple]:
+    """A read-only query on a sqlite file another process is writing (retried while locked)."""
+    for _ in range(50):
+        try:
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+            try:
+                return con.execute(query).fetchall()
+            finally:
+                con.close()
+        except sqlite3.OperationalError:
+            time.sleep(0.1)
+    return []
+
+
+def results_of(trial_dir: Path) -> list[dict]:
+    path = trial_dir / "result.json"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+
+
+def mlflow_runs(tracking_uri: str, parent: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name("brsearch")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
+    parents = [r for r in runs if r.data.tags.get("brsearch.kind") == "sweep"]
+    return client, parents, children
+
+
+def optuna_trials(exp_dir: Path, name: str):
+    import optuna
+
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{exp_dir / 'brsearch' / 'optuna.db'}")
+    return study.get_trials(deepcopy=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- 1. the driver is killed mid-sweep, then --resume ---------------------------------------------
+
+def test_driver_sigkill_then_resume(tmp_path):
+    """SIGKILL the driver while a trial is between checkpoints, after another finished; resume.
+    Nothing finished is lost or repeated (trials.parquet, Optuna, MLflow), the interrupted trial
+    continues from its checkpoint, and the sweep ends with the requested trials under one parent."""
+    name, trials, epochs = "crash", 4, 3
+    args = ["--name", name, "--trials", str(trials), "--epochs", str(epochs), "--max-concurrent", "2",
+            "--storage-path", str(tmp_path / "results"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+            *SLOWER]
+    exp_dir = tmp_path / "results" / name
+    optuna_db = exp_dir / "brsearch" / "optuna.db"
+
+    first = Sweep(args, tmp_path)
+    pgid = first.proc.pid
+    try:
+        # Kill when Tune's last snapshot (what a restore sees) holds a finished trial and a running
+        # one with a checkpoint, and every trial Optuna has handed out (so no orphan in the window).
+        deadline, snap = time.monotonic() + 300, None
+        while time.monotonic() < deadline and first.proc.poll() is None:
+            snap = snapshot(exp_dir)
+            if snap and optuna_db.exists():
+                done = [t for t, (s, it) in snap.items() if s == "TERMINATED" and it == epochs]
+                mid = [t for t, (s, it) in snap.items() if s == "RUNNING" and 1 <= it < epochs]
+                asked = sql(optuna_db, "select count(*) from trials")
+                if done and mid and asked and asked[0][0] == len(snap):
+                    os.kill(first.proc.pid, signal.SIGKILL)
+                    break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"no kill point reached (sweep rc={first.proc.poll()}); output:\n{first.text[-3000:]}")
+        t_kill = time.monotonic()
+        assert first.wait(30) == -signal.SIGKILL
+        time.sleep(2)
+        survivors = group_members(pgid)  # Ray fate-shares raylet/GCS/workers with the driver
+
+        snap = snapshot(exp_dir)  # final now: nothing writes it any more
+        done_before = sorted(t for t, (s, it) in snap.items() if s == "TERMINATED")
+        interrupted = {t: it for t, (s, it) in snap.items() if s == "RUNNING" and it >= 1}
+        asked = {r[0] for r in sql(optuna_db, "select value_json from trial_user_attributes where key='ray_trial_id'")}
+        orphans = {json.loads(v) for v in asked} - set(snap)  # asked after the last snapshot
+        epochs_left = trials * epochs - sum(it for _, it in snap.values())
+
+        # resume while the agents of the killed instance may still linger: it must not matter
+        t_resume, wall_resume = time.monotonic(), time.time()
+        second = Sweep([*args, "--resume"], tmp_path)
+        rc = second.wait(400)
+        resume_s = time.monotonic() - t_resume
+        first.save(tmp_path / "first.log")
+        second.save(tmp_path / "second.log")
+        assert rc == 0, second.text[-4000:]
+    finally:
+        first.kill_group()  # whatever of the killed driver's Ray instance is left
+
+    # the interrupted trials continued from their checkpoints
+    for tid, it in interrupted.items():
+        assert re.search(rf"trial {tid}: resumed after epoch {it}\b", second.text), second.text[-3000:]
+        history = results_of(exp_dir / f"trial_{tid}")
+        assert history[-1]["training_iteration"] == epochs
+        assert history[-1]["iterations_since_restore"] < history[-1]["training_iteration"]
+        # epoch numbering continues after the restore (Ray's result.json may keep only the results
+        # since the restore; the full per-epoch history is in MLflow, checked below)
+        after = [r for r in history if r["iterations_since_restore"] < r["training_iteration"]]
+        assert after and all(r["epoch"] == it + r["iterations_since_restore"] for r in after), history
+    # the finished ones were not run again
+    for tid in done_before:
+        history = results_of(exp_dir / f"trial_{tid}")
+        assert [r["iterations_since_restore"] for r in history] == list(range(1, epochs + 1))
+
+    # trials.parquet: the requested trials, each once, all completed
+    df = pd.read_parquet(exp_dir / "trials.parquet")
+    assert len(df) == trials and df["trial_id"].is_unique
+    assert set(df["status"]) == {"completed"}
+    assert set(done_before) | set(interrupted) <= set(df["trial_id"])
+    assert not orphans & set(df["trial_id"])
+
+    # Optuna: every trial finished, none RUNNING, one COMPLETE per Tune trial
+    states = Counter(t.state.name for t in optuna_trials(exp_dir, name))
+    assert states.get("RUNNING", 0) == 0 and states["COMPLETE"] == trials
+    assert states.get("FAIL", 0) == len(orphans)  # reconciled: "orphaned by a crash"
+    complete_ids = [t.user_attrs["ray_trial_id"] for t in optuna_trials(exp_dir, name) if t.state.name == "COMPLETE"]
+    assert sorted(complete_ids) == sorted(df["trial_id"])
+
+    # MLflow: one parent, one FINISHED child per trial, nothing RUNNING, no metric logged twice
+    sweep_json = json.loads((exp_dir / "brsearch" / "sweep.json").read_text())
+    client, parents, children = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", sweep_json["parent_run_id"])
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    by_trial = {c.data.tags["ray_trial_id"]: c for c in children}
+    assert len(by_trial) == len(children) == trials + len(orphans)
+    assert all(c.info.status != "RUNNING" for c in children)
+    for tid in df["trial_id"]:
+        assert by_trial[tid].info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(by_trial[tid].info.run_id, "epoch")]
+        assert sorted(steps) == list(range(1, epochs + 1)), (tid, steps)
+    for tid in orphans:  # started after the last snapshot: ended, and said so
+        assert by_trial[tid].info.status == "KILLED" and by_trial[tid].data.tags["brsearch.status"] == "lost"
+
+    # the training left after the crash, as time on 2 slots: what a resume ideally costs
+    work = sum(r.get("time_this_iter_s", 0) for d in exp_dir.glob("trial_*") for r in results_of(d)
+               if r.get("timestamp", 0) >= int(wall_resume))
+    resumed_at = [second.first(rf"trial {tid}: resumed after epoch") for tid in interrupted]
+    record("driver SIGKILL + --resume", finished_before=len(done_before), interrupted=len(interrupted),
+           orphans=len(orphans), lost_finished=0, duplicated=0, epochs_left=epochs_left,
+           resume_wall_s=round(resume_s, 1), training_left_on_2_slots_s=round(work / 2, 1),
+           trial_running_again_s=round(min(t for t in resumed_at if t) - t_resume, 1) if any(resumed_at) else None,
+           since_kill_s=round(time.monotonic() - t_kill, 1), survivors=sorted(set(survivors)))
+
+
+# --- 2. a worker node is lost mid-trial -----------------------------------------------------------
+
+def test_worker_node_lost_mid_trial(tmp_path):
+    """A two-node Cluster (head without CPUs + a worker); the worker is removed while trials run
+    on it after their first checkpoint, and a new one joins. The trials restart from their last
+    checkpoint (--max-failures) on the new node and the sweep completes."""
+    from ray.cluster_utils import Cluster
+
+    name, trials, epochs = "nodeloss", 3, 3
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    sweep = None
+    try:
+        lost = cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        db = tmp_path / "mlflow.db"
+        args = ["--name", name, "--address", cluster.address, "--trials", str(trials), "--epochs", str(epochs),
+                "--max-concurrent", "2", "--max-failures", "2", "--storage-path", str(tmp_path / "results"),
+                "--tracking-uri", f"sqlite:///{db}", *SLOWER]
+        sweep = Sweep(args, tmp_path)
+        # the driver has processed an epoch-1 result (and its checkpoint) of a running trial
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and sweep.proc.poll() is None:
+            if db.exists():
+                rows = sql(db, "select m.run_uuid, max(m.value) from metrics m join tags t on t.run_uuid = m.run_uuid "
+                               "and t.key = 'brsearch.status' and t.value = 'running' where m.key = 'epoch' "
+                               "group by m.run_uuid")
+                if any(1 <= v < epochs for _, v in rows):
+                    break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"no trial reached a checkpoint (rc={sweep.proc.poll()}):\n{sweep.text[-3000:]}")
+        time.sleep(0.5)  # the driver registers the checkpoint one actor call after the result
+        t_lost = time.monotonic()
+        cluster.remove_node(lost, allow_graceful=False)  # SIGKILL: raylet, object store, trial workers
+        replacement = cluster.add_node(num_cpus=2)
+        rc = sweep.wait(400)
+        sweep.save(tmp_path / "sweep.log")
+        assert rc == 0, sweep.text[-4000:]
+    finally:
+        if sweep is not None:
+            sweep.kill_group()
+        cluster.shutdown()
+
+    exp_dir = tmp_path / "results" / name
+    df = pd.read_parquet(exp_dir / "trials.parquet")
+    assert len(df) == trials and set(df["status"]) == {"completed"}, df[["trial_id", "status", "reason"]]
+    restarted = []
+    for tid in df["trial_id"]:
+        history = results_of(exp_dir / f"trial_{tid}")
+        assert [r["epoch"] for r in history][-1] == epochs
+        last = history[-1]
+        if last["iterations_since_restore"] < last["training_iteration"]:
+            restarted.append(tid)
+            assert re.search(rf"trial {tid}: resumed after epoch [1-9]", sweep.text)
+            if "node_id" in last:
+                assert last["node_id"] == replacement.node_id != lost.node_id
+    assert restarted, "no trial was restored from a checkpoint:\n" + sweep.text[-3000:]
+    # MLflow: one FINISHED child per trial, no epoch logged twice
+    sweep_json = json.loads((exp_dir / "brsearch" / "sweep.json").read_text())
+    client, parents, children = mlflow_runs(f"sqlite:///{db}", sweep_json["parent_run_id"])
+    assert len(children) == trials and {c.info.status for c in children} == {"FINISHED"}
+    for c in children:
+        steps = [m.step for m in client.get_metric_history(c.info.run_id, "epoch")]
+        assert sorted(steps) == list(range(1, epochs + 1))
+    back = [sweep.first(rf"trial {tid}: resumed after epoch") for tid in restarted]
+    record("worker node lost", trials=trials, restarted=len(restarted), lost=0,
+           trial_running_again_s=round(min(t for t in back if t) - t_lost, 1) if any(back) else None,
+           sweep_done_after_loss_s=round(time.monotonic() - t_lost, 1))
+
+
+# --- 3. a diverging trial, among healthy ones; 6. credentials ------------------------------------
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server`, bound to the loopback interface as the docs say."""
+    d = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{d / 'server.db'}",
+                             "--artifacts-destination", str(d / "artifacts"), "--workers", "1"],
+                            cwd=d, stdout=open(d / "server.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True, env=_env())
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (d / "server.log").read_text()[-2000:]
+            try:
+                import urllib.request
+
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start: " + (d / "server.log").read_text()[-2000:])
+        yield port
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # a graceful stop takes ~15 s; it holds only tmp files
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def diverged_sweep(tmp_path_factory, mlflow_server):
+    """3 trials, one of them diverging; logged to the server through a URI with credentials, with
+    a credential in a --set value too."""
+    d = tmp_path_factory.mktemp("diverge")
+    (d / "diverge_space.py").write_text(DIVERGE_SPACE)
+    uri = f"http://alice:s3cret@127.0.0.1:{mlflow_server}"
+    args = ["--name", "div", "--space", str(d / "diverge_space.py"), "--trials", "3", "--epochs", "2",
+            "--max-concurrent", "2", "--storage-path", str(d / "results"), "--tracking-uri", uri, *TINY,
+            "--set", "data_root=https://bob:hunter2@data.example/digits", "--quiet"]
+    sweep = Sweep(args, d)
+    rc = sweep.wait(400)
+    return {"dir": d, "exp": d / "results" / "div", "rc": rc, "out": sweep.text, "args": args, "uri": uri,
+            "plain_uri": f"http://127.0.0.1:{mlflow_server}"}
+
+
+def test_diverging_trial_fails_alone(diverged_sweep):
+    s = diverged_sweep
+    assert s["rc"] == 0, s["out"][-4000:]
+    df = pd.read_parquet(s["exp"] / "trials.parquet")
+    assert len(df) == 3
+    bad = df[df["config.lr"] == 1e8]
+    assert len(bad) == 1
+    tid = bad["trial_id"].iloc[0]
+    reason = bad["reason"].iloc[0]
+    assert bad["status"].iloc[0] == "failed" and "DivergedError" in reason and "loss is nan" in reason
+    assert not bad["pareto"].iloc[0]
+    assert set(df[df["trial_id"] != tid]["status"]) == {"completed"}, "the sweep went on"
+    assert tid not in set(pd.read_parquet(s["exp"] / "pareto.parquet")["trial_id"])
+    # the terminal says which and why
+    assert re.search(rf"\[\d/3\] {tid} failed: DivergedError: loss is nan", s["out"]), s["out"][-3000:]
+    # failed once, not retried (a retry would diverge again)
+    assert s["out"].count(f"Trial task failed for trial trainable_{tid}") == 1
+    # Optuna: FAIL with the reason; the others COMPLETE
+    ot = {t.user_attrs.get("ray_trial_id"): t for t in optuna_trials(s["exp"], "div")}
+    assert ot[tid].state.name == "FAIL" and "DivergedError" in ot[tid].user_attrs["brsearch_reason"]
+    assert sorted(t.state.name for t in ot.values()) == ["COMPLETE", "COMPLETE", "FAIL"]
+    # MLflow: the child is FAILED with the reason, off the front
+    sweep_json = json.loads((s["exp"] / "brsearch" / "sweep.json").read_text())
+    _, parents, children = mlflow_runs(s["plain_uri"], sweep_json["parent_run_id"])
+    run = next(c for c in children if c.data.tags["ray_trial_id"] == tid)
+    assert run.info.status == "FAILED" and run.data.tags["pareto"] == "false"
+    assert "DivergedError: loss is nan" in run.data.tags["brsearch.reason"]
+    assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED", "FINISHED"]
+    record("diverging trial (lr=1e8: NaN loss in epoch 2)", trials=3, failed=1, retries=0, others_completed=2,
+           lost=0)
+
+
+def test_credentials_never_logged(diverged_sweep):
+    """user:password@ in the tracking URI and in a --set value reaches no MLflow param, tag or
+    artifact, nor sweep.json."""
+    from mlflow.tracking import MlflowClient
+
+    from search.tracking import redact
+
+    s = diverged_sweep
+    secrets = ("s3cret", "hunter2")
+    sweep_json = (s["exp"] / "brsearch" / "sweep.json").read_text()
+    assert not any(x in sweep_json for x in secrets), sweep_json
+    parent = json.loads(sweep_json)["parent_run_id"]
+    client, parents, children = mlflow_runs(s["plain_uri"], parent)
+    assert len(children) == 3
+    seen_params = 0
+    for run in [*parents, *children]:
+        text = json.dumps({"params": run.data.params, "tags": run.data.tags, "name": run.info.run_name})
+        assert not any(x in text for x in secrets), text
+        seen_params += len(run.data.params)
+        dst = s["dir"] / "downloaded" / run.info.run_id
+        client.download_artifacts(run.info.run_id, "", str(dst))
+        for f in dst.rglob("*"):
+            if f.is_file():
+                data = f.read_bytes()
+                assert not any(x.encode() in data for x in secrets), f
+    assert parents[0].data.params["tracking_uri"] == f"http://***@127.0.0.1:{s['plain_uri'].rsplit(':', 1)[1]}"
+    assert all(c.data.params["data_root"] == "https://***@data.example/digits" for c in children)
+    assert (s["dir"] / "downloaded" / parent / "space.json").exists()
+    # a URI that a path resolution squashed to one slash keeps no password either
+    assert redact("/home/u/https:/bob:hunter2@data.example/x") == "/home/u/https:/***@data.example/x"
+    assert redact("s3://bucket/data?X-Amz-Signature=abc&token=xyz") == "s3://bucket/data?X-Amz-Signature=***&token=***"
+
+
+# --- 4. bad input: checked before any work starts -----------------------------------------------
+
+BAD_SPACES = {
+    "unknown.yaml": "params:\n  warp_factor: {type: float, low: 0.1, high: 1.0}\n",
+    "inverted.yaml": "params:\n  lr: {type: float, low: 0.2, high: 0.02, log: true}\n",
+    "empty.yaml": "params:\n  lr: {type: float, low: 0.1, high: 0.1}\n",
+    "bits.yaml": "params:\n  bits: {type: categorical, choices: [1, 2, 64]}\n",
+}
+
+
+def _bad_cases(tmp: Path, stored: dict) -> dict[str, tuple[list[str], dict[str, str], list[str]]]:
+    """case -> (argv, extra env, words the one-line message must contain)."""
+    afile = tmp / "inputs" / "file.txt"
+    empty = tmp / "inputs" / "empty-data"
+    sp = tmp / "inputs"
+    return {
+        "unknown parameter (--set)": (["--set", "warp_factor=3"], {}, ["'warp_factor'", "unknown parameter", "accepted"]),
+        "unknown parameter (space file)": (["--space", str(sp / "unknown.yaml")], {}, ["'warp_factor'", "accepted"]),
+        "inverted range": (["--space", str(sp / "inverted.yaml")], {}, ["'lr'", "inverted", "low < high"]),
+        "empty range": (["--space", str(sp / "empty.yaml")], {}, ["'lr'", "empty", "low < high"]),
+        "unsupported bit width (--set)": (["--set", "bits=16"], {}, ["bits=16", "not supported", "accepted"]),
+        "unsupported bit width (space file)": (["--space", str(sp / "bits.yaml")], {}, ["bits=64", "accepted"]),
+        "unknown dataset": (["--dataset", "imagenet"], {}, ["'imagenet'", "accepted"]),
+        "data missing, no download": (["--dataset", "cifar10", "--data-root", str(empty)], {},
+                                      ["'cifar10'", "not found", "--download"]),
+        "Ray address unreachable": (["--address", "127.0.0.1:1"], {}, ["127.0.0.1:1", "cannot reach", "accepted"]),
+        "RAY_ADDRESS unreachable": ([], {"RAY_ADDRESS": "127.0.0.1:1"}, ["RAY_ADDRESS", "cannot reach"]),
+        "tracking URI not writable": (["--tracking-uri", f"sqlite:///{afile}/sub/mlflow.db"], {},
+                                      ["--tracking-uri", "not writable", "is a file", "accepted"]),
+        "tracking server unreachable": (["--tracking-uri", "http://127.0.0.1:1"], {}, ["cannot reach", "accepted"]),
+        "storage path not writable (under a file)": (["--storage-path", f"{afile}/sub"], {},
+                                                     ["--storage-path", "not writable", "is a file", "accepted"]),
+        "storage path not writable (/proc)": (["--storage-path", "/proc/brsearch-results"], {},
+                                              ["--storage-path", "not writable", "accepted"]),
+        "--resume of an unknown name": (["--resume", "--name", "never-ran"], {}, ["'never-ran'", "accepted"]),
+        "--resume, stored space holds redacted credentials": (
+            ["--resume", "--name", "div", "--storage-path", stored["storage"], "--tracking-uri", stored["uri"]], {},
+            ["credentials", "accepted"]),
+        "--resume with another space": (
+            ["--resume", "--name", "div", "--space", stored["space"], "--epochs", "4", "--storage-path",
+             stored["storage"], "--tracking-uri", stored["uri"], *TINY, "--set", stored["set"]], {},
+            ["differ", "stored sweep", "new --name"]),
+    }
+
+
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, diverged_sweep):
+    inputs = tmp_path / "inputs"
+    (inputs / "empty-data").mkdir(parents=True)
+    (inputs / "file.txt").write_text("a regular file\n")
+    for fname, text in BAD_SPACES.items():
+        (inputs / fname).write_text(text)
+    s = diverged_sweep
+    stored = {"space": str(s["dir"] / "diverge_space.py"), "storage": str(s["dir"] / "results"),
+              "uri": s["uri"], "set": "data_root=https://bob:hunter2@data.example/digits"}
+    before_div = sorted((str(p), p.stat().st_mtime_ns) for p in (s["dir"] / "results").rglob("*"))
+
+    procs = {}
+    for i, (case, (argv, env, _)) in enumerate(_bad_cases(tmp_path, stored).items()):
+        cwd = tmp_path / f"case{i}"
+        cwd.mkdir()
+        procs[case] = (cwd, time.monotonic(), subprocess.Popen(
+            [sys.executable, "-m", "search.pareto", *argv], cwd=cwd, env=_env(**env),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    problems, timings, messages = [], {}, {}
+    for case, (argv, env, words) in _bad_cases(tmp_path, stored).items():
+        cwd, t0, p = procs[case]
+        try:
+            out, err = p.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            problems.append(f"{case}: still running after 240 s")
+            continue
+        timings[case] = round(time.monotonic() - t0, 1)
+        lines = err.strip().splitlines()
+        if p.returncode != 2 or len(lines) != 1 or not lines[0].startswith("error: ") or out.strip():
+            problems.append(f"{case}: rc={p.returncode} stdout={out[-300:]!r} stderr={err[-600:]!r}")
+            continue
+        messages[case] = lines[0]
+        missing = [w for w in words if w not in lines[0]]
+        if missing:
+            problems.append(f"{case}: message lacks {missing}: {lines[0]}")
+        written = [str(f.relative_to(cwd)) for f in cwd.rglob("*")]
+        if written:
+            problems.append(f"{case}: wrote {written}")
+    # nothing written anywhere else either: inputs untouched, no storage dir/db under them
+    assert sorted(str(p.relative_to(inputs)) for p in inputs.rglob("*")) == sorted(
+        ["empty-data", "file.txt", *BAD_SPACES])
+    assert not Path("/proc/brsearch-results").exists()
+    after_div = sorted((str(p), p.stat().st_mtime_ns) for p in (s["dir"] / "results").rglob("*"))
+    assert after_div == before_div, (set(after_div) ^ set(before_div), problems)
+    assert not problems, "\n".join(problems)
+    record("bad input", cases=len(timings), exit_code=2, written=0, seconds=timings, messages=messages)
+
+
+# --- 5. atomic results --------------------------------------------------------------------------
+
+def _frames(n: int):
+    from search.results import front_frame
+
+    df = pd.DataFrame({"trial_id": [f"t{i}" for i in range(n)], "trial_name": [f"trainable_t{i}" for i in range(n)],
+                       "status": ["completed"] * n, "reason": [""] * n,
+                       "clean_acc": [0.1 * i for i in range(n)], "robust_acc": [0.05 * i for i in range(n)],
+                       "channel_sparsity": [0.5 - 0.1 * i for i in range(n)], "pareto": [True] * n})
+    return df, front_frame(df)
+
+
+def test_atomic_results_survive_a_crash_mid_write(tmp_path):
+    from search.results import write_tables
+    from trainables.fileio import atomic_path
+
+    out = tmp_path / "sweep"
+    write_tables(out, *_frames(3))
+    good = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(good) == {"trials.parquet", "trials.csv", "pareto.parquet", "pareto.csv"}
+    target = out / "trials.parquet"
+    new_bytes = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pandas(_frames(5)[0]), new_bytes)
+    half = new_bytes.getvalue().to_pybytes()
+    half = half[: len(half) // 2]
+
+    # (a) the writer raises half-way: the old file stays, no temporary file is left
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(half)
+            raise RuntimeError("disk full")
+    assert target.read_bytes() == good["trials.parquet"] and len(pq.read_table(target)) == 3
+    assert sorted(p.name for p in out.iterdir()) == sorted(good)
+
+    # (b) a real writer fails half-way: pyarrow's CSV writer rejects a list column after the
+    # Parquet files of the same call were written
+    df, front = _frames(4)
+    df["bad"] = [[1, 2]] * 4
+    with pytest.raises(pa.ArrowException):
+        write_tables(out, df, front)
+    assert (out / "trials.csv").read_bytes() == good["trials.csv"]
+    assert len(pq.read_table(out / "trials.parquet")) == 4  # that one was complete: it was replaced
+    assert sorted(p.name for p in out.iterdir()) == sorted(good)
+
+    # (c) the writing process is SIGKILLed half-way: the old file stays; the stale temporary file
+    # is removed by the next write
+    code = (f"import os, signal\nfrom trainables.fileio import atomic_path\n"
+            f"with atomic_path({str(target)!r}) as tmp:\n"
+            f"    f = open(tmp, 'wb'); f.write({half!r}); f.flush(); os.fsync(f.fileno())\n"
+            f"    os.kill(os.getpid(), signal.SIGKILL)\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO)
+    assert p.returncode == -signal.SIGKILL
+    assert len(pq.read_table(target)) == 4
+    assert len(list(out.glob(".trials.parquet.tmp-*"))) == 1
+    write_tables(out, *_frames(5))
+    assert len(pq.read_table(target)) == 5 and not list(out.glob(".*tmp-*"))
+    record("crash mid-write of results", cases=3, previous_file_intact=True, temp_left=0)
+
+
+# --- 6. safe defaults ---------------------------------------------------------------------------
+
+def test_no_mlflow_server_instructions_bind_all_interfaces():
+    """cluster configs and docs never start the MLflow server (or `mlflow ui`) on a public
+    interface; tests/test_cluster_config.py covers the dashboard, Ray client and security group."""
+    files = [REPO / "cluster.yaml", REPO / "cluster.local.yaml", REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    found = 0
+    for f in files:
+        if not f.exists():
+            continue
+        text = f.read_text().replace("\\\n", " ")
+        for m in re.finditer(r"mlflow (server|ui)\b[^\n`']*", text):
+            found += 1
+            cmd = m.group(0)
+            host = re.search(r"(--host|-h)[ =]+(\S+)", cmd)
+            assert host is None or host.group(2) in ("127.0.0.1", "localhost"), f"{f.name}: {cmd}"
+    assert found, "no mlflow server/ui instructions found"
