@@ -252,6 +252,18 @@ def first_reach(curve: list[list[float]], target: float, budget: int) -> float |
     return None
 
 
+def recompute_curve(run: dict[str, Any], objectives: list[str]) -> list[list[float]]:
+    """The run's hypervolume curve over a subset of the objectives (a sensitivity check), from
+    the recorded points: curve[i + 1] is the curve after points[i] completed."""
+    from search.front import SWEEP_REFERENCE, hypervolume
+    from search.searcher import OBJECTIVES
+
+    dims = [OBJECTIVES.index(o) for o in objectives]
+    ref = [SWEEP_REFERENCE[d] for d in dims]
+    pts = [[p[d] for d in dims] for p in run["points"]]
+    return [[0, 0.0]] + [[c, hypervolume(pts[: i + 1], ref)] for i, (c, _) in enumerate(run["curve"][1:])]
+
+
 def _sd(xs: list[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
@@ -364,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(default: a temporary folder)")
     p.add_argument("--img-dir", default=str(REPO / "docs" / "img"), help="where the plots go")
     p.add_argument("--json", help="also write the full results (curves included) here")
+    p.add_argument("--hv-objectives", nargs="+", choices=["clean_acc", "robust_acc", "channel_sparsity"],
+                   help="sensitivity check: the hypervolume over these objectives only, recomputed from "
+                        "the recorded points (with --work-dir, finished sweeps are reused); the plots get "
+                        "a suffix")
     return p
 
 
@@ -420,8 +436,13 @@ def main(argv: list[str] | None = None) -> int:
                           f"{run['trials_started']} trials started, {run['completed']} completed, "
                           f"{run['stopped']} stopped; {run['wall_s']:.0f}s "
                           f"(total {time.perf_counter() - t_start:.0f}s)", file=sys.stderr, flush=True)
+            suffix = ""
+            if args.hv_objectives and len(args.hv_objectives) < 3:
+                runs = [{**r, "curve": recompute_curve(r, args.hv_objectives)} for r in runs]
+                suffix = "_" + "-".join(args.hv_objectives)
+                print(f"[{setting.key}] hypervolume over {', '.join(args.hv_objectives)} only", file=sys.stderr)
             summary = summarize(setting, runs)
-            png = plot(setting, runs, summary, Path(args.img_dir) / f"search_efficiency_{setting.key}.png")
+            png = plot(setting, runs, summary, Path(args.img_dir) / f"search_efficiency_{setting.key}{suffix}.png")
             results[setting.key] = {"setting": asdict(setting), "summary": summary, "runs": runs, "plot": str(png)}
             print("\n" + format_table(setting, summary) + f"\n\nplot: {png}\n", flush=True)
     finally:
