@@ -10,9 +10,9 @@ Checks what issue 4 promises about early-stopped trials and the sweep's hypervol
   `plots/hypervolume.png`.
 
 With 6 trials, 2 at once, 3 epochs and reduction factor 2 the rungs are at epochs 1 and 2 and the
-second and later arrivals at a rung continue only in the top half, so some trial is stopped in
-every run (checked over repeated runs: 2-3 of the 6 are stopped, whatever order the two parallel
-trials reach the rungs in). The test asserts it rather than passing vacuously.
+second and later arrivals at a rung continue only in the top half. Some trial was stopped in
+each of the 6 runs made while writing this test (2 or 3 of the 6 where counted), whatever order
+the two parallel trials reached the rungs in. The test asserts it rather than passing vacuously.
 """
 from __future__ import annotations
 
