@@ -774,6 +774,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log: Callable[[str], None] = (lambda s: None) if args.quiet else _log_stderr
     t_start = time.perf_counter()
+    sha = git_sha()  # the code that runs, even if the checkout moves on during a long run
     from trainables.loop import pick_device
 
     try:
@@ -884,7 +885,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "command": command,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "git": git_sha(),
+        "git": sha,
         "machine": machine(),
         "wall_s": time.perf_counter() - t_start,
         "train_s": sum(r["train_s"] for r in R.values()),
