@@ -39,14 +39,14 @@ import math
 import os
 import shutil
 import statistics
-import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from trainables.data import unpack_archive
 
 REPO = Path(__file__).resolve().parents[1]
 # CI clones the repository into its own folder with shared/ beside it
@@ -101,41 +101,16 @@ def cifar_setting(folder: Path) -> Setting:
 # data
 
 
-def unpack_cifar(archive: Path, cache: Path) -> Path:
-    """Unpack the JPEG archive once into cache/cifar10-jpeg (atomic rename; a marker records the
-    archive it came from, the same marker `search.report` writes, so both share the copy)."""
-    dest = cache / "cifar10-jpeg"
-    marker = dest / ".unpacked-from"
-    stamp = f"{archive.resolve()} {archive.stat().st_size}"
-    if marker.is_file() and marker.read_text().strip() == stamp:
-        return dest
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".cifar10-jpeg.tmp-", dir=cache))
-    try:
-        if shutil.which("tar"):  # much faster than tarfile for 60k small files
-            subprocess.run(["tar", "xzf", str(archive), "-C", str(tmp)], check=True)
-        else:
-            with tarfile.open(archive) as tar:
-                tar.extractall(tmp, filter="data")
-        (tmp / ".unpacked-from").write_text(stamp + "\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
 def cifar_folder(args: argparse.Namespace) -> Path:
     if args.cifar_dir:
         folder = Path(os.path.expanduser(args.cifar_dir))
         if folder.is_file():  # an archive
-            return unpack_cifar(folder, Path(os.path.expanduser(args.cache_dir)))
+            return unpack_archive(folder, Path(os.path.expanduser(args.cache_dir)))
         return folder
     if not SHARED_CIFAR.is_file():
         raise SystemExit(f"error: CIFAR-10 not found at {SHARED_CIFAR}; pass --cifar-dir (an unpacked "
                          f"train/<class>/, test/<class>/ folder or the .tar.gz), or --quick for digits only")
-    return unpack_cifar(SHARED_CIFAR, Path(os.path.expanduser(args.cache_dir)))
+    return unpack_archive(SHARED_CIFAR, Path(os.path.expanduser(args.cache_dir)))
 
 
 # ------------------------------------------------------------------------------------------

@@ -168,11 +168,7 @@ def hypervolume(points, reference: Sequence[float] = DEFAULT_REFERENCE) -> float
     ``0.0``. Any ``k >= 1`` works: the Optuna backend does 2-D and 3-D exactly and fast, and uses
     WFG above that. See the module docstring for why Optuna's private helper is used.
     """
-    pts = _as_points(points)
-    if pts.size == 0:
-        return 0.0
-    ref = _check_reference(reference, pts.shape[1])
-    pts = pts[np.all(pts > ref, axis=1)]
+    pts, ref = _contributing(points, reference)
     if pts.shape[0] == 0:
         return 0.0
     if _optuna_compute_hypervolume is None:  # pragma: no cover - see module docstring
@@ -181,17 +177,23 @@ def hypervolume(points, reference: Sequence[float] = DEFAULT_REFERENCE) -> float
     return float(_optuna_compute_hypervolume(-pts, -ref, assume_pareto=False))
 
 
+def _contributing(points, reference: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """The points that strictly dominate the reference (the only ones adding volume) and the
+    checked reference; an empty input gives an empty (0, k) array."""
+    pts = _as_points(points)
+    if pts.size == 0:
+        return pts.reshape(0, len(reference)), np.asarray(reference, dtype=float)
+    ref = _check_reference(reference, pts.shape[1])
+    return pts[np.all(pts > ref, axis=1)], ref
+
+
 def _hypervolume_exact(points, reference: Sequence[float]) -> float:
     """Exact hypervolume by recursive slicing along the last objective (maximization).
 
     This is the reference and fallback implementation, roughly O(n^(k-1) log n). Points
     that do not strictly dominate ``reference`` are ignored.
     """
-    pts = _as_points(points)
-    if pts.size == 0:
-        return 0.0
-    ref = _check_reference(reference, pts.shape[1])
-    pts = pts[np.all(pts > ref, axis=1)]
+    pts, ref = _contributing(points, reference)
     if pts.shape[0] == 0:
         return 0.0
     pts = pts[non_dominated_mask(pts)]

@@ -22,10 +22,8 @@ import math
 import os
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +33,7 @@ import torch
 
 from trainables.cliutil import OneLineParser, fail
 from trainables.config import AttackConfig, ConfigError, TrainConfig
-from trainables.data import DataBundle, check_available, load_data
+from trainables.data import DataBundle, check_available, load_data, unpack_archive
 from trainables.fileio import atomic_torch_save, atomic_write_text
 from trainables.attacks import perturb
 from trainables.metrics import accuracy
@@ -153,33 +151,6 @@ def select_rows(names: list[str] | None) -> list[RowSpec]:
 # data
 
 
-def unpack_cifar(archive: Path, cache: Path) -> Path:
-    """Unpack the JPEG archive once into cache/cifar10-jpeg (atomic rename; a marker records the
-    archive it came from) and return that folder."""
-    dest = cache / "cifar10-jpeg"
-    marker = dest / ".unpacked-from"
-    stamp = f"{archive.resolve()} {archive.stat().st_size}"
-    if marker.is_file() and marker.read_text().strip() == stamp:
-        return dest
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".cifar10-jpeg.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        if shutil.which("tar"):  # much faster than tarfile for 60k small files
-            subprocess.run(["tar", "xzf", str(archive), "-C", str(tmp)], check=True)
-        else:
-            with tarfile.open(archive) as tar:
-                tar.extractall(tmp, filter="data")
-        (tmp / ".unpacked-from").write_text(stamp + "\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
 def resolve_dataset(args: argparse.Namespace) -> tuple[str, str]:
     """(dataset name for TrainConfig, a human description of the data)."""
     if args.dataset:
@@ -192,7 +163,7 @@ def resolve_dataset(args: argparse.Namespace) -> tuple[str, str]:
         )
     if src.is_dir():
         return f"folder:{src}", f"CIFAR-10 JPEG folder {src}"
-    folder = unpack_cifar(src, Path(os.path.expanduser(args.cache_dir)))
+    folder = unpack_archive(src, Path(os.path.expanduser(args.cache_dir)))
     return f"folder:{folder}", f"CIFAR-10 JPEG copy ({src.name}, unpacked to {folder})"
 
 

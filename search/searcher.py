@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
 
 import optuna
 from optuna.trial import TrialState

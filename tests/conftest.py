@@ -1,12 +1,12 @@
 """Shared fixtures."""
 
 import shutil
-import subprocess
-import tarfile
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from trainables.data import extract_tar
 
 # CI clones the repository into its own folder with shared/ beside it
 CIFAR10_JPEG = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10-jpeg.tar.gz"
@@ -26,11 +26,7 @@ def cifar10_folder(tmp_path_factory):
     root = Path(tempfile.mkdtemp(prefix="cifar10-jpeg-", dir=SHM)) if on_shm \
         else tmp_path_factory.mktemp("cifar10-jpeg")
     try:
-        if shutil.which("tar"):
-            subprocess.run(["tar", "xzf", str(CIFAR10_JPEG), "-C", str(root)], check=True)
-        else:
-            with tarfile.open(CIFAR10_JPEG) as tar:
-                tar.extractall(root, filter="data")
+        extract_tar(CIFAR10_JPEG, root)
         yield root
     finally:
         if on_shm:

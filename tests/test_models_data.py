@@ -3,7 +3,6 @@
 import math
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 
@@ -125,3 +124,27 @@ def test_shared_cifar10_folder(cifar10_folder):
     assert q["members.0.conv1.weight"].shape == (8, 3, 3, 3)
     assert q["members.0.fc.weight"].shape == (10, 32)
     assert math.isfinite(metrics["size_bits"]) and metrics["compression"] > 1
+
+
+def test_unpack_archive_once_and_again_when_the_archive_changes(tmp_path):
+    import tarfile
+
+    from trainables.data import unpack_archive
+
+    src = tmp_path / "src"
+    (src / "train" / "a").mkdir(parents=True)
+    (src / "train" / "a" / "0.txt").write_text("x")
+    archive = tmp_path / "tree.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src / "train", arcname="train")
+    cache = tmp_path / "cache"
+    dest = unpack_archive(archive, cache, name="tree")
+    assert (dest / "train" / "a" / "0.txt").read_text() == "x"
+    (dest / "train" / "a" / "mine").write_text("kept")  # a second call reuses the copy
+    assert unpack_archive(archive, cache, name="tree") == dest and (dest / "train/a/mine").exists()
+    (src / "train" / "a" / "1.txt").write_text("y" * 1000)
+    with tarfile.open(archive, "w:gz") as tar:  # a different archive: unpacked afresh
+        tar.add(src / "train", arcname="train")
+    unpack_archive(archive, cache, name="tree")
+    assert (dest / "train/a/1.txt").exists() and not (dest / "train/a/mine").exists()
+    assert [p.name for p in cache.iterdir()] == ["tree"]  # no temporary folder left behind

@@ -438,7 +438,6 @@ def test_diverging_trial_fails_alone(diverged_sweep):
 def test_credentials_never_logged(diverged_sweep):
     """user:password@ in the tracking URI and in a --set value reaches no MLflow param, tag or
     artifact, nor sweep.json."""
-    from mlflow.tracking import MlflowClient
 
     from search.tracking import redact
 
