@@ -30,8 +30,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--set", "depth=8", "--set", "width=4", "--subset-train", "300", "--subset-test", "100",
         "--set", "attack_steps=2", "--set", "proxy_eval_size=64", "--set", "cw=false"]
-# for the faults injected mid-trial: epochs of ~1 s instead of ~0.3 s leave room to hit one
-SLOWER = [*TINY, "--subset-train", "900"]
+# for the faults injected mid-trial: epochs of ~1 s on an idle 2-core machine (a few s under load)
+# instead of ~0.2 s, so the fault lands between checkpoints rather than after the trial ended
+SLOWER = ["--set", "depth=14", "--set", "width=16", "--subset-train", "1500", "--subset-test", "100",
+          "--set", "attack_steps=3", "--set", "proxy_eval_size=64", "--set", "cw=false"]
 # a define-by-run space: trial numbers 1, 4, ... get a learning rate that makes the loss NaN in
 # epoch 2 (deterministically, on digits), the others train normally
 DIVERGE_SPACE = '''"""lr 1e8 for every third trial: its loss is NaN in epoch 2 (after one checkpoint)."""
@@ -294,7 +296,7 @@ def test_worker_node_lost_mid_trial(tmp_path):
     checkpoint (--max-failures) on the new node and the sweep completes."""
     from ray.cluster_utils import Cluster
 
-    name, trials, epochs = "nodeloss", 3, 3
+    name, trials, epochs = "nodeloss", 3, 4
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     sweep = None
     try:
@@ -312,7 +314,7 @@ def test_worker_node_lost_mid_trial(tmp_path):
                 rows = sql(db, "select m.run_uuid, max(m.value) from metrics m join tags t on t.run_uuid = m.run_uuid "
                                "and t.key = 'brsearch.status' and t.value = 'running' where m.key = 'epoch' "
                                "group by m.run_uuid")
-                if any(1 <= v < epochs for _, v in rows):
+                if any(1 <= v <= epochs - 2 for _, v in rows):  # two epochs left to lose
                     break
             time.sleep(0.05)
         else:
