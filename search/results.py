@@ -27,11 +27,18 @@ STRING_COLUMNS = ("node_id",)  # the Ray node that ran the trial's last epoch
 
 
 def trials_frame(trials: list[Any]) -> pd.DataFrame:
-    """One row per Tune trial: id, status (completed/stopped/failed), reason, config, metrics."""
+    """One row per Tune trial: id, status (completed/stopped/failed, or interrupted for a trial an
+    interrupted sweep left unfinished), reason, config, metrics. Takes the trials after
+    `Tuner.fit` returned, when their status is final."""
     rows = []
     for t in trials:
-        status, reason = trial_outcome(t)
         last = t.last_result or {}
+        if t.status in ("PENDING", "RUNNING", "PAUSED") and not last.get("diverged"):
+            epoch = last.get("epoch")
+            status = "interrupted"
+            reason = (f"interrupted after epoch {epoch}" if epoch else "not started") + "; --resume continues it"
+        else:
+            status, reason = trial_outcome(t)
         row: dict[str, Any] = {"trial_id": t.trial_id, "trial_name": str(t), "status": status, "reason": reason}
         for k in METRIC_COLUMNS:
             v = last.get(k)

@@ -92,7 +92,10 @@ def _finite_metrics(result: dict[str, Any], step: int) -> list[Metric]:
 
 
 def trial_outcome(trial: Any) -> tuple[str, str]:
-    """(status, reason): completed | stopped (early, by the scheduler) | failed."""
+    """(status, reason): completed | stopped (early, by the scheduler) | failed.
+
+    Called from Tune's trial-complete callbacks too, where the trial's status is still RUNNING
+    (Tune sets TERMINATED after the callbacks), so the status alone does not decide."""
     last = trial.last_result or {}
     if last.get("diverged"):  # trainables.tune: non-finite loss or weights (ERROR, or stopped on it)
         return "failed", str(last.get("failure_reason") or "DivergedError")[:500]

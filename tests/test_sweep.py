@@ -264,6 +264,9 @@ def test_sweep_interrupted_and_resumed(tmp_path):
     assert len(hint) == 1, err.read_text()[-3000:]
     resume_cmd = hint[0].split("continue with: python ", 1)[1].split()
     assert 1 <= (first["status"] == "completed").sum() < 4, first[["trial_id", "status"]]
+    # a trial the interrupt caught is neither stopped nor failed, and stays off the front
+    assert set(first["status"]) <= {"completed", "interrupted"}, first[["trial_id", "status", "reason"]]
+    assert not first.loc[first["status"] == "interrupted", "pareto"].any()
     parents, _ = split_runs(mlflow_runs(tmp_path))
     assert len(parents) == 1 and parents[0].info.status == "KILLED"
     parent_id = parents[0].info.run_id
