@@ -235,6 +235,7 @@ def prepare(args: argparse.Namespace) -> Plan:
 # flags that define a sweep: `--name X --resume` takes them from the stored sweep.json unless given
 RESUMED_FLAGS = ("trials", "epochs", "dataset", "sampler", "scheduler", "seed", "grace_period",
                  "reduction_factor", "experiment", "tracking_uri")
+FIXED_ON_RESUME = ("trials", "sampler", "scheduler", "seed", "grace_period", "reduction_factor", "experiment")
 SPACE_FLAGS = ("space", "set", "dataset", "data_root", "download", "subset_train", "subset_test", "epochs")
 
 
@@ -256,8 +257,16 @@ def _adopt_stored(args: argparse.Namespace, name: str) -> Space | None:
     explicit_space = any(getattr(args, k) != getattr(defaults, k) for k in SPACE_FLAGS)
     for k in RESUMED_FLAGS:
         v = stored.get(k)
-        if v is not None and getattr(args, k) == getattr(defaults, k) and "***" not in str(v):  # not redacted
+        if v is None or "***" in str(v):  # not stored, or redacted
+            continue
+        if getattr(args, k) == getattr(defaults, k):
             setattr(args, k, v)
+        elif k in FIXED_ON_RESUME and getattr(args, k) != v:
+            # Tuner.restore keeps the stored trial count, searcher and scheduler: a new value
+            # would be ignored while the sweep reported it, so refuse it
+            flag = "--" + k.replace("_", "-")
+            raise ConfigError(f"--resume {name}: {flag} {getattr(args, k)} differs from the stored sweep's {v}; "
+                              f"accepted: {flag} {v}, or leave {flag} out (a resumed sweep keeps it)")
     desc = stored.get("space")
     if explicit_space or not isinstance(desc, dict):
         return None

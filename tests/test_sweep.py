@@ -275,6 +275,11 @@ def test_sweep_interrupted_and_resumed(tmp_path):
     # space and tracking URI come from the stored sweep
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    # a trial count other than the stored one would be ignored by Tune's restore: refused up front
+    bad = subprocess.run([sys.executable, *resume_cmd, "--trials", "9"], cwd=elsewhere, env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, _explain(bad)
+    assert "--trials 9 differs from the stored sweep's 4" in bad.stderr and not any(elsewhere.iterdir())
     assert resume_cmd[:2] == ["-m", "search.pareto"] and "--resume" in resume_cmd, resume_cmd
     proc2 = subprocess.run([sys.executable, *resume_cmd], cwd=elsewhere, env=_env(), capture_output=True,
                            text=True, timeout=400)
