@@ -76,10 +76,10 @@ class Scale:
     ifgsm: bool = False  # also report IFGSM-20 (no random start; the EnResNet protocol)
 
 
-# Sized from measurements on 2 shared CPU cores (docs/findings.md, "Scale"): ResNet20 at width 8
-# costs ~13 ms per image for a PGD-3 training step and ~2.5 ms per image for an attack step on one
-# thread, so this grid takes ~35 min of two cores when the machine is otherwise idle.
-DEFAULT_SCALE = Scale(subset_train=2000, subset_test=500, width=8, depth=20, epochs=8,
+# Sized from measurements on 2 CPU cores (docs/findings.md, "Scale"): ResNet20 at width 8 costs
+# ~13 ms per image for a PGD-3 training step and ~2.5 ms per image for an attack step on one
+# thread, so this grid with 1,000 test images takes under an hour of two otherwise idle cores.
+DEFAULT_SCALE = Scale(subset_train=2000, subset_test=1000, width=8, depth=20, epochs=8,
                       attack_steps=3, batch_size=32)
 FULL_SCALE = Scale(subset_train=None, subset_test=None, width=16, depth=20, epochs=200,
                    attack_steps=10, val_fraction=0.1, ifgsm=True)
@@ -514,9 +514,9 @@ def render(meta: dict, R: dict[str, dict], rows: list[RowSpec], scale: Scale, fu
         w("- How the default was sized: on this 2-core machine a PGD-3 training step costs about "
           "13 ms per image and a PGD/CW attack step about 2.5 ms per image on one thread, so the "
           "grid (9 trainings, 3 x 42 attack steps per test image per row, the transfer crafting) "
-          "takes about 35 minutes of both cores when the machine is otherwise idle. Other jobs "
-          "shared the machine; 1,000 test images would have pushed the expected time under that "
-          "contention past 75 minutes, so the default evaluates 500.")
+          "with 1,000 test images fits in about an hour of both cores when the machine is "
+          "otherwise idle. On a machine shared with other jobs, `--subset-test 500` halves the "
+          "evaluation (an earlier run under a load average of 7 to 13 took 68.5 min with 500).")
     w(f"- Training images: {ntr} (plus {nval} held out as a validation split, unused here); "
       f"augmentation: {'random crop (pad 4) + horizontal flip' if meta['augment'] else 'none'}.")
     w(f"- Test images: {nte} (fixed subset, the same for every row).")
