@@ -15,10 +15,16 @@ its start-up and imports; stopping the previous one; scheduling; driver-side log
 and end times come from the MLflow child runs, which the driver opens when Tune starts a trial and
 closes when it completes.
 
+Each run measures two sweeps one after the other: the CLI's default (a fresh worker process per
+trial, as Ray Tune does by default) and `--reuse-actors` (later trials run in finished trials'
+worker processes), so the two ratios come from the same machine state.
+
     python benchmarks/sweep_overhead.py                     # 8 trials x 2 epochs, 2 at once
     python benchmarks/sweep_overhead.py --trials 8 --epochs 10 --subset-train 1000
+    python benchmarks/sweep_overhead.py --modes default     # the default sweep only
 
-The last stdout line is a JSON object with the key `ratio`.
+The last stdout line is a JSON object with the key `ratio` (the default sweep) and, when measured,
+`ratio_reuse_actors` and the per-mode figures.
 """
 from __future__ import annotations
 
@@ -49,19 +55,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra --set for search.pareto (after the tiny-model defaults)")
+    p.add_argument("--modes", default="default,reuse",
+                   help="comma-separated: default (the CLI as is) and/or reuse (--reuse-actors)")
     p.add_argument("--keep", action="store_true", help="keep the temporary sweep directory")
     p.add_argument("--verbose", action="store_true", help="show search.pareto's output")
     return p.parse_args(argv)
 
 
-def run_sweep(args: argparse.Namespace, tmp: Path) -> dict:
-    name = "overhead"
+def run_sweep(args: argparse.Namespace, tmp: Path, mode: str = "default") -> dict:
+    name = f"overhead-{mode}"
     cmd = [sys.executable, "-m", "search.pareto", "--name", name, "--trials", str(args.trials),
            "--epochs", str(args.epochs), "--max-concurrent", str(args.max_concurrent),
            "--num-cpus", str(args.num_cpus), "--sampler", args.sampler, "--seed", str(args.seed),
            "--subset-train", str(args.subset_train), "--subset-test", str(args.subset_test),
-           "--storage-path", str(tmp / "results"), "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+           "--storage-path", str(tmp / "results"), "--tracking-uri", f"sqlite:///{tmp / f'mlflow-{mode}.db'}",
            "--quiet"]
+    if mode == "reuse":
+        cmd.append("--reuse-actors")
     for s in [*TINY_SETS, *args.set]:
         cmd += ["--set", s]
     env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0")
@@ -75,7 +85,7 @@ def run_sweep(args: argparse.Namespace, tmp: Path) -> dict:
         sys.stderr.write(proc.stdout[-6000:] + proc.stderr[-6000:])
     if proc.returncode != 0:
         raise SystemExit(f"search.pareto exited {proc.returncode}")
-    return {"name": name, "t_launch": t0, "t_exit": t1, "stderr": proc.stderr, "stdout": proc.stdout,
+    return {"name": name, "mode": mode, "db": tmp / f"mlflow-{mode}.db", "t_launch": t0, "t_exit": t1, "stderr": proc.stderr, "stdout": proc.stdout,
             "load_before": load_before, "load_after": os.getloadavg()}
 
 
@@ -88,11 +98,12 @@ def measure(args: argparse.Namespace, tmp: Path, run: dict) -> dict:
     done = trials[trials["status"] == "completed"]
     if len(done) != args.trials:
         raise SystemExit(f"{len(done)} of {args.trials} trials completed:\n{trials[['trial_id', 'status', 'reason']]}")
-    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{run['db']}")
     exp_id = client.get_experiment_by_name("brsearch").experiment_id
     runs = client.search_runs([exp_id], max_results=10000)
-    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags
+                  and r.data.tags.get("mlflow.runName", run["name"]) == run["name"])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     starts = [r.info.start_time / 1000 for r in children]
     ends = [r.info.end_time / 1000 for r in children]
 
@@ -154,19 +165,38 @@ def table(m: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - {"default", "reuse"}:
+        raise SystemExit(f"--modes {args.modes!r}; accepted: default, reuse or both, comma-separated")
     tmp = Path(tempfile.mkdtemp(prefix="brsearch-overhead-"))
+    results: dict[str, dict] = {}
     try:
-        run = run_sweep(args, tmp)
-        m = measure(args, tmp, run)
+        for mode in modes:
+            results[mode] = measure(args, tmp, run_sweep(args, tmp, mode))
     finally:
         if args.keep:
             print(f"kept {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    print(table(m))
-    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}))
-    return 0
+    for mode, m in results.items():
+        print(f"--- {mode}: {'--reuse-actors' if mode == 'reuse' else 'the CLI as is (a fresh worker per trial)'}")
+        print(table(m))
+    out: dict = dict(results[modes[0]])
+    out["mode"] = modes[0]
+    if "default" in results:
+        out["ratio"] = results["default"]["ratio"]
+    if "reuse" in results:
+        out["ratio_reuse_actors"] = results["reuse"]["ratio"]
+        out["ratio_steady_reuse_actors"] = results["reuse"]["ratio_steady"]
+    if len(results) > 1:
+        out["modes"] = results
+    def rounded(v):
+        if isinstance(v, dict):
+            return {k: rounded(x) for k, x in v.items()}
+        return round(v, 4) if isinstance(v, float) else v
 
+    print(json.dumps(rounded(out)))
+    return 0
 
 if __name__ == "__main__":
     raise SystemExit(main())

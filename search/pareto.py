@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", type=float, help="default: 1 on a cluster with GPUs, else 0; fractions allowed")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a trial from its last checkpoint")
+    p.add_argument("--reuse-actors", action="store_true",
+                   help="run the next trial in the finished trial's worker process instead of a new one: "
+                        "saves the process start and imports per trial (seconds; worth it for short "
+                        "trials, docs/benchmarks.md); off by default, as in Ray Tune")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start Ray locally)")
     p.add_argument("--num-cpus", type=int, help="local Ray only: CPUs to use")
     p.add_argument("--storage-path", default="./brsearch_results")
@@ -92,6 +96,7 @@ class Plan:
             "epochs": a.epochs, "dataset": a.dataset, "storage_path": self.storage_path,
             "tracking_uri": self.tracking_uri, "experiment": a.experiment,
             "grace_period": a.grace_period, "reduction_factor": a.reduction_factor,
+            "reuse_actors": bool(getattr(a, "reuse_actors", False)),
         }
 
 
@@ -385,7 +390,7 @@ def run(plan: Plan) -> int:
     else:
         tuner = build_tuner(plan, max_concurrent, gpus, [
             MLflowSweepCallback(plan.tracking_uri, experiment_id, parent, plan.name), ProgressCallback(args.trials),
-            NoRetryOnDivergence()])
+            NoRetryOnDivergence()], reuse_actors=args.reuse_actors)
     # Tune forces an experiment-state snapshot whenever a trial has saved num_to_keep checkpoints
     # since the last one, and warns "snapshotting has been triggered multiple times" when that
     # happens twice within 5 s: with epochs of a few seconds, dozens of times per sweep. Measured on

@@ -206,6 +206,38 @@ def test_sweep_optuna_study(sweep4):
 # --- two nodes ---------------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_reuse_actors_gives_the_same_trials(sweep4, tmp_path):
+    """--reuse-actors runs later trials in earlier trials' worker processes: wall time changes,
+    results must not (every trial seeds itself; the sampler's draws do not depend on timing)."""
+    import pandas as pd
+
+    proc = run_cli(tmp_path, "--name", "s4", "--trials", "4", "--max-concurrent", "2", "--num-cpus", "2",
+                   "--seed", "0", "--reuse-actors", *TINY)
+    assert proc.returncode == 0, _explain(proc)
+
+    def outcomes(exp: Path) -> list[tuple]:
+        df = pd.read_parquet(exp / "trials.parquet")
+        assert (df["status"] == "completed").all(), df[["trial_id", "status", "reason"]]
+        cols = sorted(c for c in df.columns if c.startswith("config.") and c != "config.data_root")
+
+        def key(v: object, digits: int) -> str:  # repr: NaN (an unused conditional) compares equal
+            return repr(round(float(v), digits)) if isinstance(v, float) else repr(v)
+
+        return sorted(tuple(key(r[c], 9) for c in cols) + tuple(key(r[m], 6) for m in (*OBJECTIVES, "weight_sparsity"))
+                      for _, r in df.iterrows())
+
+    assert outcomes(tmp_path / "results" / "s4") == outcomes(sweep4["exp"])
+
+    def worker_pids(exp: Path) -> set[int]:  # Tune stamps every result with the worker's pid
+        return {json.loads(f.read_text().splitlines()[-1])["pid"] for f in exp.glob("trial_*/result.json")}
+
+    assert len(worker_pids(sweep4["exp"])) == 4  # a fresh process per trial by default
+    assert len(worker_pids(tmp_path / "results" / "s4")) < 4  # reused
+    sweep_json = json.loads((tmp_path / "results" / "s4" / "brsearch" / "sweep.json").read_text())
+    assert sweep_json["reuse_actors"] is True
+
+
 def test_sweep_uses_both_nodes_of_a_cluster(tmp_path):
     import pandas as pd
     from ray.cluster_utils import Cluster
