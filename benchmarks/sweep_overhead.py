@@ -85,8 +85,8 @@ def run_sweep(args: argparse.Namespace, tmp: Path, mode: str = "default") -> dic
         sys.stderr.write(proc.stdout[-6000:] + proc.stderr[-6000:])
     if proc.returncode != 0:
         raise SystemExit(f"search.pareto exited {proc.returncode}")
-    return {"name": name, "mode": mode, "db": tmp / f"mlflow-{mode}.db", "t_launch": t0, "t_exit": t1, "stderr": proc.stderr, "stdout": proc.stdout,
-            "load_before": load_before, "load_after": os.getloadavg()}
+    return {"name": name, "mode": mode, "db": tmp / f"mlflow-{mode}.db", "t_launch": t0, "t_exit": t1,
+            "stderr": proc.stderr, "stdout": proc.stdout, "load_before": load_before, "load_after": os.getloadavg()}
 
 
 def measure(args: argparse.Namespace, tmp: Path, run: dict) -> dict:
@@ -101,8 +101,7 @@ def measure(args: argparse.Namespace, tmp: Path, run: dict) -> dict:
     client = MlflowClient(f"sqlite:///{run['db']}")
     exp_id = client.get_experiment_by_name("brsearch").experiment_id
     runs = client.search_runs([exp_id], max_results=10000)
-    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags
-                  and r.data.tags.get("mlflow.runName", run["name"]) == run["name"])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)  # one sweep per store
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     starts = [r.info.start_time / 1000 for r in children]
     ends = [r.info.end_time / 1000 for r in children]
@@ -190,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         out["ratio_steady_reuse_actors"] = results["reuse"]["ratio_steady"]
     if len(results) > 1:
         out["modes"] = results
+
     def rounded(v):
         if isinstance(v, dict):
             return {k: rounded(x) for k, x in v.items()}
@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(json.dumps(rounded(out)))
     return 0
+
 
 if __name__ == "__main__":
     raise SystemExit(main())
