@@ -203,9 +203,6 @@ def test_sweep_optuna_study(sweep4):
     assert states.count(optuna.trial.TrialState.COMPLETE) == 4 and len(states) == 4
 
 
-# --- two nodes ---------------------------------------------------------------------------------
-
-@pytest.mark.slow
 @pytest.mark.slow
 def test_reuse_actors_gives_the_same_trials(sweep4, tmp_path):
     """--reuse-actors runs later trials in earlier trials' worker processes: wall time changes,
@@ -238,6 +235,9 @@ def test_reuse_actors_gives_the_same_trials(sweep4, tmp_path):
     assert sweep_json["reuse_actors"] is True
 
 
+# --- two nodes ---------------------------------------------------------------------------------
+
+@pytest.mark.slow
 def test_sweep_uses_both_nodes_of_a_cluster(tmp_path):
     import pandas as pd
     from ray.cluster_utils import Cluster
