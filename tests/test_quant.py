@@ -183,16 +183,66 @@ def test_straight_through_gradient_reaches_float_weights(epoch):
     model.train()
     x = torch.rand(4, 3, 16, 16)
     y = torch.tensor([0, 1, 2, 3])
-    with cached():
-        used = [m.weight for _, m in br.modules]  # the cached u that every forward below uses
-        for u in used:
-            u.retain_grad()
-        F.cross_entropy(model(x), y).backward()
-    for (_, m), u in zip(br.modules, used):
+    used = {}
+
+    def keep(mod, inputs, out):  # the weight tensor each conv actually used
+        out.retain_grad()
+        used[id(mod)] = out
+
+    hooks = [m.parametrizations.weight[0].register_forward_hook(keep) for _, m in br.modules]
+    try:
+        with cached():
+            F.cross_entropy(model(x), y).backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    for _, m in br.modules:
         g = m.parametrizations.weight.original.grad
         assert g is not None and g.abs().sum() > 0
         # straight-through: dL/dw is dL/du unchanged (no 1/(1+lam) factor, no masking)
-        assert torch.equal(g, u.grad)
+        assert torch.equal(g, used[id(m.parametrizations.weight[0])].grad)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_cached_weights_from_a_no_grad_forward_still_pass_gradients(bits):
+    """The root cause of issue #10: a forward under no_grad (TRADES' natural forward) inside the
+    per-step cache must not hand a detached weight to the training forward that follows."""
+    model, br = _quantized_model(bits)
+    br.start_epoch(0, 4)
+    model.train()
+    x = torch.rand(4, 3, 16, 16)
+    y = torch.tensor([0, 1, 2, 3])
+    calls = []
+    for _, m in br.modules:
+        pz = m.parametrizations.weight[0]
+        orig = pz._compute_target
+        pz._compute_target = lambda w, orig=orig: calls.append(1) or orig(w)
+    with cached():
+        with torch.no_grad():
+            model(x)
+        F.cross_entropy(model(x), y).backward()
+    assert len(calls) == len(br.modules)  # the projection was still computed once per layer
+    for w in br.float_weights():
+        assert w.grad is not None and w.grad.abs().sum() > 0
+
+
+def test_cache_follows_in_place_updates_of_the_float_weights():
+    model, br = _quantized_model(2)
+    br.start_epoch(0, 4)
+    x = torch.rand(2, 3, 16, 16)
+    with cached():
+        before = _weights_seen_in_forward(model, br.modules, x)
+        with torch.no_grad():
+            for w in br.float_weights():
+                w.mul_(-2.0)  # what an optimizer or proximal step does: in place
+        after = _weights_seen_in_forward(model, br.modules, x)
+        br.start_epoch(3, 4)  # phase II: the target changes with the mode too
+        hard = _weights_seen_in_forward(model, br.modules, x)
+    project = projector(br.config)
+    for w, u0, u1, u2 in zip(br.float_weights(), before, after, hard):
+        assert not torch.equal(u0, u1)
+        assert torch.allclose(u2, project(w.detach()))
+        assert not torch.allclose(u1, u2)
 
 
 def test_straight_through_gradient_single_conv():

@@ -115,23 +115,49 @@ class _StraightThrough(torch.autograd.Function):
 class _State:
     lam: float
     mode: str = "relaxed"  # relaxed | quantized
+    cache_depth: int = 0  # > 0 inside `cached()`: targets are reused while w is unchanged
 
 
 class _BRWeight(nn.Module):
+    """u = target(w) (relaxed or projected), with a straight-through gradient to w.
+
+    The target is a detached function of w, so it may be computed under no_grad and reused;
+    the autograd node is built on every forward that needs one. That is the invariant that keeps
+    gradients flowing: a forward under no_grad (e.g. the natural forward of the TRADES attack)
+    never hands a gradient-less weight to a later forward that trains. Inside `cached()` the
+    target is reused until w changes (its version counter moves on every in-place update:
+    optimizer step, proximal step, load_state_dict) or the phase or lambda changes."""
+
     def __init__(self, state: _State, project: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
         self.state = state
         self.project = project
+        self._key: tuple | None = None
+        self._target: torch.Tensor | None = None
 
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
+    def _compute_target(self, w: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            p = self.project(w)
+            p = self.project(w.detach())
             if self.state.mode == "relaxed":
                 lam = self.state.lam
-                p = (w + lam * p) / (1.0 + lam)
-        if not torch.is_grad_enabled() or not w.requires_grad:
-            return p
-        return _StraightThrough.apply(w, p)
+                p = (w.detach() + lam * p) / (1.0 + lam)
+        return p
+
+    def target(self, w: torch.Tensor) -> torch.Tensor:
+        if self.state.cache_depth <= 0 and _GLOBAL_CACHE[0] <= 0:
+            self._key = self._target = None
+            return self._compute_target(w)
+        key = (w.data_ptr(), w.device, w.dtype, w._version, self.state.mode, self.state.lam)
+        if self._target is None or self._key != key:
+            self._target = self._compute_target(w)
+            self._key = key
+        return self._target
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        p = self.target(w)
+        if w.requires_grad and torch.is_grad_enabled():
+            return _StraightThrough.apply(w, p)
+        return p
 
 
 @dataclass
@@ -179,10 +205,20 @@ class BinaryRelax:
         mode = self.state.mode
         self.state.mode = "quantized"
         try:
-            with cached():
+            with self.cached():
                 yield
         finally:
             self.state.mode = mode
+
+    @contextlib.contextmanager
+    def cached(self) -> Iterator[None]:
+        """Compute each layer's relaxed/projected weights once while w is unchanged (the attack
+        runs several forwards per step); gradients still flow to w on every forward."""
+        self.state.cache_depth += 1
+        try:
+            yield
+        finally:
+            self.state.cache_depth -= 1
 
     def state_dict(self) -> dict:
         return {"lam": self.state.lam, "mode": self.state.mode}
@@ -198,10 +234,22 @@ def _float_weight(m: nn.Module) -> torch.Tensor:
     return m.weight
 
 
-def cached():
-    """Compute each relaxed weight once per step rather than once per forward (the attack runs
-    several forwards per step)."""
-    return parametrize.cached()
+_GLOBAL_CACHE = [0]  # depth of nested module-level `cached()` blocks
+
+
+@contextlib.contextmanager
+def cached() -> Iterator[None]:
+    """Reuse each layer's projected target within the block (see `BinaryRelax.cached`), for
+    every quantized model.
+
+    Deliberately not `torch.nn.utils.parametrize.cached()`: that caches the first *output*,
+    autograd node included, so a first forward under no_grad would hand a detached weight to
+    every later forward and the quantized layers would get no gradient."""
+    _GLOBAL_CACHE[0] += 1
+    try:
+        yield
+    finally:
+        _GLOBAL_CACHE[0] -= 1
 
 
 def select_layers(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Module]]:
