@@ -118,7 +118,7 @@ def format_front(front_df: pd.DataFrame) -> str:
         return "(no completed trial: the front is empty)"
     cols = ["trial_id", *OBJECTIVES, "weight_sparsity", "compression"]
     cols += [c for c in ("config.bits", "config.loss", "config.alpha", "config.beta", "config.group_lasso",
-                         "config.lambda0", "config.rho", "config.phase2_start", "config.lr") if c in front_df]
+                         "config.lambda0", "config.lambda_final", "config.rho", "config.phase2_start", "config.lr") if c in front_df]
     view = front_df[cols].copy()
     view.columns = [c.replace("config.", "") for c in cols]
     return view.to_string(index=False, float_format=lambda v: f"{v:.4g}")

@@ -15,7 +15,10 @@ SPACE = {
     "params": {
         "bits": {"type": "categorical", "choices": [1, 2, 4]},
         "lambda0": {"type": "float", "low": 0.5, "high": 2.0, "log": True},
-        "rho": {"type": "float", "low": 1.02, "high": 1.10},
+        # where the BR continuation ends (lambda grows per step from lambda0 to it at phase II):
+        # >= 50 keeps the relaxed weights >= 98 % projection when phase II starts, at 3 epochs
+        # as at 200; the BinaryRelax/EnResNet-BR reference runs end near 350
+        "lambda_final": {"type": "float", "low": 50.0, "high": 1000.0, "log": True},
         "phase2_start": {"type": "float", "low": 0.6, "high": 0.8},
         "loss": {"type": "categorical", "choices": ["mix", "trades"]},
         "alpha": {"type": "float", "low": 0.0, "high": 0.5, "when": {"loss": "mix"}},

@@ -154,7 +154,7 @@ def _weights_seen_in_forward(model, modules, x):
 
 @pytest.mark.parametrize("bits", [1, 2, 4])
 def test_relaxed_weights_interpolate_and_phase2_is_quantized(bits):
-    model, br = _quantized_model(bits, lambda0=0.5, rho=1.1, phase2_start=0.75)
+    model, br = _quantized_model(bits, lambda0=0.5, rho=1.1, phase2_start=0.75, lambda_schedule="rho")
     assert len(br.modules) == 7  # stem + 2 convs in each of 3 blocks; the 1x1 shortcuts stay float
     project = projector(br.config)
     x = torch.rand(2, 3, 32, 32)
@@ -276,3 +276,57 @@ def test_phase2_epoch_rules():
     _, br = _quantized_model(2, phase2_start=0.5)
     assert br.phase2_epoch(2) == 1
     assert br.phase2_epoch(200) == 100
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 3, 4, 8, 12, 200])
+@pytest.mark.parametrize("steps_per_epoch", [1, 9, 391])
+def test_final_schedule_reaches_lambda_final_at_phase2(epochs, steps_per_epoch):
+    """Geometric growth per optimizer step from lambda0 to lambda_final at the start of phase II,
+    whatever the run length (the default schedule)."""
+    _, br = _quantized_model(2, lambda0=0.5, lambda_final=300.0)
+    assert br.config.lambda_schedule == "final"
+    m = br.phase2_epoch(epochs)
+    lams = []
+    for e in range(epochs):
+        br.start_epoch(e, epochs, steps_per_epoch)
+        for s in range(steps_per_epoch):
+            br.start_step(s)
+            lams.append((br.state.mode, br.lam))
+    phase1 = [lam for mode, lam in lams if mode == "relaxed"]
+    assert len(phase1) == m * steps_per_epoch
+    if phase1:
+        assert phase1[-1] == pytest.approx(300.0)
+        assert phase1[0] == pytest.approx(0.5 * 600.0 ** (1 / len(phase1)))  # the first step grows
+        ratios = [b / a for a, b in zip(phase1, phase1[1:])]
+        assert all(r == pytest.approx(ratios[0]) for r in ratios)  # geometric, per step
+    assert all(lam == pytest.approx(300.0) for mode, lam in lams if mode == "quantized")
+
+
+@pytest.mark.parametrize("epochs", [4, 12])
+def test_default_schedule_is_near_hard_quantization_at_phase2(epochs):
+    _, br = _quantized_model(2)
+    m = br.phase2_epoch(epochs)
+    br.start_epoch(m - 1, epochs, 9)
+    br.start_step(8)
+    assert br.lam >= 99  # relaxed weights are >= 99 % projection when phase II starts
+    assert br.config.lambda_final >= 100
+
+
+def test_rho_schedule_is_per_epoch():
+    _, br = _quantized_model(2, lambda0=2.0, rho=1.05, lambda_schedule="rho")
+    for e in range(5):
+        br.start_epoch(e, 10, 7)
+        for s in range(7):
+            br.start_step(s)
+            assert br.lam == pytest.approx(2.0 * 1.05 ** (e + 1))
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(lambda_schedule="nope"), "lambda_schedule='nope'"),
+    (dict(lambda0=2.0, lambda_final=1.0), "lambda_final=1.0"),
+])
+def test_bad_schedules_are_refused(kw, needle):
+    from trainables.config import ConfigError
+
+    with pytest.raises(ConfigError, match=needle):
+        QuantConfig(**kw).validate()

@@ -407,7 +407,7 @@ def test_paper_space_validates():
 
     space = load_space("paper")
     space.validate()
-    assert {"bits", "lambda0", "rho", "phase2_start", "loss", "alpha", "beta", "group_lasso", "lr"} <= set(space.params)
+    assert {"bits", "lambda0", "lambda_final", "phase2_start", "loss", "alpha", "beta", "group_lasso", "lr"} <= set(space.params)
     assert space.params["alpha"]["when"] == {"loss": "mix"}
     assert space.params["beta"]["when"] == {"loss": "trades"}
 

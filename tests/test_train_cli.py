@@ -43,6 +43,8 @@ def test_ternary_run(ternary_run):
     out, stdout = ternary_run
     lines = stdout.strip().splitlines()
     assert lines[0].startswith("epoch 1/2") and lines[1].startswith("epoch 2/2")
+    # the default BR schedule ends phase I (epoch 1 here) at lambda_final = 100
+    assert float(lines[0].split("lambda ")[1].split()[0]) >= 99
     final = last_json(stdout)
     assert set(FINAL_KEYS) <= set(final)
     assert final["epoch"] == 2

@@ -13,6 +13,7 @@ BITS = (1, 2, 3, 4, 5, 6, 7, 8, 32)
 LOSSES = ("madry", "mix", "trades")
 ATTACKS = ("fgsm", "pgd", "cw", "trades")
 TERNARY_MODES = ("twn0.7", "exact")
+LAMBDA_SCHEDULES = ("final", "rho")
 GROUP_AXES = ("out", "in")
 GROUP_MODES = ("penalty", "prox")
 BUILTIN_DATASETS = ("digits", "cifar10", "mnist", "fashion-mnist", "svhn")
@@ -39,8 +40,13 @@ class QuantConfig:
     bits: int = 2
     ternary_mode: str = "twn0.7"  # reference 0.7*mean|w| rule, or the exact optimal projection
     lloyd_iters: int = 1  # b >= 3: refinement steps of (levels, scale); the reference uses one
-    lambda0: float = 1.0  # relaxation weight before the first epoch's growth
-    rho: float = 1.05  # lambda <- rho * lambda at the start of every epoch
+    lambda0: float = 1.0  # relaxation weight before the first step's growth
+    # "final": lambda grows geometrically per optimizer step from lambda0 to lambda_final at the
+    # start of phase II, whatever the run length (relaxed weights end >= 99 % projection at 100).
+    # "rho": the reference's per-epoch lambda0 * rho^(epoch+1), which only gets far in long runs.
+    lambda_schedule: str = "final"
+    lambda_final: float = 100.0
+    rho: float = 1.05  # per-epoch growth, used by lambda_schedule="rho" only
     phase2_start: float = 0.75  # fraction of epochs after which weights are hard-quantized
     quantize_stem: bool = True
     quantize_shortcut: bool = False  # 1x1 projection shortcuts
@@ -59,6 +65,14 @@ class QuantConfig:
             raise ConfigError(f"lambda0={self.lambda0}; accepted: a number > 0")
         if not self.rho >= 1:
             raise ConfigError(f"rho={self.rho}; accepted: a number >= 1")
+        if self.lambda_schedule not in LAMBDA_SCHEDULES:
+            raise ConfigError(
+                f"lambda_schedule={self.lambda_schedule!r}; accepted: {', '.join(LAMBDA_SCHEDULES)}"
+            )
+        if self.lambda_schedule == "final" and not self.lambda_final >= self.lambda0:
+            raise ConfigError(
+                f"lambda_final={self.lambda_final}; accepted: a number >= lambda0 ({self.lambda0})"
+            )
         if not 0.0 <= self.phase2_start <= 1.0:
             raise ConfigError(f"phase2_start={self.phase2_start}; accepted: a fraction in [0, 1]")
 
@@ -177,7 +191,7 @@ class TrainConfig:
 
     @classmethod
     def from_flat(cls, flat: dict[str, Any]) -> "TrainConfig":
-        """Build from flat keys. Short aliases (bits, lambda0, rho, phase2_start, eps, attack_steps)
+        """Build from flat keys. Short aliases (bits, lambda0, lambda_final, rho, phase2_start, eps, ...)
         map to nested fields so search spaces read naturally. Unknown keys are an error."""
         cfg = cls()
         for key, value in flat.items():
@@ -191,6 +205,8 @@ ALIASES = {
     "lloyd_iters": "quant.lloyd_iters",
     "lambda0": "quant.lambda0",
     "rho": "quant.rho",
+    "lambda_final": "quant.lambda_final",
+    "lambda_schedule": "quant.lambda_schedule",
     "phase2_start": "quant.phase2_start",
     "quantize_shortcut": "quant.quantize_shortcut",
     "quantize_fc": "quant.quantize_fc",

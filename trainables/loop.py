@@ -118,15 +118,16 @@ class Run:
     # --- training -------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, float]:
         cfg, model, br = self.cfg, self.model, self.br
-        br.start_epoch(self.epoch, cfg.epochs)
-        model.train()
         train = self.data.train
+        br.start_epoch(self.epoch, cfg.epochs, self.steps_per_epoch())
+        model.train()
         perm = torch.randperm(len(train), generator=self.generator)
         total, batches = 0.0, 0
         for i in range(0, len(perm), cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
             if len(idx) < 2:  # BatchNorm needs two samples
                 continue
+            br.start_step(batches)
             x, y = train.take(idx).to_float(self.device)
             if self.data.augment:
                 x = augment_batch(x, self.generator)
@@ -138,6 +139,11 @@ class Run:
         self.scheduler.step()
         self.epoch += 1
         return {"train_loss": total / max(1, batches)}
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch (a last batch of one image is skipped: BatchNorm)."""
+        n, b = len(self.data.train), self.cfg.batch_size
+        return n // b + (1 if n % b >= 2 else 0)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int = 1) -> float:
         """One optimizer step on a prepared batch (attack, trade-off loss, group penalty or

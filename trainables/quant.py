@@ -3,7 +3,8 @@
 `quantize_(model, QuantConfig(bits=2))` mutates the model in the spirit of torchao: every selected
 weight becomes a parametrization whose value is
 
-* relaxed (phase I):    u = (w + lam * proj(w)) / (1 + lam)
+* relaxed (phase I):    u = (w + lam * proj(w)) / (1 + lam), lam growing per optimizer step
+                        from lambda0 to lambda_final at the start of phase II
 * quantized (phase II): u = proj(w)
 
 with a straight-through gradient to the float weight w, which is what the optimizer updates.
@@ -167,6 +168,7 @@ class BinaryRelax:
     config: QuantConfig
     modules: list[tuple[str, nn.Module]]
     state: _State = field(default_factory=lambda: _State(lam=1.0))
+    _where: tuple[int, int, int] = (0, 1, 1)  # (epoch, epochs, steps per epoch) of start_epoch
 
     @property
     def enabled(self) -> bool:
@@ -183,11 +185,33 @@ class BinaryRelax:
             return epochs
         return min(int(round(self.config.phase2_start * epochs)), epochs - 1)
 
-    def start_epoch(self, epoch: int, epochs: int) -> None:
-        """lam <- rho * lam at every epoch start (epoch 0 already uses lam0 * rho); hard
-        quantization from epoch round(phase2_start * epochs) on."""
-        self.state.lam = self.config.lambda0 * self.config.rho ** (epoch + 1)
+    def lam_at(self, epoch: int, step: int, epochs: int, steps_per_epoch: int) -> float:
+        """lambda for optimizer step `step` (0-based) of epoch `epoch` (0-based).
+
+        "final": lambda0 * (lambda_final/lambda0)^(s/S) with s the 1-based step count and S the
+        number of phase-I steps, so the first step already grows (as the reference's epoch 0
+        uses lambda0*rho) and the last phase-I step uses lambda_final; phase II keeps
+        lambda_final. "rho": lambda0 * rho^(epoch+1), constant within an epoch (the reference)."""
+        c = self.config
+        if c.lambda_schedule == "rho":
+            return c.lambda0 * c.rho ** (epoch + 1)
+        total = self.phase2_epoch(epochs) * max(1, steps_per_epoch)
+        done = epoch * max(1, steps_per_epoch) + step + 1
+        if total <= 0 or done >= total:
+            return float(c.lambda_final)
+        return c.lambda0 * (c.lambda_final / c.lambda0) ** (done / total)
+
+    def start_epoch(self, epoch: int, epochs: int, steps_per_epoch: int = 1) -> None:
+        """Enter epoch `epoch`: the phase (hard quantization from epoch
+        round(phase2_start * epochs) on) and lambda of its first step."""
+        self._where = (epoch, epochs, steps_per_epoch)
+        self.state.lam = self.lam_at(epoch, 0, epochs, steps_per_epoch)
         self.state.mode = "quantized" if epoch >= self.phase2_epoch(epochs) else "relaxed"
+
+    def start_step(self, step: int) -> None:
+        """lambda of optimizer step `step` (0-based) of the epoch entered last."""
+        epoch, epochs, spe = self._where
+        self.state.lam = self.lam_at(epoch, step, epochs, spe)
 
     def float_weights(self) -> list[torch.Tensor]:
         """The float shadow weights w (what the optimizer and the group penalty see)."""
