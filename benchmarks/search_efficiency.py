@@ -125,7 +125,7 @@ def _budget_tools(budget: int) -> tuple[Any, Any]:
 
     from search.front import SWEEP_REFERENCE, hypervolume
     from search.searcher import OBJECTIVES
-    from search.tracking import trial_outcome
+    from search.outcomes import trial_outcome
 
     class EpochBudget(Callback):
         def __init__(self) -> None:

@@ -200,7 +200,8 @@ def prepare(args: argparse.Namespace) -> Plan:
             raise ConfigError(f"--storage-path {args.storage_path}: {str(e).splitlines()[0]}") from None
     exp_dir = os.path.join(storage, name) if local else f"{storage.rstrip('/')}/{name}"
 
-    from .tracking import absolute_tracking_uri, redact
+    from .mlflow_uri import absolute_tracking_uri
+    from .redact import redact
 
     tracking_uri = absolute_tracking_uri(args.tracking_uri)
     if tracking_uri.startswith("sqlite:///"):
@@ -349,8 +350,9 @@ def run(plan: Plan) -> int:
     from trainables.tune import trainable
 
     from .results import format_front, front_frame, trials_frame, upload, write_tables
-    from .tracking import (MLflowSweepCallback, NoRetryOnDivergence, ProgressCallback, finish_parent_run,
-                           get_or_create_experiment, redact, redact_obj, start_parent_run)
+    from .callbacks import NoRetryOnDivergence, ProgressCallback
+    from .redact import redact, redact_obj
+    from .tracking import MLflowSweepCallback, finish_parent_run, get_or_create_experiment, start_parent_run
 
     args = plan.args
     _connect(plan)

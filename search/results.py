@@ -17,8 +17,9 @@ import pyarrow.parquet as pq
 from trainables.fileio import atomic_path
 
 from .front import non_dominated_mask
-from .searcher import OBJECTIVES
-from .tracking import redact, trial_outcome
+from .objectives import OBJECTIVES
+from .outcomes import trial_outcome
+from .redact import redact
 
 METRIC_COLUMNS = ("clean_acc", "robust_acc", "fgsm_acc", "cw_acc", "channel_sparsity", "channel_sparsity_in",
                   "weight_sparsity", "size_bits", "compression", "epoch", "max_epochs",

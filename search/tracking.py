@@ -8,8 +8,6 @@ never talk to MLflow: only the driver needs a route to the tracking server.
 from __future__ import annotations
 
 import math
-import os
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -20,42 +18,10 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from .front import SWEEP_REFERENCE, hypervolume, non_dominated_mask
-from .searcher import OBJECTIVES
-
-SECRET_PATTERN = re.compile(r"(token|secret|password|passwd|credential|api[_-]?key|access[_-]?key)", re.I)
-URI_CREDENTIALS = re.compile(r"(://)[^/@\s]+@")
-# user:password@ that lost its scheme (a URI resolved as a local path keeps only one slash)
-USERINFO = re.compile(r"(^|[/\s=,;'\"])[^/@\s:'\"]+:[^/@\s'\"]*@")
-SECRET_ASSIGNMENT = re.compile(r"((?:token|secret|password|passwd|credential|api[_-]?key|access[_-]?key|signature)"
-                               r"[\w-]*=)[^&\s'\",;]+", re.I)
-
-
-def redact(value: Any) -> str:
-    """Strip user:password@ from URIs and paths, and the values of token=/password=/... query
-    arguments; credentials never reach logged params or artifacts."""
-    text = URI_CREDENTIALS.sub(r"\1***@", str(value))
-    text = USERINFO.sub(r"\1***@", text)
-    return SECRET_ASSIGNMENT.sub(r"\1***", text)
-
-
-def redact_obj(obj: Any) -> Any:
-    """`redact` through dicts and lists (sweep.json, space.json); values of secret-named keys go."""
-    if isinstance(obj, dict):
-        return {k: "***" if isinstance(k, str) and SECRET_PATTERN.search(k) else redact_obj(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [redact_obj(v) for v in obj]
-    if isinstance(obj, str):
-        return redact(obj)
-    return obj
-
-
-def absolute_tracking_uri(uri: str) -> str:
-    """sqlite:///relative.db is relative to the cwd, which Tune changes; pin it down."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
-    if "://" not in uri:  # a bare path means a sqlite file
-        return "sqlite:///" + str(Path(uri).resolve())
-    return uri
+from .objectives import OBJECTIVES
+from .outcomes import trial_outcome
+from .plots import plot_front, plot_hypervolume
+from .redact import SECRET_PATTERN, redact
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
@@ -89,40 +55,6 @@ def _finite_metrics(result: dict[str, Any], step: int) -> list[Metric]:
         if math.isfinite(float(v)):
             out.append(Metric(k, float(v), ts, step))
     return out
-
-
-def trial_outcome(trial: Any) -> tuple[str, str]:
-    """(status, reason): completed | stopped (early, by the scheduler) | failed.
-
-    Called from Tune's trial-complete callbacks too, where the trial's status is still RUNNING
-    (Tune sets TERMINATED after the callbacks), so the status alone does not decide."""
-    last = trial.last_result or {}
-    if last.get("diverged"):  # trainables.tune: non-finite loss or weights (ERROR, or stopped on it)
-        return "failed", str(last.get("failure_reason") or "DivergedError")[:500]
-    if trial.status == "ERROR":
-        return "failed", error_reason(trial)
-    if last.get("final") and last.get("epoch", 0) >= last.get("max_epochs", 1):
-        return "completed", ""
-    if last:
-        return "stopped", f"stopped after epoch {last.get('epoch')}"
-    return "failed", "no result"
-
-
-def error_reason(trial: Any) -> str:
-    """The one line of a trial's error that says why (e.g. `DivergedError: loss is nan ...`)."""
-    text = ""
-    try:
-        err = trial.get_pickled_error()
-        text = str(err) if err is not None else ""
-    except Exception:
-        pass
-    if not text and trial.error_file and os.path.exists(trial.error_file):
-        text = Path(trial.error_file).read_text(errors="replace")
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if re.match(r"^[\w.]*(Error|Exception)\b", ln):
-            return ln[:500]
-    return (lines[-1] if lines else "error")[:500]
 
 
 class MLflowSweepCallback(Callback):
@@ -254,45 +186,6 @@ class MLflowSweepCallback(Callback):
         ])
 
 
-class ProgressCallback(Callback):
-    """One terminal line per finished trial, on top of Tune's status table."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.done = total, 0
-
-    def get_state(self) -> dict[str, Any]:
-        return {"done": self.done}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.done = int(state.get("done", 0))
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._line(trial)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._line(trial)
-
-    def _line(self, trial: Any) -> None:
-        self.done += 1
-        status, reason = trial_outcome(trial)
-        r = trial.last_result or {}
-        objs = "  ".join(f"{m} {r[m]:.4f}" for m in OBJECTIVES
-                         if isinstance(r.get(m), (int, float)) and math.isfinite(r[m]))
-        print(" ".join(p for p in (f"[{self.done}/{self.total}] {trial.trial_id} {status}:", objs, reason) if p), flush=True)
-
-
-class NoRetryOnDivergence(Callback):
-    """A trial that reported `diverged` (trainables.tune) fails without Tune's retries: training is
-    deterministic, so a retry from its last checkpoint would diverge again. Ray has no retry filter
-    per exception; Tune checks the trial's own `max_failures` when the error arrives, which is
-    after this result. (Should this attribute go, a retry still fails at once on the marker
-    checkpoint the trial left.)"""
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        if result.get("diverged") and hasattr(trial, "max_failures"):
-            trial.max_failures = 0
-
-
 # --- the parent run ----------------------------------------------------------------------------
 
 def start_parent_run(client: MlflowClient, experiment_id: str, sweep: str, params: dict[str, Any],
@@ -326,79 +219,8 @@ def finish_parent_run(client: MlflowClient, parent_run_id: str, experiment_id: s
             client.log_artifact(parent_run_id, str(path), "plots")
         history = client.get_metric_history(parent_run_id, "hypervolume")
         if history:
-            client.log_artifact(parent_run_id, str(plot_hypervolume(history, Path(d))), "plots")
+            client.log_artifact(parent_run_id, str(plot_hypervolume(history, Path(d), SWEEP_REFERENCE)), "plots")
     client.log_metric(parent_run_id, "n_pareto", float(len(front_df)))
     client.set_terminated(parent_run_id, status)
 
 
-def plot_hypervolume(history: list[Any], out: Path) -> Path:
-    """hypervolume.png: the parent run's `hypervolume` metric history (MLflow Metric objects,
-    step = training epochs consumed by the sweep so far) as a step curve."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pts = sorted((m.step, m.timestamp, m.value) for m in history)
-    xs, ys = [0] + [p[0] for p in pts], [0.0] + [p[2] for p in pts]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.step(xs, ys, where="post", color="crimson")
-    ax.plot(xs[1:], ys[1:], "o", color="crimson", ms=4, label="a trial completed")
-    ax.set_xlabel("training epochs consumed (all trials)")
-    ax.set_ylabel(f"hypervolume (reference {tuple(SWEEP_REFERENCE)})")
-    ax.set_title("brsearch: hypervolume of the front")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    path = out / "hypervolume.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_front(trials_df: Any, front_df: Any, out: Path) -> list[Path]:
-    """2-D projections (PNG) and an interactive 3-D front (HTML)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    done = trials_df[trials_df["status"] == "completed"] if len(trials_df) else trials_df
-    if not len(done):
-        return []
-    paths = []
-    names = list(OBJECTIVES)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for ax, (i, j) in zip(axes, ((0, 1), (0, 2), (1, 2))):
-        ax.scatter(done[names[i]], done[names[j]], c="lightgray", edgecolors="gray", label="dominated")
-        if len(front_df):
-            ax.scatter(front_df[names[i]], front_df[names[j]], c="crimson", label="Pareto front")
-        ax.set_xlabel(names[i])
-        ax.set_ylabel(names[j])
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle("brsearch: Pareto front of the fully quantized models")
-    fig.tight_layout()
-    png = out / "pareto_front_2d.png"
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    paths.append(png)
-
-    import plotly.graph_objects as go
-
-    hover = [f"{t}<br>bits={b}" for t, b in zip(done["trial_id"], done.get("config.bits", [""] * len(done)))]
-    on = done["pareto"].astype(bool) if "pareto" in done else [False] * len(done)
-    fig3 = go.Figure()
-    for flag, colour, label in ((False, "lightgray", "dominated"), (True, "crimson", "Pareto front")):
-        sel = done[on == flag]
-        fig3.add_trace(go.Scatter3d(
-            x=sel[names[0]], y=sel[names[1]], z=sel[names[2]], mode="markers", name=label,
-            marker={"size": 5, "color": colour},
-            text=[h for h, o in zip(hover, on) if o == flag], hoverinfo="text+x+y+z",
-        ))
-    fig3.update_layout(scene={"xaxis_title": names[0], "yaxis_title": names[1], "zaxis_title": names[2]},
-                       title="brsearch Pareto front (3-D)")
-    html = out / "pareto_front_3d.html"
-    fig3.write_html(str(html), include_plotlyjs=True)
-    paths.append(html)
-    return paths

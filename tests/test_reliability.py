@@ -440,7 +440,7 @@ def test_diverging_trial_fails_alone(diverged_sweep):
 def test_credentials_never_logged(diverged_sweep):
     """user:password@ in the tracking URI and in a --set value reaches no MLflow param, tag or
     artifact, nor sweep.json."""
-    from search.tracking import redact
+    from search.redact import redact
 
     s = diverged_sweep
     secrets = ("s3cret", "hunter2")

@@ -45,7 +45,7 @@ class TuneHooks(Hooks):
         and the reason, and a checkpoint holding only the marker. Training is deterministic, so a
         retry from the previous checkpoint would diverge again: a restored attempt raises at once
         (load_checkpoint), and the driver stops Tune's retries on the flag
-        (search.tracking.NoRetryOnDivergence). `epoch` stays the last completed one, so a
+        (search.callbacks.NoRetryOnDivergence). `epoch` stays the last completed one, so a
         scheduler makes no new rung decision on this result."""
         metrics = {**{m: float("nan") for m in OBJECTIVES}, DIVERGED: True,
                    "failure_reason": f"DivergedError: {error}", "final": False, "epoch": self.epoch}

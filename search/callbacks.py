@@ -1,0 +1,50 @@
+"""Tune driver callbacks that are not about MLflow: one progress line per finished trial, and no
+retries for a diverged trial."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ray.tune import Callback
+
+from .objectives import OBJECTIVES
+from .outcomes import trial_outcome
+
+
+class ProgressCallback(Callback):
+    """One terminal line per finished trial, on top of Tune's status table."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done = total, 0
+
+    def get_state(self) -> dict[str, Any]:
+        return {"done": self.done}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.done = int(state.get("done", 0))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._line(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._line(trial)
+
+    def _line(self, trial: Any) -> None:
+        self.done += 1
+        status, reason = trial_outcome(trial)
+        r = trial.last_result or {}
+        objs = "  ".join(f"{m} {r[m]:.4f}" for m in OBJECTIVES
+                         if isinstance(r.get(m), (int, float)) and math.isfinite(r[m]))
+        print(" ".join(p for p in (f"[{self.done}/{self.total}] {trial.trial_id} {status}:", objs, reason) if p), flush=True)
+
+
+class NoRetryOnDivergence(Callback):
+    """A trial that reported `diverged` (trainables.tune) fails without Tune's retries: training is
+    deterministic, so a retry from its last checkpoint would diverge again. Ray has no retry filter
+    per exception; Tune checks the trial's own `max_failures` when the error arrives, which is
+    after this result. (Should this attribute go, a retry still fails at once on the marker
+    checkpoint the trial left.)"""
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if result.get("diverged") and hasattr(trial, "max_failures"):
+            trial.max_failures = 0

@@ -1,0 +1,45 @@
+"""What became of a Tune trial (completed / stopped early / failed) and why, in one line.
+
+Shared by the MLflow logger, the progress lines and the result tables. Works on Tune's `Trial`
+objects by duck typing, so it imports nothing from Ray.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+
+def trial_outcome(trial: Any) -> tuple[str, str]:
+    """(status, reason): completed | stopped (early, by the scheduler) | failed.
+
+    Called from Tune's trial-complete callbacks too, where the trial's status is still RUNNING
+    (Tune sets TERMINATED after the callbacks), so the status alone does not decide."""
+    last = trial.last_result or {}
+    if last.get("diverged"):  # trainables.tune: non-finite loss or weights (ERROR, or stopped on it)
+        return "failed", str(last.get("failure_reason") or "DivergedError")[:500]
+    if trial.status == "ERROR":
+        return "failed", error_reason(trial)
+    if last.get("final") and last.get("epoch", 0) >= last.get("max_epochs", 1):
+        return "completed", ""
+    if last:
+        return "stopped", f"stopped after epoch {last.get('epoch')}"
+    return "failed", "no result"
+
+
+def error_reason(trial: Any) -> str:
+    """The one line of a trial's error that says why (e.g. `DivergedError: loss is nan ...`)."""
+    text = ""
+    try:
+        err = trial.get_pickled_error()
+        text = str(err) if err is not None else ""
+    except Exception:
+        pass
+    if not text and trial.error_file and os.path.exists(trial.error_file):
+        text = Path(trial.error_file).read_text(errors="replace")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if re.match(r"^[\w.]*(Error|Exception)\b", ln):
+            return ln[:500]
+    return (lines[-1] if lines else "error")[:500]
