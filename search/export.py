@@ -1,0 +1,229 @@
+"""`python -m search.export`: take one trained model out of a sweep as a small file.
+
+    python -m search.export --name SWEEP --trial ID --out DIR [--check] [--onnx]
+
+finds the trial's final checkpoint in the Tune experiment <storage-path>/<SWEEP> (model.pt: the
+quantized state dict; state.pt: the run's config), writes DIR/<SWEEP>-<ID>.brpk in the packed
+low-bit format (trainables.export, docs/export.md) and, with --onnx, DIR/<SWEEP>-<ID>.onnx.
+`--run DIR` takes a `python -m trainables.train --out DIR` run instead of a sweep's trial.
+--check reloads the packed file and requires logits equal to the trained model's (noise off, and
+noise on with the same seed) and the size bound; --onnx always compares onnxruntime with PyTorch
+(noise off, 1e-4). Bad input: one line, exit 2, nothing written; a failed check: one line, exit 1,
+and the files of this export removed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainables.cliutil import OneLineParser, fail
+
+CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="python -m search.export", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", help="the sweep (--name of search.pareto)")
+    p.add_argument("--trial", help="trial id, as in trials.parquet and the printed front")
+    p.add_argument("--run", help="instead of --name/--trial: the --out directory of python -m trainables.train")
+    p.add_argument("--out", required=True, help="directory for the exported files")
+    p.add_argument("--check", action="store_true", help="reload the packed file and compare logits with the trained model")
+    p.add_argument("--onnx", action="store_true", help="also write an ONNX model (needs pip install -e '.[export]')")
+    p.add_argument("--onnx-noise", choices=("on", "off"), default="on",
+                   help="on (default): the EnResNet test-time noise as ONNX random ops; off: deterministic")
+    p.add_argument("--image-size", type=int, help="input side for the checks (default: the dataset's; 32 for folders)")
+    p.add_argument("--storage-path", default="./brsearch_results", help="where the sweep lives (as search.pareto)")
+    return p
+
+
+@dataclass
+class Source:
+    """A trained model located and read, nothing written yet."""
+
+    label: str  # file stem
+    state_dict: dict[str, Any]
+    config: dict[str, Any]
+    meta: dict[str, Any]
+
+
+class BadInput(Exception):
+    pass
+
+
+def _unwritable(path: Path) -> str | None:
+    """None if directory `path` (there or not) can be created and written into, else why not."""
+    p = Path(os.path.abspath(os.path.expanduser(str(path))))
+    if p.exists() and not p.is_dir():
+        return f"{p} is a file, not a directory"
+    while not os.path.lexists(p):
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is a file, not a directory"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".brsearch-probe-", dir=p))
+    except OSError as e:
+        return f"cannot create anything in {p} ({e.strerror or e})"
+    return None
+
+
+def _load(path: Path) -> Any:
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise BadInput(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _from_checkpoint(d: Path, label: str, meta: dict[str, Any], state_file: str) -> Source:
+    model, state = d / "model.pt", d / state_file
+    if not model.exists():
+        raise BadInput(f"{d} holds no final model (model.pt): the run did not finish; accepted: a completed trial or run")
+    if not state.exists():
+        raise BadInput(f"{d} has model.pt but no {state_file} (the run's config)")
+    st = _load(state)
+    if not isinstance(st, dict) or "config" not in st:
+        raise BadInput(f"{state} has no 'config'")
+    metrics = {k: st.get("metrics", {}).get(k) for k in ("clean_acc", "robust_acc", "channel_sparsity", "size_bits")}
+    return Source(label, _load(model), st["config"], {**meta, "checkpoint": str(d), "metrics": metrics})
+
+
+def _trial_ids(exp_dir: Path) -> dict[str, str]:
+    """trial id -> status from trials.parquet (written at the end of a sweep), else the trial dirs."""
+    table = exp_dir / "trials.parquet"
+    if table.exists():
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(table, columns=["trial_id", "status"]).to_pylist()
+        return {r["trial_id"]: r["status"] for r in t}
+    return {p.name[len("trial_"):]: "?" for p in exp_dir.glob("trial_*") if p.is_dir()}
+
+
+def _latest_checkpoint(trial_dir: Path) -> Path | None:
+    cks = [(int(m.group(1)), p) for p in trial_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return max(cks)[1] if cks else None
+
+
+def _checkpoint_via_tune(exp_dir: Path, trial_id: str) -> Path | None:
+    """Tune's own record of the trial's latest checkpoint (any trial directory naming)."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        trials = ExperimentAnalysis(str(exp_dir)).trials
+    except Exception:
+        return None
+    for t in trials:
+        if t.trial_id == trial_id and t.checkpoint is not None:
+            return Path(t.checkpoint.path)
+    return None
+
+
+def locate(args: argparse.Namespace) -> Source:
+    """The sweep's trial (or the trainables.train run) read into memory; BadInput otherwise."""
+    if args.run:
+        if args.name or args.trial:
+            raise BadInput("--run excludes --name/--trial; accepted: --run DIR, or --name SWEEP --trial ID")
+        d = Path(args.run).expanduser()
+        if not d.is_dir():
+            raise BadInput(f"--run {args.run}: no such directory; accepted: the --out of python -m trainables.train")
+        return _from_checkpoint(d, d.resolve().name, {"run": str(d.resolve())}, "checkpoint.pt")
+    if not args.name or not args.trial:
+        raise BadInput("give --name SWEEP and --trial ID (or --run DIR)")
+    storage = args.storage_path
+    if "://" in storage and not storage.startswith("file://"):
+        raise BadInput(f"--storage-path {storage}: remote storage is not supported by the exporter; accepted: a local "
+                       f"directory (copy the experiment with `aws s3 sync` or similar first)")
+    storage_dir = Path(storage.replace("file://", "", 1)).expanduser().resolve()
+    exp_dir = storage_dir / args.name
+    if not exp_dir.is_dir() or not any(exp_dir.glob("experiment_state-*.json")):
+        known = sorted(p.name for p in storage_dir.glob("*/") if any(p.glob("experiment_state-*.json"))) \
+            if storage_dir.is_dir() else []
+        raise BadInput(f"--name {args.name}: no sweep of that name under {storage_dir}; accepted: "
+                       f"{', '.join(known) if known else 'the --name and --storage-path of a sweep'}")
+    trial = args.trial[len("trial_"):] if args.trial.startswith("trial_") else args.trial
+    ids = _trial_ids(exp_dir)
+    if trial not in ids:
+        raise BadInput(f"--trial {args.trial}: sweep {args.name!r} has no such trial; accepted: {', '.join(sorted(ids)) or '(none)'}")
+    if ids[trial] not in ("completed", "?"):
+        raise BadInput(f"--trial {trial} is {ids[trial]}; accepted: a completed trial ({', '.join(i for i, s in sorted(ids.items()) if s == 'completed') or 'none'})")
+    trial_dir = exp_dir / f"trial_{trial}"
+    ck = _latest_checkpoint(trial_dir) if trial_dir.is_dir() else None
+    if ck is None:
+        ck = _checkpoint_via_tune(exp_dir, trial)
+    if ck is None:
+        raise BadInput(f"--trial {trial}: no checkpoint found in {exp_dir}")
+    return _from_checkpoint(ck, f"{args.name}-{trial}", {"sweep": args.name, "trial_id": trial}, "state.pt")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out).expanduser()
+    why = _unwritable(out)
+    if why:
+        fail(f"--out {args.out}: not writable: {why}; accepted: a writable directory")
+    if args.image_size is not None and args.image_size < 1:
+        fail(f"--image-size {args.image_size}; accepted: an integer >= 1")
+    if args.onnx:
+        from trainables.onnx_export import available
+
+        missing = available()
+        if missing:
+            fail(f"--onnx: {missing}")
+    from trainables import export as ex
+
+    try:
+        src = locate(args)
+        cfg = ex.config_from_flat(src.config)
+        reference = ex.model_from_state_dict(src.state_dict, cfg)
+    except (BadInput, ex.ExportError) as e:
+        fail(str(e))
+    except RuntimeError as e:  # load_state_dict: weights that do not fit the config's architecture
+        fail(f"the weights do not fit the run's config: {str(e).splitlines()[0]}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    packed_path = out / f"{src.label}.brpk"
+    written = [packed_path]
+    try:
+        header = ex.write_packed(src.state_dict, cfg, packed_path, image_size=args.image_size, meta=src.meta)
+    except ex.ExportError as e:
+        fail(str(e))
+    size = packed_path.stat().st_size
+    line = {"packed": str(packed_path), "bytes": size, "size_bits": header["size_bits"],
+            "bound_bytes": ex.size_bound(header["size_bits"]), "bits": cfg.quant.bits}
+    problems: list[str] = []
+    if args.check:
+        problems += ex.check_packed(packed_path, reference)
+        line["check"] = "ok" if not problems else "failed"
+    if args.onnx and not problems:
+        from trainables import onnx_export as ox
+
+        loaded = ex.load_packed(packed_path)
+        x = ex.example_input(loaded.header)
+        onnx_path = out / f"{src.label}.onnx"
+        ox.write_onnx(loaded.model, x, onnx_path, noise=args.onnx_noise == "on")
+        written.append(onnx_path)
+        problems += ox.check_onnx(loaded.model, onnx_path, x, noise=args.onnx_noise == "on")
+        line.update(onnx=str(onnx_path), onnx_noise=args.onnx_noise,
+                    onnx_check="ok" if not problems else "failed")
+    if problems:
+        for p in written:
+            p.unlink(missing_ok=True)
+        print(f"error: export check failed: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""),
+              file=sys.stderr)
+        return 1
+    print(f"wrote {packed_path} ({size} bytes; size_bits/8 = {header['size_bits'] / 8:.0f})"
+          + (f" and {line['onnx']}" if args.onnx else ""))
+    print(json.dumps(line))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
