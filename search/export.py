@@ -165,7 +165,7 @@ def locate(args: argparse.Namespace) -> Source:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    out = Path(args.out).expanduser()
+    out = Path(os.path.abspath(Path(args.out).expanduser()))
     why = _unwritable(out)
     if why:
         fail(f"--out {args.out}: not writable: {why}; accepted: a writable directory")

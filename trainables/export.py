@@ -84,7 +84,8 @@ def codes_and_scale(q: torch.Tensor, bits: int) -> tuple[torch.Tensor, float]:
     if mags.numel() == 0:
         return torch.zeros(q.shape, dtype=torch.int8), 0.0
     if mags.numel() > 2 * K + 1:
-        raise ExportError(f"{mags.numel()} distinct magnitudes do not fit {bits} bits (at most {K})")
+        raise ExportError(f"weights are not one float32 scale times {bits}-bit integer levels "
+                          f"({mags.numel()} distinct magnitudes; at most {K})")
     sign = torch.sign(q)
     for k1 in range(1, K + 1):
         ratio = mags / (mags[0] / k1)
