@@ -79,7 +79,7 @@ def _load(path: Path) -> Any:
 
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - whatever torch.load raises, the file is unreadable input
         raise BadInput(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
@@ -118,7 +118,7 @@ def _checkpoint_via_tune(exp_dir: Path, trial_id: str) -> Path | None:
 
     try:
         trials = ExperimentAnalysis(str(exp_dir)).trials
-    except Exception:
+    except Exception:  # noqa: BLE001 - no readable Tune state: the caller reports "no checkpoint"
         return None
     for t in trials:
         if t.trial_id == trial_id and t.checkpoint is not None:
@@ -148,7 +148,7 @@ def locate(args: argparse.Namespace) -> Source:
             if storage_dir.is_dir() else []
         raise BadInput(f"--name {args.name}: no sweep of that name under {storage_dir}; accepted: "
                        f"{', '.join(known) if known else 'the --name and --storage-path of a sweep'}")
-    trial = args.trial[len("trial_"):] if args.trial.startswith("trial_") else args.trial
+    trial = args.trial.removeprefix("trial_")
     ids = _trial_ids(exp_dir)
     if trial not in ids:
         raise BadInput(f"--trial {args.trial}: sweep {args.name!r} has no such trial; accepted: {', '.join(sorted(ids)) or '(none)'}")

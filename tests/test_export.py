@@ -145,7 +145,7 @@ def test_check_catches_a_wrong_model_and_a_corrupt_file(tmp_path):
 
 def test_resnet20_ternary_size():
     """The issue's example: a ternary ResNet20 (float model.pt ~1 MB) packs to ~size_bits/8."""
-    cfg, sd, model = trained_like(2, depth=20, width=16, ensemble=1, in_channels=3, zero_filters=False)
+    cfg, sd, _ = trained_like(2, depth=20, width=16, ensemble=1, in_channels=3, zero_filters=False)
     import io
     import tempfile
 
