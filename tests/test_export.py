@@ -56,6 +56,15 @@ def trained_like(bits: int, mode: str = "twn0.7", iters: int = 1, *, depth: int 
     return cfg, export_state_dict(model, br), model
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny convolutions gain nothing from threads, and lose a lot on a shared, loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("bits,mode,iters", WIDTHS)
 def test_round_trip_every_bit_width(tmp_path, bits, mode, iters):
     cfg, sd, model = trained_like(bits, mode, iters)
@@ -68,12 +77,11 @@ def test_round_trip_every_bit_width(tmp_path, bits, mode, iters):
     for k, v in sd.items():
         if not k.endswith("num_batches_tracked"):
             assert torch.equal(got[k], v), k
-    x = ex.example_input(header)
-    assert torch.equal(ex.logits(ref, x, noise_on=False), ex.logits(packed.model, x, noise_on=False))
-    assert torch.equal(ex.logits(ref, x, noise_on=True, seed=3), ex.logits(packed.model, x, noise_on=True, seed=3))
     # the reference is the trained quantized model itself (parametrized, quantized mode)
+    x = ex.example_input(header, n=4)
     with model.binary_relax.quantized():
         assert torch.equal(ex.logits(model, x, noise_on=False), ex.logits(ref, x, noise_on=False))
+    # logits equal with the noise off and on (same seed), weights decode, size bound
     assert ex.check_packed(path, ref) == []
     # size as trainables.metrics counts it, and the file within 10 % + 16 KiB of it
     assert header["size_bits"] == structure_metrics(model, model.binary_relax)["size_bits"]
