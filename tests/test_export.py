@@ -256,6 +256,10 @@ def test_cli_exports_a_sweep_trial(sweep):
     h = ex.read_header(packed)
     assert h["size_bits"] == trial["size_bits"] and h["arch"]["depth"] == 8 and h["quant"]["bits"] == 2
     assert h["meta"]["trial_id"] == tid and h["meta"]["metrics"]["clean_acc"] == trial["clean_acc"]
+    # Tune's own record (used where trial directories are named otherwise) points at the same checkpoint
+    from search.export import _checkpoint_via_tune
+
+    assert _checkpoint_via_tune(tmp / "results/exp", tid) == Path(h["meta"]["checkpoint"])
 
 
 def export_main(args: list[str], capsys) -> tuple[int, str, str]:
@@ -293,6 +297,20 @@ def test_cli_bad_input_writes_nothing(sweep, capsys, monkeypatch):
     rc, _, err = export_main(["--name", "exp", "--trial", trial["trial_id"], "--out", "afile/sub",
                               "--storage-path", "results"], capsys)
     assert rc == 2 and "--out afile/sub: not writable" in err and err.count("\n") == 1
+
+
+def test_cli_refuses_an_unfinished_trial(tmp_path, capsys, monkeypatch):
+    """A trial MO-ASHA stopped (or that failed) has no final model: refused by name, nothing written."""
+    import pandas as pd
+
+    exp = tmp_path / "results" / "s"
+    (exp / "trial_aaa" / "checkpoint_000000").mkdir(parents=True)
+    (exp / "experiment_state-x.json").write_text("{}")
+    pd.DataFrame({"trial_id": ["aaa", "bbb"], "status": ["stopped", "completed"]}).to_parquet(exp / "trials.parquet")
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = export_main(["--name", "s", "--trial", "aaa", "--out", "o", "--storage-path", "results"], capsys)
+    assert rc == 2 and err == "error: --trial aaa is stopped; accepted: a completed trial (bbb)\n" and not out
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow
