@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", action="store_true", help="also write an ONNX model (needs pip install -e '.[export]')")
     p.add_argument("--onnx-noise", choices=("on", "off"), default="on",
                    help="on (default): the EnResNet test-time noise as ONNX random ops; off: deterministic")
+    p.add_argument("--onnx-weights", choices=("qdq", "float"), default="qdq",
+                   help="qdq (default): quantized weights as int8 codes + DequantizeLinear; float: dequantized constants")
     p.add_argument("--image-size", type=int, help="input side for the checks (default: the dataset's; 32 for folders)")
     p.add_argument("--storage-path", default="./brsearch_results", help="where the sweep lives (as search.pareto)")
     return p
@@ -208,10 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         loaded = ex.load_packed(packed_path)
         x = ex.example_input(loaded.header)
         onnx_path = out / f"{src.label}.onnx"
-        ox.write_onnx(loaded.model, x, onnx_path, noise=args.onnx_noise == "on")
+        qdq = ox.weight_codes(loaded.model, loaded.header) if args.onnx_weights == "qdq" else None
+        ox.write_onnx(loaded.model, x, onnx_path, noise=args.onnx_noise == "on", qdq=qdq)
         written.append(onnx_path)
-        problems += ox.check_onnx(loaded.model, onnx_path, x, noise=args.onnx_noise == "on")
-        line.update(onnx=str(onnx_path), onnx_noise=args.onnx_noise,
+        problems += ox.check_onnx(loaded.model, onnx_path, x, noise=args.onnx_noise == "on", qdq=qdq)
+        line.update(onnx=str(onnx_path), onnx_noise=args.onnx_noise, onnx_weights=args.onnx_weights,
                     onnx_check="ok" if not problems else "failed")
     if problems:
         for p in written:
