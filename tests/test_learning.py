@@ -8,6 +8,7 @@ exactly zero gradient. The learning test checks that the model also learns at 2 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from trainables.config import ATTACKS, LOSSES, AttackConfig, QuantConfig, TrainConfig
-from trainables.data import load_data
+from trainables.data import Split, load_data
 from trainables.loop import Run, train
 
 BITS = (1, 2, 4, 8, 32)
@@ -86,3 +87,51 @@ def test_each_loss_learns_at_two_bits(digits, loss):
     ternary_acc = _final_clean(loss, 2, digits)
     assert float_acc > 0.7, f"{loss} float run did not learn: {float_acc}"
     assert ternary_acc >= 0.85 * float_acc, f"{loss}: 2-bit {ternary_acc} vs float {float_acc}"
+
+
+# ------------------------------------------------------------------------------------------
+# objectives on validation, test once (issue #10 item 4)
+
+
+def _tiny_cfg(**kw) -> TrainConfig:
+    cfg = TrainConfig(dataset="digits", depth=8, width=4, epochs=2, batch_size=64,
+                      subset_train=300, subset_test=120, cw=False, proxy_eval_size=32,
+                      proxy_attack_steps=1, quant=QuantConfig(bits=2, phase2_start=0.5), **kw)
+    cfg.train_attack.steps = 1
+    cfg.eval_attack.steps = 2
+    return cfg
+
+
+class _Keep:
+    def __init__(self):
+        self.reports = []
+
+    def load_checkpoint(self):
+        return None
+
+    def report(self, metrics, checkpoint, final):
+        self.reports.append(dict(metrics))
+
+
+@pytest.mark.slow
+def test_objectives_do_not_see_the_test_labels():
+    """Scrambling the test labels changes the test_ metrics and nothing a search selects on."""
+    cfg = _tiny_cfg()
+    data = load_data(cfg)
+    g = torch.Generator().manual_seed(1)
+    scrambled = dataclasses.replace(
+        data, test=Split(data.test.x, data.test.y[torch.randperm(len(data.test), generator=g)]))
+    runs = []
+    for d in (data, scrambled):
+        hooks = _Keep()
+        train(cfg, hooks, data=d)
+        runs.append(hooks.reports)
+    a, b = runs
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):  # every report, per epoch and final
+        for k in ("clean_acc", "robust_acc", "channel_sparsity", "fgsm_acc", "weight_sparsity"):
+            if k in ra:
+                assert ra[k] == rb[k], k
+    for k in ("test_clean_acc", "test_robust_acc", "test_fgsm_acc"):
+        assert k in a[-1] and k not in a[0]  # evaluated once, at the end
+    assert a[-1]["test_clean_acc"] != b[-1]["test_clean_acc"]

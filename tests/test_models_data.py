@@ -85,7 +85,8 @@ def _write_tree(root, per_class=(6, 3)):
 
 def _check_final(metrics, hooks):
     assert set(FINAL_KEYS) <= set(metrics)
-    for k in ("clean_acc", "robust_acc", "fgsm_acc", "weight_sparsity", "channel_sparsity"):
+    for k in ("clean_acc", "robust_acc", "fgsm_acc", "weight_sparsity", "channel_sparsity",
+              "test_clean_acc", "test_robust_acc", "test_fgsm_acc"):
         assert 0.0 <= metrics[k] <= 1.0
     assert metrics["epoch"] == 1
     assert len(hooks.reports) == 1 and hooks.reports[0][2] is True

@@ -330,3 +330,28 @@ def test_bad_schedules_are_refused(kw, needle):
 
     with pytest.raises(ConfigError, match=needle):
         QuantConfig(**kw).validate()
+
+
+def test_binary_size_counts_the_zero_mask_a_deployed_file_stores():
+    from trainables.quant import layer_bits, model_bits
+
+    conv = nn.Conv2d(4, 6, 3, bias=False)
+    br = quantize_(conv, QuantConfig(bits=1))
+    w = br.float_weights()[0]
+    n = w.numel()
+    assert model_bits(conv, br) == (n + 32, n)  # no zeros: signs and a scale
+    with torch.no_grad():
+        w[1:3] = 0  # two output filters zeroed by the proximal step
+    assert model_bits(conv, br)[0] == n + 32 + 6  # + one mask bit per output filter
+    with torch.no_grad():
+        w.normal_()
+        w[:, 2] = 0  # an input channel (group_axis=in)
+    assert model_bits(conv, br)[0] == n + 32 + 4
+    with torch.no_grad():
+        w.normal_()
+        w[0, 0, 0, 0] = 0  # a scattered zero: a mask bit per entry (the ternary cost)
+    assert model_bits(conv, br)[0] == 2 * n + 32
+    q = torch.zeros(6, 4, 3, 3)
+    q[0] = 1.0
+    for bits in (2, 4):  # zero is an ordinary level at 2+ bits
+        assert layer_bits(q, bits) == bits * q.numel() + 32

@@ -132,6 +132,10 @@ def test_sweep_front_matches_trials(sweep4):
     assert (trials["status"] == "completed").all(), trials[["trial_id", "status", "reason"]]
     for m in OBJECTIVES:
         assert trials[m].notna().all() and trials[m].between(0, 1).all(), trials[m]
+    # the test split, evaluated once per trial, beside the (validation) objectives
+    for m in ("test_clean_acc", "test_robust_acc", "test_fgsm_acc"):
+        assert trials[m].notna().all() and trials[m].between(0, 1).all(), trials[m]
+        assert m in pareto.columns
     done = trials[trials["status"] == "completed"]
     expected = non_dominated({r.trial_id: tuple(float(getattr(r, m)) for m in OBJECTIVES)
                               for r in done.itertuples()})
@@ -173,6 +177,8 @@ def test_sweep_mlflow_runs(sweep4):
         for m in OBJECTIVES:
             assert m in c.data.metrics, (tid, m, sorted(c.data.metrics))
             # the latest value (the final report) is what trials.parquet holds
+            assert math.isclose(c.data.metrics[m], trials.loc[tid, m], rel_tol=1e-9, abs_tol=1e-12), (tid, m)
+        for m in ("test_clean_acc", "test_robust_acc"):
             assert math.isclose(c.data.metrics[m], trials.loc[tid, m], rel_tol=1e-9, abs_tol=1e-12), (tid, m)
         assert c.data.tags.get("pareto") == ("true" if tid in front else "false"), tid
         assert c.data.tags.get("brsearch.status") == "completed"

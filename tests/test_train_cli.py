@@ -12,7 +12,8 @@ import pytest
 import torch
 
 FINAL_KEYS = ("clean_acc", "robust_acc", "fgsm_acc", "weight_sparsity", "channel_sparsity",
-              "channel_sparsity_in", "size_bits", "compression", "epoch")
+              "channel_sparsity_in", "size_bits", "compression", "epoch",
+              "test_clean_acc", "test_robust_acc", "test_fgsm_acc", "test_cw_acc")
 SMALL = ["--dataset", "digits", "--subset-train", "400", "--subset-test", "200",
          "--depth", "8", "--width", "8", "--batch-size", "32"]
 TERNARY = SMALL + ["--epochs", "2", "--bits", "2", "--phase2-start", "0.5", "--seed", "0"]
@@ -49,7 +50,7 @@ def test_ternary_run(ternary_run):
     assert set(FINAL_KEYS) <= set(final)
     assert final["epoch"] == 2
     for k in ("clean_acc", "robust_acc", "fgsm_acc", "weight_sparsity", "channel_sparsity",
-              "channel_sparsity_in"):
+              "channel_sparsity_in", "test_clean_acc", "test_robust_acc", "test_fgsm_acc", "test_cw_acc"):
         assert 0.0 <= final[k] <= 1.0, k
     assert final["clean_acc"] > 0.3  # chance is 0.1; about 0.45-0.65 over seeds
     saved = json.loads((out / "metrics.json").read_text())
@@ -130,6 +131,10 @@ BAD = {
     "dataset": (["--dataset", "nope"], ["'nope'", "digits", "cifar10", "folder:"]),
     "attack": (["--attack", "nope"], ["'nope'", "fgsm", "pgd", "cw"]),
     "loss": (["--loss", "nope"], ["'nope'", "madry", "mix", "trades"]),
+    "val-fraction-0": (["--val-fraction", "0"], ["val_fraction=0", "(0, 1)", "validation"]),
+    "lambda-schedule": (["--lambda-schedule", "nope"], ["lambda_schedule='nope'", "final", "rho"]),
+    "attack-bn": (["--attack-bn", "nope"], ["attack_bn='nope'", "eval", "train"]),
+    "lambda-final": (["--lambda-final", "0.5"], ["lambda_final=0.5", ">= lambda0"]),
     "cifar10-missing": (["--dataset", "cifar10", "--data-root", "{empty}"],
                         ["cifar10", "{empty}", "--download"]),
 }

@@ -14,6 +14,7 @@ LOSSES = ("madry", "mix", "trades")
 ATTACKS = ("fgsm", "pgd", "cw", "trades")
 TERNARY_MODES = ("twn0.7", "exact")
 LAMBDA_SCHEDULES = ("final", "rho")
+ATTACK_BN_MODES = ("eval", "train")
 GROUP_AXES = ("out", "in")
 GROUP_MODES = ("penalty", "prox")
 BUILTIN_DATASETS = ("digits", "cifar10", "mnist", "fashion-mnist", "svhn")
@@ -108,7 +109,7 @@ class TrainConfig:
     download: bool = False
     subset_train: int | None = None
     subset_test: int | None = None
-    val_fraction: float = 0.1
+    val_fraction: float = 0.2  # the objectives' split: 287 of digits' 1,437 training images
     augment: bool | None = None  # None: crop+flip for 32x32 colour images only
     # model
     depth: int = 8  # 6n+2; ResNet20 is depth 20
@@ -133,8 +134,12 @@ class TrainConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     train_attack: AttackConfig = field(default_factory=AttackConfig)
     eval_attack: AttackConfig = field(default_factory=lambda: AttackConfig(steps=20, random_start=False))
+    attack_bn: str = "eval"  # BatchNorm mode while the training attack runs (see losses.py)
     proxy_eval_size: int = 256  # fixed validation subset for the cheap per-epoch robust proxy
     proxy_attack_steps: int = 3
+    # phase I proxies: re-estimate BN statistics under the projected weights on this many
+    # training batches (then restore the training buffers); 0 evaluates with the training ones
+    proxy_bn_batches: int = 4
     cw: bool = True  # also run CW-Linf in the final evaluation
     # run
     seed: int = 0
@@ -172,8 +177,15 @@ class TrainConfig:
             raise ConfigError(f"group_axis={self.group_axis!r}; accepted: {', '.join(GROUP_AXES)}")
         if self.group_mode not in GROUP_MODES:
             raise ConfigError(f"group_mode={self.group_mode!r}; accepted: {', '.join(GROUP_MODES)}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"val_fraction={self.val_fraction}; accepted: a fraction in [0, 1)")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(
+                f"val_fraction={self.val_fraction}; accepted: a fraction in (0, 1) (the objectives "
+                f"are measured on the validation split, so it cannot be empty)"
+            )
+        if self.attack_bn not in ATTACK_BN_MODES:
+            raise ConfigError(f"attack_bn={self.attack_bn!r}; accepted: {', '.join(ATTACK_BN_MODES)}")
+        if self.proxy_bn_batches < 0:
+            raise ConfigError(f"proxy_bn_batches={self.proxy_bn_batches}; accepted: an integer >= 0")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device={self.device!r}; accepted: auto, cpu, cuda, cuda:N")
 
@@ -211,6 +223,8 @@ ALIASES = {
     "quantize_shortcut": "quant.quantize_shortcut",
     "quantize_fc": "quant.quantize_fc",
     "eps": "train_attack.eps",
+    "eval_eps": "eval_attack.eps",
+    "eval_step": "eval_attack.step",
     "attack_step": "train_attack.step",
     "attack_steps": "train_attack.steps",
 }

@@ -6,6 +6,7 @@ implement. The payload is a plain dict, so resuming is the same code path everyw
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -18,12 +19,13 @@ from .attacks import perturb  # noqa: F401  (re-exported for callers building cu
 from .config import AttackConfig, TrainConfig
 from .data import DataBundle, augment_batch, load_data
 from .losses import group_penalty, group_prox_, tradeoff_loss
-from .metrics import accuracy, structure_metrics
+from .metrics import accuracy, bn_recalibrated, recalibrate_bn_, structure_metrics
 from .models import Ensemble, build_model
 from .quant import BinaryRelax, cached, export_state_dict, quantize_
 
 FINAL_KEYS = ("clean_acc", "robust_acc", "fgsm_acc", "weight_sparsity", "channel_sparsity",
-              "channel_sparsity_in", "size_bits", "compression", "epoch")
+              "channel_sparsity_in", "size_bits", "compression", "epoch",
+              "test_clean_acc", "test_robust_acc", "test_fgsm_acc")
 
 
 class DivergedError(RuntimeError):
@@ -88,6 +90,7 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones, 0.1)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.epoch = 0  # epochs completed
+        self.bn_deployed = False  # BN statistics already re-estimated for the projected weights
         xs, ys = self.data.val.to_float(self.device)
         self.val = (xs, ys)
         k = min(cfg.proxy_eval_size, len(ys))
@@ -150,7 +153,8 @@ class Run:
         proximal step); returns the loss. The model's mode and the BR phase are the caller's."""
         cfg, model, br = self.cfg, self.model, self.br
         with cached():
-            loss = tradeoff_loss(model, x, y, cfg.loss, cfg.train_attack, cfg.alpha, cfg.beta)
+            loss = tradeoff_loss(model, x, y, cfg.loss, cfg.train_attack, cfg.alpha, cfg.beta,
+                                 cfg.attack_bn)
         if cfg.group_lasso > 0 and cfg.group_mode == "penalty":
             loss = loss + cfg.group_lasso * group_penalty(br.float_weights(), cfg.group_axis)
         if not torch.isfinite(loss):
@@ -173,17 +177,60 @@ class Run:
         devices = [self.device] if self.device.type == "cuda" else []
         return torch.random.fork_rng(devices=devices)
 
+    def calibration_batches(self) -> list[torch.Tensor]:
+        """The first `proxy_bn_batches` training batches in a fixed order (clean images)."""
+        n = min(len(self.data.train), self.cfg.proxy_bn_batches * self.cfg.batch_size)
+        x, _ = self.data.train.take(torch.arange(n)).to_float(self.device)
+        return [x[i : i + self.cfg.batch_size] for i in range(0, n, self.cfg.batch_size)
+                if len(x[i : i + self.cfg.batch_size]) >= 2]
+
+    def needs_bn_calibration(self) -> bool:
+        """In phase I the running BN statistics were gathered under the relaxed weights, so they
+        do not match the projected weights that every evaluation uses; in phase II they do."""
+        return (self.br.enabled and self.br.state.mode == "relaxed" and self.cfg.proxy_bn_batches > 0
+                and not self.bn_deployed)
+
+    def deploy_bn(self) -> None:
+        """A run that ends in phase I (phase2_start = 1) keeps BN statistics re-estimated under
+        the projected weights, so the exported model is the one the objectives measured. After
+        phase II nothing changes: its statistics were gathered under the projected weights."""
+        if self.needs_bn_calibration():
+            with self._eval_rng():
+                torch.manual_seed(self.cfg.eval_seed)
+                recalibrate_bn_(self.model, self.br, self.calibration_batches())
+            self.bn_deployed = True
+
+    def _deployed(self):
+        """The model as deployed: projected weights, and (in phase I) BN statistics re-estimated
+        under them on a few training batches; the training buffers come back afterwards."""
+        if not self.needs_bn_calibration():
+            return contextlib.nullcontext()
+        return bn_recalibrated(self.model, self.br, self.calibration_batches())
+
     def proxy_metrics(self) -> dict[str, float]:
-        """Cheap per-epoch objectives: clean accuracy on the validation split and a few-step PGD
-        on a fixed validation subset. Seeded, and isolated from the training RNG stream."""
+        """Cheap per-epoch objectives on the validation split: clean accuracy on all of it and a
+        few-step PGD on a fixed subset, on the deployed model (see `_deployed`). Seeded, and
+        isolated from the training RNG stream."""
         cfg = self.cfg
         k = cfg.proxy_attack_steps  # step 2.5*eps/k, the usual choice for a k-step PGD
         atk = AttackConfig("pgd", cfg.eval_attack.eps, 2.5 * cfg.eval_attack.eps / k, k, True)
         with self._eval_rng():
             torch.manual_seed(cfg.eval_seed)
-            clean = accuracy(self.model, self.br, *self.val, {"clean": None})["clean"]
-            rob = accuracy(self.model, self.br, *self.proxy, {"pgd": atk})["pgd"]
+            with self._deployed():
+                clean = accuracy(self.model, self.br, *self.val, {"clean": None})["clean"]
+                rob = accuracy(self.model, self.br, *self.proxy, {"pgd": atk})["pgd"]
         return {"clean_acc": clean, "robust_acc": rob}
+
+    def final_metrics(self) -> dict[str, float]:
+        """The end-of-run evaluation. Objectives (`clean_acc`, `robust_acc`, plus `fgsm_acc`)
+        on the whole validation split with the full evaluation attack; the test split once,
+        under `test_` names, which nothing that selects or stops trials reads."""
+        ev = self.cfg.eval_attack
+        val = self.evaluate(attacks={"clean_acc": None, "robust_acc": ev,
+                                     "fgsm_acc": AttackConfig("fgsm", ev.eps, ev.eps, 1, False)},
+                            split="val")
+        test = self.evaluate(split="test")
+        return {**val, **{f"test_{k}": v for k, v in test.items()}}
 
     def evaluate(self, seed: int | None = None, attacks: dict[str, AttackConfig | None] | None = None,
                  split: str = "test") -> dict[str, float]:
@@ -201,7 +248,8 @@ class Run:
         x, y = getattr(self.data, split).to_float(self.device)
         with self._eval_rng():
             torch.manual_seed(cfg.eval_seed if seed is None else seed)
-            return accuracy(self.model, self.br, x, y, attacks)
+            with self._deployed():
+                return accuracy(self.model, self.br, x, y, attacks)
 
     def structure(self) -> dict[str, float]:
         return structure_metrics(self.model, self.br)
@@ -213,7 +261,8 @@ class Run:
 def train(cfg: TrainConfig, hooks: Hooks | None = None, log: Callable[[str], None] | None = None,
           data: DataBundle | None = None) -> dict[str, Any]:
     """Train per cfg (resuming from hooks.load_checkpoint()), report every epoch, and return the
-    final metrics of the fully quantized model on the test split."""
+    final metrics of the fully quantized model: objectives on the validation split, `test_*`
+    from the one evaluation of the test split."""
     hooks = hooks or Hooks()
     run = Run(cfg, data)
     state = hooks.load_checkpoint()
@@ -228,14 +277,14 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None, log: Callable[[str], Non
         proxy = run.proxy_metrics()
         metrics = {
             **stats, **proxy, **run.structure(),
-            "val_clean_acc": proxy["clean_acc"], "val_robust_acc": proxy["robust_acc"],
             "epoch": run.epoch, "max_epochs": cfg.epochs, "lambda": run.br.lam,
             "phase": 2 if run.br.state.mode == "quantized" else 1,
             "lr": run.optimizer.param_groups[0]["lr"], "epoch_time_s": time.perf_counter() - t0,
         }
         final = run.epoch == cfg.epochs
         if final:
-            metrics.update(run.evaluate())  # test split: what the front is made of
+            run.deploy_bn()
+            metrics.update(run.final_metrics())
         if log:
             log(_progress_line(metrics, cfg.epochs))
         ck = {**run.state_dict(), "metrics": metrics}

@@ -17,30 +17,43 @@ GROUP_EPS = 1e-8
 
 def tradeoff_loss(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, attack: AttackConfig,
-    alpha: float = 0.0, beta: float = 6.0,
+    alpha: float = 0.0, beta: float = 6.0, attack_bn: str = "eval",
 ) -> torch.Tensor:
     """madry: CE(f(x_adv)); mix: (1-alpha) CE(f(x_adv)) + alpha CE(f(x));
-    trades: CE(f(x)) + beta KL(p(x) || p(x_adv)) with the KL attack run in eval mode."""
+    trades: CE(f(x)) + beta KL(p(x) || p(x_adv)) with the KL attack.
+
+    attack_bn: BatchNorm mode while the training attack runs. "eval" (default; TRADES and most
+    later work) uses the running statistics, so the attack neither updates them with its
+    iterates nor couples the images of a batch; "train" uses batch statistics, as the EnResNet
+    training script does. The loss itself always runs in the caller's mode."""
     if kind == "madry":
-        x_adv = perturb(model, x, y, attack)
+        x_adv = _attack(model, x, y, attack, attack_bn)
         return F.cross_entropy(model(x_adv), y)
     if kind == "mix":
-        x_adv = perturb(model, x, y, attack)
+        x_adv = _attack(model, x, y, attack, attack_bn)
         loss = (1 - alpha) * F.cross_entropy(model(x_adv), y)
         if alpha > 0:
             loss = loss + alpha * F.cross_entropy(model(x), y)
         return loss
     if kind == "trades":
-        was_training = model.training
-        model.eval()
-        x_adv = perturb(model, x, y, AttackConfig("trades", attack.eps, attack.step, attack.steps))
-        model.train(was_training)
+        kl_attack = AttackConfig("trades", attack.eps, attack.step, attack.steps)
+        x_adv = _attack(model, x, y, kl_attack, attack_bn)
         logits = model(x)
         kl = F.kl_div(
             F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean"
         )
         return F.cross_entropy(logits, y) + beta * kl
     raise ValueError(f"unknown loss {kind!r}")
+
+
+def _attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackConfig,
+            bn_mode: str) -> torch.Tensor:
+    was_training = model.training
+    model.train(bn_mode == "train")
+    try:
+        return perturb(model, x, y, attack)
+    finally:
+        model.train(was_training)
 
 
 def _group_dims(axis: str) -> tuple[int, ...]:

@@ -5,10 +5,12 @@ never on the float shadow weights.
 """
 from __future__ import annotations
 
-from typing import Iterable
+import contextlib
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .attacks import perturb
 from .config import AttackConfig
@@ -68,3 +70,40 @@ def accuracy(
     finally:
         model.train(was_training)
     return {k: c / max(1, len(x)) for k, c in correct.items()}
+
+
+@torch.no_grad()
+def recalibrate_bn_(model: nn.Module, br: BinaryRelax, batches: list[torch.Tensor]) -> None:
+    """Re-estimate every BatchNorm's running statistics under the projected weights: reset, then
+    a cumulative average over `batches` (train-mode forwards, no parameter changes)."""
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    was_training = model.training
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average: every batch counts the same
+        model.train()
+        with br.quantized():
+            for xb in batches:
+                model(xb)
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def bn_recalibrated(model: nn.Module, br: BinaryRelax, batches: list[torch.Tensor]) -> Iterator[None]:
+    """Inside: BN statistics that match the projected weights (`recalibrate_bn_`); afterwards
+    the training buffers are back exactly as they were."""
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in bns]
+    try:
+        recalibrate_bn_(model, br, batches)
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buf in zip(bns, saved):
+                for k, v in m.named_buffers(recurse=False):
+                    v.copy_(buf[k])

@@ -326,16 +326,36 @@ def export_state_dict(model: nn.Module, br: BinaryRelax) -> dict[str, torch.Tens
     return out
 
 
+def layer_bits(q: torch.Tensor, bits: int) -> int:
+    """Bits a deployed file stores for one quantized tensor q = proj(w): b per entry plus one
+    32-bit scale. A 1-bit code holds only the signs {-d, +d}, so a binary layer with zeros
+    (groups the proximal step zeroed, or exact-zero floats) also stores where they are: one bit
+    per output filter when every zero lies in an all-zero filter, else one per input channel when
+    every zero lies in an all-zero input channel, else one per entry (then it costs what a
+    ternary code would). Zero codes of b >= 2 layers are ordinary levels and cost nothing extra."""
+    size = bits * q.numel() + 32
+    if bits != 1 or q.dim() < 2 or bool(q.ne(0).all()):
+        return size
+    zero = q.eq(0)
+    for axis in (0, 1):
+        dead = zero.transpose(0, axis).reshape(q.shape[axis], -1).all(dim=1)
+        if bool((zero.transpose(0, axis).reshape(q.shape[axis], -1) == dead[:, None]).all()):
+            return size + q.shape[axis]
+    return size + q.numel()
+
+
 def model_bits(model: nn.Module, br: BinaryRelax) -> tuple[int, int]:
-    """(size in bits, parameter count): b*numel + one 32-bit scale per quantized layer, 32 bits
-    for every float parameter (BN running stats are buffers and not counted)."""
-    q_ids = {id(_float_weight(m)) for _, m in br.modules} if br.enabled else set()
+    """(size in bits, parameter count): `layer_bits` for every quantized layer (b*numel + one
+    32-bit scale, plus the zero mask of a binary layer that has zeros), 32 bits for every float
+    parameter (BN running stats are buffers and not counted)."""
+    q = {id(_float_weight(m)): w for (_, m), w in zip(br.modules, br.quantized_weights())} \
+        if br.enabled else {}
     total_bits = 0
     n = 0
     for p in model.parameters():
         n += p.numel()
-        if id(p) in q_ids:
-            total_bits += br.config.bits * p.numel() + 32
+        if id(p) in q:
+            total_bits += layer_bits(q[id(p)], br.config.bits)
         else:
             total_bits += 32 * p.numel()
     return total_bits, n

@@ -33,6 +33,8 @@ FLAGS: dict[str, tuple[str, type]] = {
     "attack": ("train_attack.kind", str), "eps": ("eps", float),
     "attack-step": ("attack_step", float), "attack-steps": ("attack_steps", int),
     "eval-attack": ("eval_attack.kind", str), "eval-steps": ("eval_attack.steps", int),
+    "eval-eps": ("eval_eps", float), "eval-step": ("eval_step", float),
+    "attack-bn": ("attack_bn", str), "proxy-bn-batches": ("proxy_bn_batches", int),
     "seed": ("seed", int), "device": ("device", str),
 }
 SWITCHES = {"download": "download", "quantize-shortcut": "quantize_shortcut",
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: training diverged: {e}", file=sys.stderr)
         return 1
     final = {k: metrics[k] for k in FINAL_KEYS}
-    final.update({k: metrics[k] for k in ("cw_acc", "val_clean_acc", "val_robust_acc") if k in metrics})
+    final.update({k: metrics[k] for k in ("test_cw_acc",) if k in metrics})
     print(json.dumps(final), flush=True)
     return 0
 
