@@ -463,7 +463,7 @@ def test_set_pins_remove_params_from_search():
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
 
 
-@pytest.mark.parametrize("item", ["bits=9", "no_such_key=1", "nokey", "lr=abc"])
+@pytest.mark.parametrize("item", ["bits=9", "no_such_key=1", "nokey", "lr=abc", "val_fraction=0"])
 def test_bad_sets_are_refused(item):
     from search.space import parse_sets
 

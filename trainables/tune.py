@@ -1,7 +1,9 @@
 """The one module of `trainables` that knows Ray: the training loop as a Tune function trainable.
 
-Every epoch reports all three objectives (Tune rejects a result that lacks a searcher metric) and
-a checkpoint; the final report carries the full test evaluation and the quantized model. It uses
+Every epoch reports all three objectives (Tune rejects a result that lacks a searcher metric),
+measured on the validation split, and a checkpoint; the final report carries the objectives on the
+whole validation split, the one test-split evaluation under `test_*` names (reported, never
+selected on) and the quantized model. It uses
 `ray.tune.*` only: `ray.train.*` inside a Tune function is an error since Ray 2.51.
 """
 from __future__ import annotations
