@@ -110,3 +110,22 @@ def test_mix_loss_is_the_convex_combination(model_and_batch):
     mix = tradeoff_loss(model, x, y, "mix", atk, alpha=0.3)
     assert mix.item() == pytest.approx(0.7 * madry.item() + 0.3 * natural.item(), rel=1e-5)
     assert madry.item() > natural.item()  # the attack raised the loss
+
+
+@pytest.mark.parametrize("kind, attack_bn, updates", [
+    ("madry", "eval", 1), ("madry", "train", 1 + 3),
+    ("mix", "eval", 2), ("mix", "train", 2 + 3),
+    ("trades", "eval", 2), ("trades", "train", 2 + 1 + 3),  # + the natural forward of the KL attack
+])
+def test_attack_bn_mode_decides_which_forwards_update_bn(kind, attack_bn, updates):
+    """attack_bn=eval: only the loss forwards move the running BN statistics; train: the attack's
+    forwards too (EnResNet). The loss always runs in the caller's (train) mode."""
+    torch.manual_seed(0)
+    model = build_model(8, 4, 3, 10, ensemble=1, noise=0.0).train()
+    x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    bn = model.members[0].bn
+    before = int(bn.num_batches_tracked)
+    loss = tradeoff_loss(model, x, y, kind, AttackConfig("pgd", 0.03, 0.01, 3, True), alpha=0.3,
+                         attack_bn=attack_bn)
+    assert int(bn.num_batches_tracked) - before == updates
+    assert model.training and loss.requires_grad

@@ -104,6 +104,7 @@ class Run:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "binary_relax": self.br.state_dict(),
+            "bn_deployed": self.bn_deployed,
             "generator": self.generator.get_state(),
             "rng": _rng_state(),
             "config": self.cfg.to_flat(),
@@ -117,6 +118,7 @@ class Run:
         self.generator.set_state(state["generator"])
         _set_rng_state(state["rng"])
         self.epoch = int(state["epoch"])
+        self.bn_deployed = bool(state.get("bn_deployed", False))
 
     # --- training -------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, float]:
