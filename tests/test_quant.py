@@ -226,23 +226,24 @@ def test_cached_weights_from_a_no_grad_forward_still_pass_gradients(bits):
         assert w.grad is not None and w.grad.abs().sum() > 0
 
 
-def test_cache_follows_in_place_updates_of_the_float_weights():
+def test_cache_lives_one_block_and_follows_the_phase():
     model, br = _quantized_model(2)
     br.start_epoch(0, 4)
     x = torch.rand(2, 3, 16, 16)
+    project = projector(br.config)
     with cached():
         before = _weights_seen_in_forward(model, br.modules, x)
-        with torch.no_grad():
-            for w in br.float_weights():
-                w.mul_(-2.0)  # what an optimizer or proximal step does: in place
-        after = _weights_seen_in_forward(model, br.modules, x)
-        br.start_epoch(3, 4)  # phase II: the target changes with the mode too
+        br.start_epoch(3, 4)  # phase II inside the block: the target follows the mode
         hard = _weights_seen_in_forward(model, br.modules, x)
-    project = projector(br.config)
-    for w, u0, u1, u2 in zip(br.float_weights(), before, after, hard):
-        assert not torch.equal(u0, u1)
-        assert torch.allclose(u2, project(w.detach()))
-        assert not torch.allclose(u1, u2)
+    with torch.no_grad():
+        for w in br.float_weights():
+            w.mul_(-2.0)  # what an optimizer or proximal step does, between blocks
+    with cached():
+        after = _weights_seen_in_forward(model, br.modules, x)
+    for w, u0, u1, u2 in zip(br.float_weights(), before, hard, after):
+        assert not torch.allclose(u0, u1)
+        assert torch.allclose(u1, project(w.detach() / -2.0))
+        assert torch.allclose(u2, project(w.detach()))  # the next block sees the new weights
 
 
 def test_straight_through_gradient_single_conv():

@@ -125,9 +125,9 @@ class _BRWeight(nn.Module):
     The target is a detached function of w, so it may be computed under no_grad and reused;
     the autograd node is built on every forward that needs one. That is the invariant that keeps
     gradients flowing: a forward under no_grad (e.g. the natural forward of the TRADES attack)
-    never hands a gradient-less weight to a later forward that trains. Inside `cached()` the
-    target is reused until w changes (its version counter moves on every in-place update:
-    optimizer step, proximal step, load_state_dict) or the phase or lambda changes."""
+    never hands a gradient-less weight to a later forward that trains. Inside a `cached()` block
+    the target is reused while the phase and lambda stay the same; entering or leaving any block
+    drops it, so the float weights must not change inside one (as with parametrize.cached)."""
 
     def __init__(self, state: _State, project: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
@@ -148,7 +148,7 @@ class _BRWeight(nn.Module):
         if self.state.cache_depth <= 0 and _GLOBAL_CACHE[0] <= 0:
             self._key = self._target = None
             return self._compute_target(w)
-        key = (w.data_ptr(), w.device, w.dtype, w._version, self.state.mode, self.state.lam)
+        key = (_GLOBAL_CACHE[1], w.data_ptr(), w.device, w.dtype, self.state.mode, self.state.lam)
         if self._target is None or self._key != key:
             self._target = self._compute_target(w)
             self._key = key
@@ -239,10 +239,12 @@ class BinaryRelax:
         """Compute each layer's relaxed/projected weights once while w is unchanged (the attack
         runs several forwards per step); gradients still flow to w on every forward."""
         self.state.cache_depth += 1
+        _GLOBAL_CACHE[1] += 1
         try:
             yield
         finally:
             self.state.cache_depth -= 1
+            _GLOBAL_CACHE[1] += 1
 
     def state_dict(self) -> dict:
         return {"lam": self.state.lam, "mode": self.state.mode}
@@ -258,7 +260,9 @@ def _float_weight(m: nn.Module) -> torch.Tensor:
     return m.weight
 
 
-_GLOBAL_CACHE = [0]  # depth of nested module-level `cached()` blocks
+# [depth of nested module-level `cached()` blocks, generation: bumped on entering or leaving any
+# cached block, so a target never outlives the block it was computed in]
+_GLOBAL_CACHE = [0, 0]
 
 
 @contextlib.contextmanager
@@ -270,10 +274,12 @@ def cached() -> Iterator[None]:
     autograd node included, so a first forward under no_grad would hand a detached weight to
     every later forward and the quantized layers would get no gradient."""
     _GLOBAL_CACHE[0] += 1
+    _GLOBAL_CACHE[1] += 1
     try:
         yield
     finally:
         _GLOBAL_CACHE[0] -= 1
+        _GLOBAL_CACHE[1] += 1
 
 
 def select_layers(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Module]]:
