@@ -189,3 +189,14 @@ def test_bits3_is_valid(cli_results):
     model = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
     for key in QUANTIZED:
         assert len(torch.unique(model[key])) <= 2**3 - 1, key
+
+
+def test_evaluation_attack_flags_are_independent_of_training_ones():
+    from trainables.train import build_parser, config_from_args
+
+    ns = build_parser().parse_args(["--eps", "0.02", "--eval-eps", "0.05", "--eval-step", "0.01",
+                                    "--attack-bn", "train", "--lambda-final", "300"])
+    cfg = config_from_args(ns, None)
+    assert (cfg.train_attack.eps, cfg.eval_attack.eps, cfg.eval_attack.step) == (0.02, 0.05, 0.01)
+    assert cfg.train_attack.step == 2 / 255 and cfg.attack_bn == "train"
+    assert cfg.quant.lambda_final == 300 and cfg.quant.lambda_schedule == "final"
