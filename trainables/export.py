@@ -202,9 +202,13 @@ def _quantized_names(model: Ensemble, qc: QuantConfig) -> list[str]:
     return [f"{n}.weight" for n, _ in select_layers(model, qc)] if qc.bits != 32 else []
 
 
-def size_bits(arch: dict[str, Any], qc: QuantConfig) -> int:
-    """The model's size as trainables.metrics counts it (quant.model_bits)."""
+def size_bits(arch: dict[str, Any], qc: QuantConfig,
+              state_dict: dict[str, torch.Tensor] | None = None) -> int:
+    """The model's size as trainables.metrics counts it (quant.model_bits). With the weights
+    given, their zeros count too (a binary layer with zeros stores a mask: quant.layer_bits)."""
     model = build_model(**arch)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
     return model_bits(model, quantize_(model, qc))[0]
 
 
@@ -238,7 +242,7 @@ def write_packed(state_dict: dict[str, torch.Tensor], cfg: TrainConfig, path: st
         "format": FORMAT, "version": VERSION, "arch": arch, "quant": qh,
         "quantized": sorted({n.split(".", 2)[2] for n in quantized}),  # per member
         "image_size": image_size if image_size is not None else IMAGE_SIZES.get(cfg.dataset),
-        "layout": _layout_hash(layout), "size_bits": size_bits(arch, q),
+        "layout": _layout_hash(layout), "size_bits": size_bits(arch, q, state_dict),
         "data_bytes": len(blob), "data_sha256": hashlib.sha256(blob).hexdigest(),
         "meta": meta or {},
     }
