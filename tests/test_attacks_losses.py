@@ -113,9 +113,10 @@ def test_mix_loss_is_the_convex_combination(model_and_batch):
 
 
 @pytest.mark.parametrize("kind, attack_bn, updates", [
-    ("madry", "eval", 1), ("madry", "train", 1 + 3),
-    ("mix", "eval", 2), ("mix", "train", 2 + 3),
+    ("madry", "eval", 1), ("madry", "train", 1 + 3), ("madry", "auto", 1 + 3),
+    ("mix", "eval", 2), ("mix", "train", 2 + 3), ("mix", "auto", 2 + 3),
     ("trades", "eval", 2), ("trades", "train", 2 + 1 + 3),  # + the natural forward of the KL attack
+    ("trades", "auto", 2),
 ])
 def test_attack_bn_mode_decides_which_forwards_update_bn(kind, attack_bn, updates):
     """attack_bn=eval: only the loss forwards move the running BN statistics; train: the attack's

@@ -133,7 +133,7 @@ BAD = {
     "loss": (["--loss", "nope"], ["'nope'", "madry", "mix", "trades"]),
     "val-fraction-0": (["--val-fraction", "0"], ["val_fraction=0", "(0, 1)", "validation"]),
     "lambda-schedule": (["--lambda-schedule", "nope"], ["lambda_schedule='nope'", "final", "rho"]),
-    "attack-bn": (["--attack-bn", "nope"], ["attack_bn='nope'", "eval", "train"]),
+    "attack-bn": (["--attack-bn", "nope"], ["attack_bn='nope'", "auto", "eval", "train"]),
     "lambda-final": (["--lambda-final", "0.5"], ["lambda_final=0.5", ">= lambda0"]),
     "cifar10-missing": (["--dataset", "cifar10", "--data-root", "{empty}"],
                         ["cifar10", "{empty}", "--download"]),

@@ -14,7 +14,7 @@ LOSSES = ("madry", "mix", "trades")
 ATTACKS = ("fgsm", "pgd", "cw", "trades")
 TERNARY_MODES = ("twn0.7", "exact")
 LAMBDA_SCHEDULES = ("final", "rho")
-ATTACK_BN_MODES = ("eval", "train")
+ATTACK_BN_MODES = ("auto", "train", "eval")
 GROUP_AXES = ("out", "in")
 GROUP_MODES = ("penalty", "prox")
 BUILTIN_DATASETS = ("digits", "cifar10", "mnist", "fashion-mnist", "svhn")
@@ -134,7 +134,9 @@ class TrainConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     train_attack: AttackConfig = field(default_factory=AttackConfig)
     eval_attack: AttackConfig = field(default_factory=lambda: AttackConfig(steps=20, random_start=False))
-    attack_bn: str = "eval"  # BatchNorm mode while the training attack runs (see losses.py)
+    # BatchNorm mode while the training attack runs: auto = train for madry/mix (EnResNet),
+    # eval for trades (TRADES reference); see losses.py and docs/training.md
+    attack_bn: str = "auto"
     proxy_eval_size: int = 256  # fixed validation subset for the cheap per-epoch robust proxy
     proxy_attack_steps: int = 3
     # phase I proxies: re-estimate BN statistics under the projected weights on this many

@@ -17,15 +17,18 @@ GROUP_EPS = 1e-8
 
 def tradeoff_loss(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, attack: AttackConfig,
-    alpha: float = 0.0, beta: float = 6.0, attack_bn: str = "eval",
+    alpha: float = 0.0, beta: float = 6.0, attack_bn: str = "auto",
 ) -> torch.Tensor:
     """madry: CE(f(x_adv)); mix: (1-alpha) CE(f(x_adv)) + alpha CE(f(x));
     trades: CE(f(x)) + beta KL(p(x) || p(x_adv)) with the KL attack.
 
-    attack_bn: BatchNorm mode while the training attack runs. "eval" (default; TRADES and most
-    later work) uses the running statistics, so the attack neither updates them with its
-    iterates nor couples the images of a batch; "train" uses batch statistics, as the EnResNet
-    training script does. The loss itself always runs in the caller's mode."""
+    attack_bn: BatchNorm mode while the training attack runs. "train" uses batch statistics, as
+    the EnResNet training script does; "eval" uses the running statistics, as TRADES and most
+    later work do (the attack then neither updates them with its iterates nor couples the
+    images of a batch); "auto" (default) is each loss's reference: train for madry/mix, eval
+    for trades. The loss itself always runs in the caller's mode."""
+    if attack_bn == "auto":
+        attack_bn = "eval" if kind == "trades" else "train"
     if kind == "madry":
         x_adv = _attack(model, x, y, attack, attack_bn)
         return F.cross_entropy(model(x_adv), y)
