@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     p.add_argument("--experiment", default="brsearch", help="MLflow experiment holding the sweep's runs")
     p.add_argument("--resume", action="store_true", help="continue the sweep --name")
+    p.add_argument("--resume-logging", action="store_true",
+                   help="send to MLflow what the sweep --name stored but could not log (tracking server down); trains nothing")
+    p.add_argument("--mlflow-wait", type=float, default=60.0, metavar="SECONDS",
+                   help="at the end, how long to wait for an unreachable tracking server while nothing gets through "
+                        "before leaving the rest to --resume-logging")
+    p.add_argument("--register", metavar="NAME",
+                   help="register the front's models in the MLflow Model Registry under NAME, with aliases")
     p.add_argument("--quiet", action="store_true", help="less Ray output")
     return p
 
@@ -97,6 +104,7 @@ class Plan:
             "tracking_uri": self.tracking_uri, "experiment": a.experiment,
             "grace_period": a.grace_period, "reduction_factor": a.reduction_factor,
             "reuse_actors": bool(getattr(a, "reuse_actors", False)),
+            "register": getattr(a, "register", None),
         }
 
 
@@ -159,6 +167,14 @@ def prepare(args: argparse.Namespace) -> Plan:
         raise ConfigError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
     if args.max_failures < 0:
         raise ConfigError(f"--max-failures {args.max_failures}; accepted: an integer >= 0")
+    if args.resume_logging:
+        if not args.name:
+            raise ConfigError("--resume-logging needs --name NAME of the sweep to log")
+        args.resume = True  # the stored sweep, checked as for --resume
+    if args.mlflow_wait < 0:
+        raise ConfigError(f"--mlflow-wait {args.mlflow_wait}; accepted: seconds >= 0")
+    if args.register is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$", args.register):
+        raise ConfigError(f"--register {args.register!r}; accepted: letters, digits, '_', '-', '.'")
     if args.resume and not args.name:
         raise ConfigError("--resume needs --name NAME of the sweep to continue")
     name = args.name or time.strftime("sweep-%Y%m%d-%H%M%S")
@@ -240,7 +256,7 @@ def prepare(args: argparse.Namespace) -> Plan:
 
 # flags that define a sweep: `--name X --resume` takes them from the stored sweep.json unless given
 RESUMED_FLAGS = ("trials", "epochs", "dataset", "sampler", "scheduler", "seed", "grace_period",
-                 "reduction_factor", "experiment", "tracking_uri")
+                 "reduction_factor", "experiment", "tracking_uri", "register")
 FIXED_ON_RESUME = ("trials", "sampler", "scheduler", "seed", "grace_period", "reduction_factor", "experiment")
 SPACE_FLAGS = ("space", "set", "dataset", "data_root", "download", "subset_train", "subset_test", "epochs")
 
@@ -349,10 +365,15 @@ def run(plan: Plan) -> int:
 
     from trainables.tune import trainable
 
-    from .results import format_front, front_frame, trials_frame, upload, write_tables
     from .callbacks import NoRetryOnDivergence, ProgressCallback
     from .redact import redact, redact_obj
-    from .tracking import MLflowSweepCallback, finish_parent_run, get_or_create_experiment, start_parent_run
+    from .results import format_front, front_frame, trials_frame, upload, write_tables
+    from .sweep_logging import finish_logging, link_lines
+    from .tracking import (
+        MLflowSweepCallback,
+        get_or_create_experiment,
+        start_parent_run,
+    )
 
     args = plan.args
     _connect(plan)
@@ -382,8 +403,8 @@ def run(plan: Plan) -> int:
                                      indent=2, default=str), plan.state_dir / "sweep.json")
     print(f"brsearch: sweep {plan.name!r}: {args.trials} trials x {args.epochs} epochs, sampler {args.sampler}, "
           f"scheduler {args.scheduler}, {max_concurrent} at once ({args.cpus_per_trial:g} CPU, {gpus:g} GPU each)\n"
-          f"  results  {redact(plan.exp_dir)}\n  mlflow   {redact(plan.tracking_uri)} (experiment {args.experiment!r}, parent run {parent})",
-          flush=True)
+          f"  results  {redact(plan.exp_dir)}\n  mlflow   {redact(plan.tracking_uri)} (experiment {args.experiment!r}, parent run {parent})\n"
+          f"{link_lines(plan.tracking_uri, experiment_id)}", flush=True)
 
     wrapped = tune.with_resources(trainable, {"cpu": args.cpus_per_trial, "gpu": gpus})
     if plan.resume:
@@ -401,7 +422,8 @@ def run(plan: Plan) -> int:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     tuner.fit()
 
-    trials = tune.ExperimentAnalysis(plan.exp_dir).trials
+    analysis = tune.ExperimentAnalysis(plan.exp_dir)
+    trials = analysis.trials
     df = trials_frame(trials)
     front = front_frame(df)
     out_dir = Path(plan.exp_dir) if plan.local else plan.state_dir
@@ -409,16 +431,64 @@ def run(plan: Plan) -> int:
     shown = [str(f) for f in files] if plan.local else upload(files, plan.exp_dir)
     finished = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
     interrupted = finished < args.trials
-    finish_parent_run(client, parent, experiment_id, df, front, files, "KILLED" if interrupted else "FINISHED")
+    # MLflow last, in the background logger: the results above are complete whatever it does
+    unsent = finish_logging(
+        tracking_uri=plan.tracking_uri, experiment_id=experiment_id, parent_run_id=parent, sweep=plan.name,
+        analysis=analysis, trials_df=df, front_df=front, files=files, status="KILLED" if interrupted else "FINISHED",
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus, floors=_floors(args), register=args.register,
+        patience_s=args.mlflow_wait, replay_first=plan.resume,
+        resume_hint=f"python -m search.pareto --name {plan.name} --storage-path {plan.storage_path} --resume-logging")
     counts = df["status"].value_counts().to_dict() if len(df) else {}
     print(f"\nPareto front of {plan.name!r} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}):")
     print(format_front(front))
     print(f"\nwrote {', '.join(shown)}")
+    print(link_lines(plan.tracking_uri, experiment_id), flush=True)
+    if unsent:
+        print(unsent, file=sys.stderr, flush=True)
     if interrupted:
         print(f"sweep interrupted after {finished}/{args.trials} trials; continue with: "
               f"python -m search.pareto --name {plan.name} --storage-path {plan.storage_path} --resume", file=sys.stderr)
         return 130
     return 0 if counts.get("completed") else 1
+
+
+def _floors(args: argparse.Namespace) -> dict[str, float]:
+    """The objective floors of the sweep (--min-clean-acc, --min-robust-acc), where given."""
+    return {m: getattr(args, f"min_{m}") for m in ("clean_acc", "robust_acc") if getattr(args, f"min_{m}", None) is not None}
+
+
+def resume_logging(plan: Plan) -> int:
+    """`--resume-logging`: send to MLflow what the stored results hold and MLflow lacks (a tracking
+    server that was down at the end of the sweep), then finish the parent run. Trains nothing."""
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from .results import front_frame, trials_frame
+    from .sweep_logging import finish_logging, link_lines
+
+    experiment_id, parent = plan.stored["experiment_id"], plan.stored["parent_run_id"]
+    analysis = tune.ExperimentAnalysis(plan.exp_dir)
+    trials = analysis.trials
+    df = trials_frame(trials)
+    front = front_frame(df)
+    out_dir = Path(plan.exp_dir) if plan.local else plan.state_dir
+    files = [out_dir / f"{n}.{s}" for n in ("trials", "pareto") for s in ("parquet", "csv") if (out_dir / f"{n}.{s}").exists()]
+    params = MlflowClient(plan.tracking_uri).get_run(parent).data.params
+    finished = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+    print(f"brsearch: logging sweep {plan.name!r} to {plan.tracking_uri}: {len(trials)} trials from {plan.exp_dir}", flush=True)
+    unsent = finish_logging(
+        tracking_uri=plan.tracking_uri, experiment_id=experiment_id, parent_run_id=parent, sweep=plan.name,
+        analysis=analysis, trials_df=df, front_df=front, files=files,
+        status="FINISHED" if finished >= int(plan.stored.get("trials", plan.args.trials)) else "KILLED",
+        cpus_per_trial=float(params.get("cpus_per_trial", plan.args.cpus_per_trial)),
+        gpus_per_trial=float(params.get("gpus_per_trial", 0)), floors=_floors(plan.args),
+        register=plan.args.register, patience_s=plan.args.mlflow_wait, replay_first=True,
+        resume_hint=f"python -m search.pareto --name {plan.name} --storage-path {plan.storage_path} --resume-logging")
+    if unsent:
+        print(unsent, file=sys.stderr, flush=True)
+        return 1
+    print(f"logged: {len(trials)} trials, the front ({len(front)}) and the summary\n{link_lines(plan.tracking_uri, experiment_id)}")
+    return 0
 
 
 def _version_tags() -> dict[str, str]:
@@ -447,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = prepare(args)
     except ConfigError as e:
         fail(str(e))
-    return run(plan)
+    return resume_logging(plan) if args.resume_logging else run(plan)
 
 
 if __name__ == "__main__":

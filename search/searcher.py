@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 
 import optuna
 from optuna.trial import TrialState
@@ -43,6 +44,15 @@ class ParetoSearch(OptunaSearch):
                          sampler=sampler, study_name=study_name, storage=storage)
         self.pruned: set[str] = set()
         self.diverged: dict[str, str] = {}  # trial id -> reason (non-finite loss or weights)
+
+    def _setup_study(self, mode: str | list) -> None:
+        """Name the study's objectives, so optuna-dashboard and `optuna.load_study` show
+        clean_acc/robust_acc/channel_sparsity instead of "Objective 0/1/2"."""
+        super()._setup_study(mode)
+        if isinstance(self._metric, list) and self._ot_study.metric_names != list(self._metric):
+            with warnings.catch_warnings():  # experimental in Optuna 5 (stable since 3.2 in practice)
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self._ot_study.set_metric_names(list(self._metric))
 
     def suggest(self, trial_id: str) -> dict | None:
         params = super().suggest(trial_id)

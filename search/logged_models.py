@@ -1,0 +1,175 @@
+"""Each finished trial's final quantized model as an MLflow logged model (MLflow 3's Models tab),
+and the front in the Model Registry (`--register NAME`).
+
+A trial's `model.pt` is the exported state dict of the fully quantized network; it is rebuilt as
+the `nn.Module` the trial trained (`trainables.models.build_model`, weights already projected)
+and logged with `mlflow.pytorch.log_model(model_id=...)` under the trial's child run: the logged
+model carries the run's params, the final epoch's metrics (linked by MLflow from the run's step),
+an input example and the signature inferred from it. The model is pickled (not `torch.export`ed:
+4 s per model against 0.2 s) with `trainables/` as its code path, so `mlflow.pytorch.load_model`
+needs nothing of brsearch installed. Every call here runs on the driver's background MLflow
+thread (`search.mlflow_async`) and is idempotent: a model is looked up by its tags first.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import LoggedModelStatus
+from mlflow.tracking import MlflowClient
+
+from .redact import SECRET_PATTERN, redact
+
+MODEL_FILE = "model.pt"  # trainables.tune.MODEL_FILE (not imported: that module imports Ray)
+MODEL_TYPE = "brsearch-enresnet"
+IMAGE_SIZE = {"digits": 8, "mnist": 28, "fashion-mnist": 28, "cifar10": 32, "svhn": 32}  # input example only
+TRAINABLES = Path(__file__).resolve().parents[1] / "trainables"
+
+
+class _QuietPickleWarning(logging.Filter):
+    """mlflow.pytorch warns on every pickled model; we pickle on purpose (see above): say it once."""
+
+    seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "Pickle or CloudPickle" not in record.getMessage():
+            return True
+        first, _QuietPickleWarning.seen = not _QuietPickleWarning.seen, True
+        return first
+
+
+logging.getLogger("mlflow.pytorch").addFilter(_QuietPickleWarning())
+
+
+def rebuild(config: dict[str, Any], state: dict[str, Any]) -> Any:
+    """The trial's network with its quantized weights, in eval mode (the test-time noise stays on,
+    as in the trial's own evaluation). Channels and classes come from the weights' shapes."""
+    from trainables.config import TrainConfig
+    from trainables.models import build_model
+
+    cfg = TrainConfig.from_flat({k: v for k, v in config.items() if not (k.endswith("_on") and k[:-3] in config)})
+    in_channels = int(state["members.0.conv1.weight"].shape[1])
+    num_classes = int(state["members.0.fc.weight"].shape[0])
+    model = build_model(cfg.depth, cfg.width, in_channels, num_classes, cfg.ensemble, cfg.noise)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def input_example(config: dict[str, Any], model: Any) -> Any:
+    import numpy as np
+
+    channels = int(model.members[0].conv1.weight.shape[1])
+    size = IMAGE_SIZE.get(str(config.get("dataset", "")), 32)
+    return np.random.default_rng(0).random((2, channels, size, size), dtype=np.float32)
+
+
+def _params(config: dict[str, Any]) -> dict[str, str]:
+    return {k: redact(v)[:6000] for k, v in sorted(config.items()) if not SECRET_PATTERN.search(k)}
+
+
+def find_model(client: MlflowClient, experiment_id: str, run_id: str) -> Any | None:
+    """The READY logged model of a child run, or None; half-logged ones (an outage mid-upload)
+    are deleted so the caller logs the model afresh."""
+    found = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'",
+                                        max_results=50)
+    ready = None
+    for m in found:
+        if m.tags.get("brsearch.kind") != "trial-model":
+            continue
+        if m.status == LoggedModelStatus.READY and ready is None:
+            ready = m
+        elif m.status != LoggedModelStatus.READY:
+            client.delete_logged_model(m.model_id)
+    return ready
+
+
+def log_trial_model(client: MlflowClient, experiment_id: str, run_id: str, trial_id: str, sweep: str,
+                    parent_run_id: str, config: dict[str, Any], checkpoint: Any, step: int) -> str | None:
+    """Log the trial's final model once; returns its model id (None when the checkpoint has no
+    model file). Raises what MLflow raises, for the background queue to retry."""
+    existing = find_model(client, experiment_id, run_id)
+    if existing is not None:
+        return existing.model_id
+    import mlflow
+    import torch
+
+    with checkpoint.as_directory() as d:
+        path = Path(d) / MODEL_FILE
+        if not path.exists():
+            return None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    model = rebuild(config, state)
+    tags = {"brsearch.kind": "trial-model", "brsearch.trial_id": trial_id, "sweep": sweep,
+            "brsearch.parent_run_id": parent_run_id, "bits": str(config.get("bits", ""))}
+    lm = client.create_logged_model(experiment_id, name=f"{sweep}-{trial_id}", source_run_id=run_id,
+                                    tags=tags, params=_params(config), model_type=MODEL_TYPE)
+    mlflow.pytorch.log_model(
+        model, name=lm.name, model_id=lm.model_id, run_id=run_id, step=step,
+        input_example=input_example(config, model), serialization_format="pickle",
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"], code_paths=[str(TRAINABLES)],
+    )
+    return lm.model_id
+
+
+def sweep_models(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[Any]:
+    """Every READY trial model of the sweep."""
+    out, token = [], None
+    while True:
+        page = client.search_logged_models(
+            [experiment_id], filter_string=f"tags.`brsearch.parent_run_id` = '{parent_run_id}'",
+            max_results=100, page_token=token)
+        out += [m for m in page if m.status == LoggedModelStatus.READY]
+        token = page.token
+        if not token:
+            return out
+
+
+def tag_front(client: MlflowClient, experiment_id: str, parent_run_id: str, on_front: set[str]) -> dict[str, str]:
+    """Tag each trial model pareto=true/false; returns trial id -> model id."""
+    ids = {}
+    for m in sweep_models(client, experiment_id, parent_run_id):
+        tid = m.tags.get("brsearch.trial_id", "")
+        ids[tid] = m.model_id
+        flag = "true" if tid in on_front else "false"
+        if m.tags.get("pareto") != flag:
+            client.set_logged_model_tags(m.model_id, {"pareto": flag})
+    return ids
+
+
+def register_front(client: MlflowClient, name: str, front_df: Any, models: dict[str, str],
+                   run_ids: dict[str, str], objectives: tuple[str, ...]) -> list[str]:
+    """Register each front model as a version of `name` (once, also across --resume), with the
+    aliases `front-<trial id>` and `best-<objective>` for the front's best trial on each
+    objective. Returns the aliases set."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description="brsearch Pareto-front models (one version per front trial)")
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    versions = {v.tags.get("brsearch.model_id"): v.version
+                for v in client.search_model_versions(f"name = '{name}'", max_results=10000)}
+    aliases = []
+    for row in front_df.itertuples():
+        tid = row.trial_id
+        mid = models.get(tid)
+        if mid is None:
+            continue
+        if mid not in versions:
+            v = client.create_model_version(name, f"models:/{mid}", run_id=run_ids.get(tid),
+                                            tags={"brsearch.model_id": mid, "brsearch.trial_id": tid},
+                                            model_id=mid)
+            versions[mid] = v.version
+        alias = "front-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in tid)
+        client.set_registered_model_alias(name, alias, versions[mid])
+        aliases.append(alias)
+    for m in objectives:
+        if len(front_df):
+            tid = front_df.sort_values(m, ascending=False).iloc[0]["trial_id"]
+            if tid in models:
+                alias = "best-" + m.replace("_", "-")
+                client.set_registered_model_alias(name, alias, versions[models[tid]])
+                aliases.append(alias)
+    return aliases
