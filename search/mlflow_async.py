@@ -66,6 +66,18 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+def short_reason(exc: BaseException) -> str:
+    """A few words on why a call failed (MLflow's messages embed a whole urllib3 repr)."""
+    text = str(exc)
+    for needle, words in (("Connection refused", "connection refused"), ("timed out", "timed out"),
+                          ("Read timed out", "timed out"), ("Name or service not known", "unknown host"),
+                          ("Max retries exceeded", "no connection"), ("database is locked", "database is locked")):
+        if needle in text:
+            return words
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first[:160]
+
+
 @dataclass
 class Op:
     fn: Callable[..., Any]
@@ -144,12 +156,11 @@ class BackgroundQueue:
                 self._cv.notify_all()
 
     def _failed(self, e: BaseException) -> None:
-        text = str(e).splitlines()[0] if str(e) else type(e).__name__
-        self.last_error = text[:300]
+        self.last_error = short_reason(e)
         if self.down_since is None:
             self.down_since = time.time()
             self.outages += 1
-            self.announce(f"mlflow: tracking unavailable ({self.last_error[:160]}); trials go on, "
+            self.announce(f"mlflow: tracking unavailable ({self.last_error}); trials go on, "
                           f"logging is buffered and retried in the background")
 
     def drain(self, patience_s: float) -> bool:

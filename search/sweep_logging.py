@@ -43,7 +43,7 @@ def finish_logging(*, tracking_uri: str, experiment_id: str, parent_run_id: str,
         return None
     q = logger.queue
     since = time.strftime("%H:%M:%S", time.localtime(q.down_since)) if q.down_since else "the end"
-    return (f"mlflow: {redact(tracking_uri)} unreachable since {since} ({q.last_error[:120] or 'no reply'}); "
+    return (f"mlflow: {redact(tracking_uri)} unreachable since {since} ({q.last_error or 'no reply'}); "
             f"{left} logging operations not sent after waiting {time.monotonic() - t0:.0f} s; the results are "
             f"complete in the storage path; log them when the server is back with: {resume_hint}")
 

@@ -207,6 +207,57 @@ def test_sweep_optuna_study(sweep4):
     study = optuna.load_study(study_name="s4", storage=f"sqlite:///{sweep4['exp'] / 'brsearch' / 'optuna.db'}")
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 4 and len(states) == 4
+    # optuna-dashboard and load_study show the objectives by name
+    assert study.metric_names == list(OBJECTIVES)
+
+
+@pytest.mark.slow
+def test_sweep_logged_models_and_summary(sweep4):
+    """Every finished trial's quantized model is an MLflow logged model of its child run, with
+    the run's params, its final metrics, a signature and an input example, tagged pareto; the
+    parent carries the summary; the sweep prints the runs-view link at start and end."""
+    import mlflow
+    import pandas as pd
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    tmp, exp = sweep4["tmp"], sweep4["exp"]
+    trials = pd.read_parquet(exp / "trials.parquet").set_index("trial_id")
+    front = set(pd.read_parquet(exp / "pareto.parquet")["trial_id"])
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("brsearch")
+    parents, children = split_runs(mlflow_runs(tmp))
+    run_of = {c.data.tags["ray_trial_id"]: c.info.run_id for c in children}
+    models = client.search_logged_models([experiment.experiment_id], order_by=[{"field_name": "metrics.robust_acc", "ascending": False}])
+    assert sorted(m.tags["brsearch.trial_id"] for m in models) == sorted(trials.index)
+    robust = [next(x.value for x in m.metrics if x.key == "robust_acc") for m in models]
+    assert robust == sorted(robust, reverse=True), "the Models view sorts by a final metric"
+    for m in models:
+        tid = m.tags["brsearch.trial_id"]
+        assert m.source_run_id == run_of[tid] and m.status.to_string() == "READY"
+        assert m.tags["pareto"] == ("true" if tid in front else "false")
+        assert m.params["bits"] == str(trials.loc[tid, "config.bits"]) and m.params["epochs"] == "2"
+        final = {x.key: x.value for x in m.metrics}
+        for k in OBJECTIVES:
+            assert math.isclose(final[k], trials.loc[tid, k], rel_tol=1e-9, abs_tol=1e-12), (tid, k)
+        assert {x.step for x in m.metrics} == {2}
+    # loadable with MLflow alone, with its signature and input example
+    mlflow.set_tracking_uri(uri)
+    info = mlflow.models.get_model_info(models[0].model_uri)
+    assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == [-1, 1, 8, 8]
+    assert info.saved_input_example_info is not None
+    net = mlflow.pytorch.load_model(models[0].model_uri)
+    assert net(torch.rand(3, 1, 8, 8)).shape == (3, 10)
+    # the parent's summary
+    summary = parents[0].data.metrics
+    assert summary["front_size"] == len(front) and summary["n_completed"] == 4 and summary["cpu_hours"] > 0
+    for bits, group in trials.groupby("config.bits"):
+        assert math.isclose(summary[f"best_clean_acc.{int(bits)}bit"], group["clean_acc"].max())
+        assert math.isclose(summary[f"best_robust_acc.{int(bits)}bit"], group["robust_acc"].max())
+    assert parents[0].data.tags["floor"] == "none"
+    link = f"/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+    assert sweep4["proc"].stdout.count(f"open     http://127.0.0.1:5000{link}") == 2
 
 
 @pytest.mark.slow
