@@ -30,7 +30,8 @@ def _records(frame: Any) -> list[dict[str, Any]]:
     return out
 
 
-def replay(logger: SweepLogger, trials: list[Any], frames: dict[str, Any], reference: tuple[float, ...]) -> int:
+def replay(logger: SweepLogger, trials: list[Any], frames: dict[str, Any], reference: tuple[float, ...],
+           floors: Any = None) -> int:
     """Queue every trial's run, results and end, and the missing hypervolume points; returns the
     number of trials with results."""
     completions = []  # (time, trial id, objective vector)
@@ -55,13 +56,13 @@ def replay(logger: SweepLogger, trials: list[Any], frames: dict[str, Any], refer
             if status == "completed":
                 completions.append((float(rows[-1].get("timestamp", 0)), t.trial_id,
                                     [float(last[m]) for m in OBJECTIVES]))
-    logger.call(_replay_hypervolume, logger, sorted(completions), sorted(stamps), reference,
+    logger.call(_replay_hypervolume, logger, sorted(completions), sorted(stamps), reference, floors,
                 label="replay hypervolume")
     return n
 
 
 def _replay_hypervolume(logger: SweepLogger, completions: list[tuple[float, str, list[float]]],
-                        stamps: list[float], reference: tuple[float, ...]) -> None:
+                        stamps: list[float], reference: tuple[float, ...], floors: Any = None) -> None:
     """Log the hypervolume curve's points for completions beyond the last `n_completed` MLflow has
     (the live callback logs hypervolume, n_pareto and n_completed together)."""
     client = logger.client
@@ -76,6 +77,6 @@ def _replay_hypervolume(logger: SweepLogger, completions: list[tuple[float, str,
             continue
         consumed = sum(1 for s in stamps if s <= when)
         last_step = max(last_step + 1, consumed)
-        batch += hypervolume_metrics(points, reference, last_step, ts=int(when * 1000))
+        batch += hypervolume_metrics(points, reference, last_step, ts=int(when * 1000), floors=floors)
     for i in range(0, len(batch), 900):
         client.log_batch(logger.parent_run_id, metrics=batch[i:i + 900])

@@ -26,7 +26,7 @@ def _bits_label(b: Any) -> str:
 
 
 def sweep_summary(trials_df: Any, front_df: Any, reference: tuple[float, ...], cpus_per_trial: float,
-                  gpus_per_trial: float, floors: dict[str, float] | None = None) -> tuple[dict[str, float], dict[str, str]]:
+                  gpus_per_trial: float, floors: Any = None) -> tuple[dict[str, float], dict[str, str]]:
     """(metrics, tags) for the parent run.
 
     metrics: front_size, hypervolume (of the final front against `reference`), n_completed,
@@ -34,7 +34,8 @@ def sweep_summary(trials_df: Any, front_df: Any, reference: tuple[float, ...], c
     width b among completed trials: best_clean_acc.<b>bit and best_robust_acc.<b>bit (validation,
     the objectives), with test_clean_acc.best_clean.<b>bit / test_robust_acc.best_robust.<b>bit,
     the test-split accuracy of that same trial where the trial reported it; and floor.<objective>
-    for each floor. tags: `floor` (e.g. "clean_acc>=0.5, robust_acc>=0.2", or "none"),
+    for each floor. `floors`: a `search.objectives.Floors`, or {objective: value or None}.
+    tags: `floor` (the floors in words, or "none"),
     `front_trials` (the front's trial ids)."""
     metrics: dict[str, float] = {}
     n = len(trials_df)
@@ -61,9 +62,14 @@ def sweep_summary(trials_df: Any, front_df: Any, reference: tuple[float, ...], c
                 test = best.get(f"test_{obj}")
                 if _finite(test):
                     metrics[f"test_{obj}.best_{short}.{label}"] = float(test)
-    floors = {k: float(v) for k, v in (floors or {}).items() if v is not None}
-    for k, v in floors.items():
+    if floors is None or isinstance(floors, dict):  # {objective: floor or None}
+        floor_values = {k: float(v) for k, v in (floors or {}).items() if v is not None}
+        described = ", ".join(f"{k}>={v:g}" for k, v in floor_values.items()) or "none"
+    else:  # search.objectives.Floors
+        floor_values = dict(zip(OBJECTIVES, (float(v) for v in floors.reference)))
+        described = floors.describe()
+    for k, v in floor_values.items():
         metrics[f"floor.{k}"] = v
-    tags = {"floor": ", ".join(f"{k}>={v:g}" for k, v in floors.items()) or "none",
+    tags = {"floor": described,
             "front_trials": ",".join(str(t) for t in (front_df["trial_id"] if len(front_df) else []))[:5000]}
     return metrics, tags

@@ -27,16 +27,18 @@ def link_lines(tracking_uri: str, experiment_id: str) -> str:
 
 def finish_logging(*, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str, analysis: Any,
                    trials_df: Any, front_df: Any, files: list[Path], status: str, cpus_per_trial: float,
-                   gpus_per_trial: float, floors: dict[str, float] | None, register: str | None,
-                   patience_s: float, replay_first: bool, resume_hint: str) -> str | None:
+                   gpus_per_trial: float, floors: Any, register: str | None,
+                   patience_s: float, replay_first: bool, resume_hint: str,
+                   reference: tuple[float, ...] = SWEEP_REFERENCE) -> str | None:
     """Queue the end of the sweep's logging and wait for the background logger; returns the one
     line to print when something could not be sent, else None."""
     logger = sweep_logger(tracking_uri, experiment_id, parent_run_id, sweep)
     if replay_first:  # a resumed sweep: what a crashed driver had queued is in the stored results
-        replay(logger, analysis.trials, analysis.trial_dataframes, SWEEP_REFERENCE)
-    summary = sweep_summary(trials_df, front_df, SWEEP_REFERENCE, cpus_per_trial, gpus_per_trial, floors)
+        replay(logger, analysis.trials, analysis.trial_dataframes, reference,
+               floors=None if isinstance(floors, dict) else floors)
+    summary = sweep_summary(trials_df, front_df, reference, cpus_per_trial, gpus_per_trial, floors)
     logger.call(finish_parent_run, logger.client, parent_run_id, experiment_id, trials_df, front_df, files,
-                status, summary, register, label="finish parent run")
+                status, summary, register, reference, label="finish parent run")
     t0 = time.monotonic()
     left = logger.close(patience_s)
     if not left:

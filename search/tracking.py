@@ -193,12 +193,13 @@ class MLflowSweepCallback(Callback):
     Tune's experiment checkpoints so `Tuner.restore` continues the same runs."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str,
-                 reference: tuple[float, ...] = SWEEP_REFERENCE) -> None:
+                 reference: tuple[float, ...] = SWEEP_REFERENCE, floors: Any = None) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.sweep = sweep
-        self.reference = reference
+        self.floors = floors  # search.objectives.Floors: the reference point, and who is feasible
+        self.reference = floors.reference if floors is not None else reference
         self.points: dict[str, list[float]] = {}  # completed trials' objective vectors
         self.epochs_consumed = 0
         self.hv_step = 0
@@ -239,22 +240,28 @@ class MLflowSweepCallback(Callback):
                                    trial.checkpoint if status == "completed" else None, int(last.get("epoch", 0)))
         if status == "completed":
             self.points[trial.trial_id] = [float(last[m]) for m in OBJECTIVES]
-            metrics = hypervolume_metrics(list(self.points.values()), self.reference, self.epochs_consumed)
+            metrics = hypervolume_metrics(list(self.points.values()), self.reference, self.epochs_consumed,
+                                          floors=getattr(self, "floors", None))
             if metrics:
                 self.hv_step += 1
                 self.logger.parent_metrics(metrics)
 
 
 def hypervolume_metrics(points: list[list[float]], reference: tuple[float, ...], step: int,
-                        ts: int | None = None) -> list[Metric]:
-    """The parent's live front metrics after a completion, at step = epochs consumed so far."""
+                        ts: int | None = None, floors: Any = None) -> list[Metric]:
+    """The parent's live front metrics after a completion, at step = epochs consumed so far:
+    hypervolume and n_pareto over the feasible points (above the floors, if any), n_completed
+    over all completed ones."""
     pts = [p for p in points if all(math.isfinite(v) for v in p)]
     if not pts:
         return []
+    n_completed = len(pts)
+    if floors is not None:  # below the floor: off the front and out of the hypervolume
+        pts = [p for p in pts if floors.feasible(p[0], p[1])]
     ts = int(time.time() * 1000) if ts is None else ts
-    return [Metric("hypervolume", hypervolume(pts, reference), ts, step),
-            Metric("n_pareto", float(non_dominated_mask(pts).sum()), ts, step),
-            Metric("n_completed", float(len(pts)), ts, step)]
+    return [Metric("hypervolume", hypervolume(pts, reference) if pts else 0.0, ts, step),
+            Metric("n_pareto", float(non_dominated_mask(pts).sum()) if pts else 0.0, ts, step),
+            Metric("n_completed", float(n_completed), ts, step)]
 
 
 # --- the parent run ----------------------------------------------------------------------------
@@ -269,7 +276,7 @@ def start_parent_run(client: MlflowClient, experiment_id: str, sweep: str, param
 def finish_parent_run(client: MlflowClient, parent_run_id: str, experiment_id: str,
                       trials_df: Any, front_df: Any, files: list[Path], status: str = "FINISHED",
                       summary: tuple[dict[str, float], dict[str, str]] | None = None,
-                      register: str | None = None) -> None:
+                      register: str | None = None, reference: tuple[float, ...] = SWEEP_REFERENCE) -> None:
     """Tags every child (and its logged model) pareto=true/false to match the front, ends orphaned
     children, logs the summary metrics and tags, the front as a table, PNG projections and an
     interactive 3-D HTML plot, `hypervolume.png` (the parent's hypervolume metric against epochs
@@ -300,7 +307,7 @@ def finish_parent_run(client: MlflowClient, parent_run_id: str, experiment_id: s
             client.log_artifact(parent_run_id, str(path), "plots")
         history = client.get_metric_history(parent_run_id, "hypervolume")
         if history:
-            client.log_artifact(parent_run_id, str(plot_hypervolume(history, Path(d), SWEEP_REFERENCE)), "plots")
+            client.log_artifact(parent_run_id, str(plot_hypervolume(history, Path(d), reference)), "plots")
     # the final front's size and hypervolume as the latest points of the live curves; the rest at
     # step = trials finished. A value already there (a retry, a resume with nothing new) is not sent.
     ts = int(time.time() * 1000)

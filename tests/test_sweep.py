@@ -235,7 +235,7 @@ def test_sweep_logged_models_and_summary(sweep4):
     assert robust == sorted(robust, reverse=True), "the Models view sorts by a final metric"
     for m in models:
         tid = m.tags["brsearch.trial_id"]
-        assert m.source_run_id == run_of[tid] and m.status.to_string() == "READY"
+        assert m.source_run_id == run_of[tid] and m.status.value == "READY"
         assert m.tags["pareto"] == ("true" if tid in front else "false")
         assert m.params["bits"] == str(trials.loc[tid, "config.bits"]) and m.params["epochs"] == "2"
         final = {x.key: x.value for x in m.metrics}
