@@ -268,13 +268,15 @@ def test_driver_sigkill_then_resume(tmp_path):
     client, parents, children = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", sweep_json["parent_run_id"])
     assert [p.info.status for p in parents] == ["FINISHED"]
     by_trial = {c.data.tags["ray_trial_id"]: c for c in children}
-    assert len(by_trial) == len(children) == trials + len(orphans)
+    assert len(by_trial) == len(children)
+    # an orphan's run exists if the killed driver's background logger had sent it before the kill
+    assert set(df["trial_id"]) <= set(by_trial) <= set(df["trial_id"]) | orphans
     assert all(c.info.status != "RUNNING" for c in children)
     for tid in df["trial_id"]:
         assert by_trial[tid].info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(by_trial[tid].info.run_id, "epoch")]
         assert sorted(steps) == list(range(1, epochs + 1)), (tid, steps)
-    for tid in orphans:  # started after the last snapshot: ended, and said so
+    for tid in orphans & set(by_trial):  # started after the last snapshot: ended, and said so
         assert by_trial[tid].info.status == "KILLED" and by_trial[tid].data.tags["brsearch.status"] == "lost"
 
     # the training left after the crash, as time on 2 slots: what a resume ideally costs

@@ -245,7 +245,7 @@ def test_sweep_logged_models_and_summary(sweep4):
     # loadable with MLflow alone, with its signature and input example
     mlflow.set_tracking_uri(uri)
     info = mlflow.models.get_model_info(models[0].model_uri)
-    assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == [-1, 1, 8, 8]
+    assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 1, 8, 8]
     assert info.saved_input_example_info is not None
     net = mlflow.pytorch.load_model(models[0].model_uri)
     assert net(torch.rand(3, 1, 8, 8)).shape == (3, 10)
