@@ -75,6 +75,23 @@ def test_sweep_summary_per_bit_width():
     assert tags["floor"] == "clean_acc>=0.5" and tags["front_trials"] == "a,b,c"
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--resume-logging"], "--resume-logging needs --name"),
+    (["--mlflow-wait", "-1"], "--mlflow-wait -1.0; accepted: seconds >= 0"),
+    (["--register", "bad name"], "--register 'bad name'; accepted"),
+    (["--name", "nothing-here", "--resume-logging"], "no sweep named 'nothing-here'"),
+])
+def test_new_flags_refuse_bad_input_in_one_line(tmp_path, monkeypatch, capsys, args, message):
+    from search.pareto import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--storage-path", str(tmp_path / "results"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "results").exists() and not (tmp_path / "m.db").exists()
+
+
 def test_background_queue_retries_in_order_and_never_blocks():
     """Transient failures keep the operation at the head and retry it; later operations wait
     behind it; a permanent error drops only its operation; submit returns at once meanwhile."""

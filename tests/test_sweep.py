@@ -116,7 +116,7 @@ def sweep4(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("sweep4")
     t0 = time.monotonic()
     proc = run_cli(tmp, "--name", "s4", "--trials", "4", "--max-concurrent", "2", "--num-cpus", "2",
-                   "--seed", "0", *TINY)
+                   "--seed", "0", "--register", "s4-front", *TINY)
     assert proc.returncode == 0, _explain(proc)
     return {"tmp": tmp, "proc": proc, "exp": tmp / "results" / "s4", "wall": time.monotonic() - t0}
 
@@ -256,6 +256,13 @@ def test_sweep_logged_models_and_summary(sweep4):
         assert math.isclose(summary[f"best_clean_acc.{int(bits)}bit"], group["clean_acc"].max())
         assert math.isclose(summary[f"best_robust_acc.{int(bits)}bit"], group["robust_acc"].max())
     assert parents[0].data.tags["floor"] == "none"
+    # --register: the front in the Model Registry, one version per front trial, with aliases
+    versions = client.search_model_versions("name = 's4-front'")
+    assert sorted(v.tags["brsearch.trial_id"] for v in versions) == sorted(front)
+    aliases = set(client.get_registered_model("s4-front").aliases)
+    assert aliases == {f"front-{t}" for t in front} | {"best-clean-acc", "best-robust-acc", "best-channel-sparsity"}
+    best = client.get_model_version_by_alias("s4-front", "best-robust-acc").tags["brsearch.trial_id"]
+    assert trials.loc[best, "robust_acc"] == trials.loc[list(front), "robust_acc"].max()
     link = f"/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
     assert sweep4["proc"].stdout.count(f"open     http://127.0.0.1:5000{link}") == 2
 
