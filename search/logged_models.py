@@ -52,7 +52,9 @@ def rebuild(config: dict[str, Any], state: dict[str, Any]) -> Any:
     in_channels = int(state["members.0.conv1.weight"].shape[1])
     num_classes = int(state["members.0.fc.weight"].shape[0])
     model = build_model(cfg.depth, cfg.width, in_channels, num_classes, cfg.ensemble, cfg.noise)
-    model.load_state_dict(state)
+    missing, _bookkeeping = model.load_state_dict(state, strict=False)  # extra: quantizer buffers
+    if missing:
+        raise ValueError(f"{MODEL_FILE} lacks {len(missing)} tensors of the network, e.g. {missing[:3]}")
     return model.eval()
 
 
