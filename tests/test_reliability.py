@@ -462,6 +462,11 @@ def test_credentials_never_logged(diverged_sweep):
             if f.is_file():
                 data = f.read_bytes()
                 assert not any(x.encode() in data for x in secrets), f
+    models = client.search_logged_models([parents[0].info.experiment_id])  # the completed trials' models
+    assert models
+    for m in models:
+        text = json.dumps({"params": m.params, "tags": m.tags, "name": m.name})
+        assert not any(x in text for x in secrets), text
     assert parents[0].data.params["tracking_uri"] == f"http://***@127.0.0.1:{s['plain_uri'].rsplit(':', 1)[1]}"
     assert all(c.data.params["data_root"] == "https://***@data.example/digits" for c in children)
     assert (s["dir"] / "downloaded" / parent / "space.json").exists()
