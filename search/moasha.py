@@ -1,9 +1,12 @@
 """MO-ASHA: asynchronous multi-objective successive halving as a Ray Tune scheduler.
 
 Ray Tune 2.60 ships no multi-objective scheduler, because every built-in scheduler takes a single
-``metric``/``mode``. This module ports the idea of Syne Tune's ``MOASHA`` (Salinas et al., "A
-multi-objective perspective on jointly tuning hardware and hyperparameters", NAS@ICLR 2021) onto
-``ray.tune.schedulers.FIFOScheduler``.
+``metric``/``mode``. This module implements MO-ASHA as described by Schmucker, Donini, Zafar,
+Salinas and Archambeau, "Multi-objective Asynchronous Successive Halving" (arXiv:2106.12639,
+2021), and as Syne Tune implements it (Salinas et al., "Syne Tune: A Library for Large Scale
+Hyperparameter Tuning and Reproducible Research", AutoML Conf 2022; the scheduler first appeared
+in Salinas et al., "A multi-objective perspective on jointly tuning hardware and
+hyperparameters", NAS@ICLR 2021), on ``ray.tune.schedulers.FIFOScheduler``.
 
 Rungs and decisions
 -------------------
@@ -11,25 +14,37 @@ Rungs and decisions
   ``< max_t``. There is one bracket, and no rung at ``max_t``, so a trial that reaches ``max_t`` is
   never stopped by the rung logic. It ends on its own when the trainable returns.
 * ``result[time_attr]`` must count **completed** budget units and grow monotonically, like
-  ``training_iteration``: after the first epoch it is 1. If the trainable reports a 0-based
-  ``epoch``, pass ``time_attr="training_iteration"`` or report an ``epochs_done`` field instead.
+  ``training_iteration``: after the first epoch it is 1.
 * When a result first reaches a milestone (``result[time_attr] >= milestone``; the highest such
-  milestone, once per trial and rung), the trial's objective vector is recorded at that rung. The
-  trial is then ranked against every vector recorded there, its own included (see
-  :func:`decide`). It CONTINUEs or is STOPped. Results below ``grace_period`` are never judged.
-* The total order at a rung comes from non-dominated sorting (front index, lower is better). Inside a
-  front, the NSGA-II **crowding distance** breaks ties (larger is better). Syne Tune breaks ties
-  with an ε-net instead. Crowding distance is cheaper and deterministic, and it keeps the extremes of
-  the front alive. A trial's *position* is the number of recorded vectors strictly ahead of it in
-  this order, so exact ties are resolved optimistically. The trial continues iff
-  ``position < max(1, floor(n / reduction_factor))``, where ``n`` counts the vectors at the rung with
-  this one included. This is the convention of Optuna's ``SuccessiveHalvingPruner``: the first trial
-  at a rung always continues, and until ``reduction_factor`` vectors are recorded a trial continues
-  only if nothing recorded is strictly ahead of it. A non-dominated trial can still be stopped
-  when the rung's front holds more than ``floor(n / reduction_factor)`` points and its crowding
-  distance is small. That is the point of successive halving.
+  milestone, once per trial and rung), the trial's objective vector is recorded at that rung and
+  ranked against every vector recorded there, its own included (see :func:`decide`).
+* **The keep rule** (the paper's and Syne Tune's): the vectors at the rung are put in a total
+  order by non-dominated sorting (front index, lower is better) and a tie-break inside each
+  front. With ``position`` the 0-based place of the new vector in that order and ``n`` the number
+  of vectors (its own included), the trial continues iff the normalised rank
+  ``position / n <= 1 / reduction_factor``. So the first trial at a rung always continues, and of
+  three with η = 3 the top two do.
+* **Tie-break** inside a front (``tie_break``):
+
+  - ``"crowding"`` (default): the NSGA-II crowding distance, larger first. Exact ties share a
+    place (the new vector is placed before vectors it ties with, optimistically). It keeps the
+    extremes of a front (infinite distance).
+  - ``"epsnet"``: Syne Tune's ε-net order: the front's best point in the first objective first,
+    then repeatedly the point farthest (Euclidean) from those already picked (Clarkson 2005). A
+    copy of a point already picked is at distance 0 and comes last; the new vector takes the
+    place of its first identical copy (optimistic, as above).
+
+  Which works better here is measured in docs/benchmarks.md.
+* Unlike Syne Tune 0.16's ``Bracket.on_result`` (which passes ``NonDominatedPriority``'s output,
+  an argsort of the trials, to ``np.searchsorted`` as if it held per-trial priorities, so a new
+  trial dominating every recorded one can be stopped), the position here is the new vector's
+  own place in the order. ``tests/test_moasha.py`` checks the decisions against a brute-force
+  statement of the rule on random data.
 * Objectives with mode ``"min"`` are negated internally. A NaN objective counts as the worst
   value (``-inf``) for that objective.
+* Cost: one decision is one call of moocore's non-dominated ranking (C) over the rung plus a
+  tie-break on the new vector's front only, about a millisecond at 1,000 recorded vectors
+  (``benchmarks/moasha_decision.py``).
 
 Integration notes (Ray 2.60, checked in the installed source)
 --------------------------------------------------------------
@@ -43,29 +58,13 @@ Integration notes (Ray 2.60, checked in the installed source)
 * When the scheduler returns STOP, ``TuneController.stop_trial`` calls
   ``search_alg.on_trial_complete(trial_id, result=last_result)``. The stock ``OptunaSearch``
   would then tell Optuna COMPLETE with low-fidelity values. The sweep must tell PRUNED for the ids
-  in :attr:`MOASHAScheduler.stopped_trials`.
+  in :attr:`MOASHAScheduler.stopped_trials` (``search.searcher.ParetoSearch`` does).
 * **Tune never saves or restores scheduler state.** ``TuneController.save_to_dir`` checkpoints
-  only the searcher and the callbacks, and ``TrialScheduler.save/restore`` are never called. On
-  ``Tuner.restore`` the scheduler is unpickled from ``tuner.pkl`` as it was when the run
-  started, with empty rungs. To keep the rung history across a resume, put
+  only the searcher and the callbacks. To keep the rung history across a resume, put
   :meth:`MOASHAScheduler.state_callback` into ``RunConfig(callbacks=[...])``. Its
   ``get_state/set_state`` go into ``callback-states-*.pkl`` at every experiment checkpoint and
   are restored before the trials are re-added. ``tuner.pkl`` pickles the scheduler and the
   callback together, so the restored callback still points at the restored scheduler.
-  :meth:`save`/:meth:`restore` (pickle files) are implemented as well, for the
-  ``TrialScheduler`` interface and for manual use.
-
-Usage::
-
-    searcher = OptunaSearch(space=..., metric=OBJECTIVES, mode=["max"] * 3, sampler=...)
-    scheduler = MOASHAScheduler(OBJECTIVES, ["max"] * 3, time_attr="training_iteration",
-                                grace_period=1, reduction_factor=3, max_t=max_epochs)
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=n),
-        # no metric/mode in TuneConfig: the searcher and the scheduler carry the objectives
-        run_config=tune.RunConfig(callbacks=[scheduler.state_callback(), ...]),
-    )
 """
 
 from __future__ import annotations
@@ -75,18 +74,20 @@ import math
 import pickle
 from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Union
 
+import moocore
 import numpy as np
 from ray.tune.callback import Callback
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from search.front import crowding_distance, non_dominated_sort
+from search.front import crowding_distance
+from search.objectives import TIE_BREAKS
 
 if TYPE_CHECKING:  # pragma: no cover
     from ray.tune.experiment import Trial
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MOASHAScheduler", "MOASHAStateCallback", "decide", "rung_positions"]
+__all__ = ["MOASHAScheduler", "MOASHAStateCallback", "TIE_BREAKS", "decide", "rung_position", "keeps"]
 
 _STATE_VERSION = 1
 
@@ -99,45 +100,69 @@ def _order_preserving_finite(points: np.ndarray) -> np.ndarray:
     """
     pts = np.array(points, dtype=float, copy=True)
     pts[np.isnan(pts)] = -np.inf
-    for j in range(pts.shape[1]):
-        col = pts[:, j]
-        finite = col[np.isfinite(col)]
-        lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
-        col[col == -np.inf] = lo - 1.0
-        col[col == np.inf] = hi + 1.0
+    if not np.isfinite(pts).all():
+        for j in range(pts.shape[1]):
+            col = pts[:, j]
+            finite = col[np.isfinite(col)]
+            lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+            col[col == -np.inf] = lo - 1.0
+            col[col == np.inf] = hi + 1.0
     return pts
 
 
-def rung_positions(points) -> np.ndarray:
-    """Position of each row in the MO-ASHA total order (0 = best), for maximized objectives.
+def _epsnet_position(front: np.ndarray, me: int, limit: int) -> int:
+    """Place of row `me` (or of its first identical copy) in the greedy ε-net order of `front`
+    (maximised): the best row in objective 0 first, then the row farthest from those picked.
+    Stops once `limit` rows were picked without reaching it (returns `limit`: only whether the
+    position is within the keep limit matters)."""
+    same = np.all(front == front[me], axis=1)
+    first = int(np.argmax(front[:, 0]))
+    if same[first]:
+        return 0
+    dist = np.linalg.norm(front - front[first], axis=1)
+    dist[first] = -1.0
+    for place in range(1, min(limit, front.shape[0])):
+        nxt = int(np.argmax(dist))
+        if same[nxt]:
+            return place
+        np.minimum(dist, np.linalg.norm(front - front[nxt], axis=1), out=dist, where=dist >= 0)
+        dist[nxt] = -1.0
+    return limit
 
-    The order sorts by non-dominated front (ascending), then by crowding distance within
-    the front (descending). A row's position is the number of rows strictly ahead of it, so
-    ties share a position. NaN counts as the worst value.
-    """
+
+def keeps(position: int, n: int, reduction_factor: float) -> bool:
+    """The keep rule: normalised rank position / n <= 1 / reduction_factor."""
+    return position * reduction_factor <= n * (1 + 1e-12)
+
+
+def rung_position(points, index: int = -1, tie_break: str = "crowding", limit: int | None = None) -> int:
+    """0-based place of row `index` in the MO-ASHA total order of `points` (maximised): non-dominated
+    front first, then the tie-break inside the front; exact ties resolved in the row's favour.
+    With `limit`, the ε-net walk may stop early and return `limit` for any place >= limit."""
+    if tie_break not in TIE_BREAKS:
+        raise ValueError(f"tie_break {tie_break!r}; accepted: {', '.join(TIE_BREAKS)}")
     pts = np.asarray(points, dtype=float)
-    if pts.ndim != 2:
-        raise ValueError(f"points must have shape (n, k); got {pts.shape}")
-    n = pts.shape[0]
-    if n == 0:
-        return np.zeros(0, dtype=int)
+    if pts.ndim != 2 or pts.shape[0] == 0:
+        raise ValueError(f"points must have shape (n, k), n >= 1; got {pts.shape}")
     pts = _order_preserving_finite(pts)
-    rank = np.empty(n, dtype=int)
-    crowd = np.empty(n, dtype=float)
-    for r, idx in enumerate(non_dominated_sort(pts)):
-        rank[idx] = r
-        crowd[idx] = crowding_distance(pts[idx])
-    ahead = (rank[None, :] < rank[:, None]) | (
-        (rank[None, :] == rank[:, None]) & (crowd[None, :] > crowd[:, None])
-    )
-    return ahead.sum(axis=1)
+    n = pts.shape[0]
+    index = index % n
+    ranks = moocore.pareto_rank(pts, maximise=True)
+    mine = ranks[index]
+    ahead = int(np.count_nonzero(ranks < mine))
+    in_front = np.flatnonzero(ranks == mine)
+    front = pts[in_front]
+    me = int(np.searchsorted(in_front, index))  # in_front is ascending and holds index
+    if tie_break == "crowding":
+        crowd = crowding_distance(front)
+        return ahead + int(np.count_nonzero(crowd > crowd[me]))
+    lim = front.shape[0] if limit is None else max(0, limit - ahead)
+    return ahead + _epsnet_position(front, me, lim)
 
 
-def _n_keep(n: int, reduction_factor: float) -> int:
-    return max(1, math.floor(n / reduction_factor))
-
-
-def _decide_detail(rung_vectors, new_vector, reduction_factor: float) -> tuple[bool, int, int]:
+def _decide_detail(rung_vectors, new_vector, reduction_factor: float,
+                   tie_break: str = "crowding") -> tuple[bool, int, int]:
+    """(continue?, position, n) of a new vector arriving at a rung (maximised objectives)."""
     new = np.asarray(new_vector, dtype=float).reshape(1, -1)
     prev = np.asarray(rung_vectors, dtype=float)
     if prev.size == 0:
@@ -148,24 +173,24 @@ def _decide_detail(rung_vectors, new_vector, reduction_factor: float) -> tuple[b
         )
     pts = np.vstack([prev, new])
     n = pts.shape[0]
-    position = int(rung_positions(pts)[-1])
-    keep = _n_keep(n, reduction_factor)
-    return position < keep, position, keep
+    limit = math.floor(n / reduction_factor * (1 + 1e-12)) + 1  # first position that stops
+    position = rung_position(pts, -1, tie_break, limit=limit)
+    return keeps(position, n, reduction_factor), position, n
 
 
 def decide(
     rung_vectors: Sequence[Sequence[float]],
     new_vector: Sequence[float],
     reduction_factor: float,
+    tie_break: str = "crowding",
 ) -> bool:
     """MO-ASHA rung decision for maximized objectives. ``True`` means CONTINUE, ``False`` STOP.
 
     ``rung_vectors`` are the vectors already recorded at the rung (the new one excluded).
-    ``new_vector`` is the arriving trial's vector. With ``n = len(rung_vectors) + 1``, the
-    trial continues iff its position in :func:`rung_positions` over all ``n`` vectors is
-    ``< max(1, floor(n / reduction_factor))``.
+    With ``n = len(rung_vectors) + 1``, the trial continues iff its position in the order of
+    :func:`rung_position` satisfies ``position / n <= 1 / reduction_factor``.
     """
-    return _decide_detail(rung_vectors, new_vector, reduction_factor)[0]
+    return _decide_detail(rung_vectors, new_vector, reduction_factor, tie_break)[0]
 
 
 class MOASHAScheduler(FIFOScheduler):
@@ -176,13 +201,15 @@ class MOASHAScheduler(FIFOScheduler):
         modes: ``"max"``/``"min"`` per metric (a single string is broadcast).
         time_attr: result key that counts completed budget units (monotonic, 1 after the first unit).
         grace_period: first milestone; no trial is judged before it.
-        reduction_factor: η; a trial continues iff it is in the top ``max(1, floor(n/η))`` at a rung.
+        reduction_factor: η; a trial continues iff its normalised rank at a rung is <= 1/η.
+        tie_break: ``"crowding"`` (default) or ``"epsnet"``: the order inside a non-dominated front.
         max_t: the full budget in ``time_attr`` units; milestones are strictly below it.
 
     Attributes:
         stopped_trials: ids of the trials this scheduler stopped early.
         decisions: one dict per rung decision, with ``trial_id``, ``milestone``, ``time``, ``values``
-            (raw metric values), ``position``, ``n``, ``n_keep`` and ``decision``
+            (raw metric values), ``position`` (for a STOP with the ε-net: a lower bound), ``n``,
+            ``n_keep`` (positions 0..n_keep-1 continue) and ``decision``
             (``"CONTINUE"``/``"STOP"``).
     """
 
@@ -195,6 +222,7 @@ class MOASHAScheduler(FIFOScheduler):
         reduction_factor: float = 3,
         *,
         max_t: int,
+        tie_break: str = "crowding",
     ):
         super().__init__()
         metrics = [metrics] if isinstance(metrics, str) else list(metrics)
@@ -214,6 +242,9 @@ class MOASHAScheduler(FIFOScheduler):
             raise ValueError("reduction_factor must be > 1")
         if max_t is None or not max_t > 0:
             raise ValueError("max_t must be positive")
+        if tie_break not in TIE_BREAKS:
+            raise ValueError(f"tie_break {tie_break!r}; accepted: {', '.join(TIE_BREAKS)}")
+        self._tie_break = tie_break
 
         self._metrics: list[str] = metrics
         self._modes: list[str] = modes
@@ -311,8 +342,10 @@ class MOASHAScheduler(FIFOScheduler):
         values = self._extract(result)
         if values is None:
             return TrialScheduler.CONTINUE
-        prev = [self._oriented(v) for v in recorded.values()]
-        cont, position, keep = _decide_detail(prev, self._oriented(values), self._reduction_factor)
+        prev = self._signs * np.asarray(list(recorded.values()), dtype=float).reshape(-1, len(self._signs))
+        cont, position, n = _decide_detail(prev, self._oriented(values), self._reduction_factor,
+                                           getattr(self, "_tie_break", "crowding"))
+        keep = math.floor(n / self._reduction_factor * (1 + 1e-12)) + 1
         recorded[trial_id] = values
         decision = TrialScheduler.CONTINUE if cont else TrialScheduler.STOP
         self.decisions.append(

@@ -1,6 +1,73 @@
-"""The sweep's objectives and sampler names, in a module with no heavy imports: `search.pareto`
-checks its flags against them before torch, Ray, Optuna or MLflow are imported, so bad input
-fails in well under a second."""
+"""The sweep's objectives, sampler names and floors, in a module with no heavy imports:
+`search.pareto` checks its flags against them before torch, Ray, Optuna or MLflow are imported,
+so bad input fails in well under a second."""
+from __future__ import annotations
 
-OBJECTIVES = ("clean_acc", "robust_acc", "channel_sparsity")  # all maximised
-SAMPLERS = ("nsga2", "tpe", "gp", "random")  # built by search.searcher.make_sampler
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+OBJECTIVES = ("clean_acc", "robust_acc", "channel_sparsity")  # all maximised, on the validation split
+SAMPLERS = ("tpe", "nsga2", "gp", "random")  # built by search.searcher.make_sampler
+DEFAULT_SAMPLER = "tpe"  # chosen by measurement: docs/benchmarks.md, "Search efficiency"
+# with --scheduler moasha most trials end PRUNED; NSGA-II and GP learn from COMPLETE trials only,
+# TPE files PRUNED ones with the worse group (docs/benchmarks.md)
+DEFAULT_MOASHA_SAMPLER = "tpe"
+TIE_BREAKS = ("crowding", "epsnet")  # MO-ASHA's order inside a non-dominated front (search.moasha)
+
+# datasets with a known class count; folder:PATH counts its train/<class>/ folders
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "mnist": 10, "fashion-mnist": 10, "svhn": 10}
+
+
+def num_classes(dataset: str) -> int | None:
+    """Class count of a dataset name, without loading it; None if it cannot be told."""
+    if dataset.startswith("folder:"):
+        train = Path(os.path.expanduser(dataset[len("folder:"):])) / "train"
+        try:
+            n = sum(1 for d in train.iterdir() if d.is_dir())
+        except OSError:
+            return None
+        return n or None
+    return NUM_CLASSES.get(dataset)
+
+
+@dataclass(frozen=True)
+class Floors:
+    """The useful floor of each objective: the hypervolume reference point, and the line below
+    which a trial is infeasible (clean accuracy must be strictly above its floor, robust
+    accuracy at least its floor). `chance` is 1 / number of classes, for the record."""
+
+    clean_acc: float
+    robust_acc: float = 0.0
+    channel_sparsity: float = 0.0
+    chance: float | None = None
+
+    @classmethod
+    def for_sweep(cls, dataset: str, min_clean_acc: float | None = None,
+                  min_robust_acc: float | None = None) -> "Floors":
+        n = num_classes(dataset)
+        chance = 1.0 / n if n else None
+        clean = max(v for v in (chance, min_clean_acc, 0.0) if v is not None)
+        return cls(clean, float(min_robust_acc or 0.0), 0.0, chance)
+
+    @property
+    def reference(self) -> tuple[float, float, float]:
+        return (self.clean_acc, self.robust_acc, self.channel_sparsity)
+
+    def constraints(self, clean_acc: float, robust_acc: float) -> dict[str, float]:
+        """Optuna constraint values (feasible iff every value <= 0). The clean one carries 1e-9
+        so that a trial exactly at its floor (e.g. at chance) is infeasible, as `feasible` says."""
+        return {"clean_acc_floor": self.clean_acc - clean_acc + 1e-9,
+                "robust_acc_floor": self.robust_acc - robust_acc}
+
+    def feasible(self, clean_acc: float, robust_acc: float) -> bool:
+        return clean_acc > self.clean_acc and robust_acc >= self.robust_acc
+
+    def describe(self) -> str:
+        where = f"chance 1/{round(1 / self.chance)}" if self.chance and abs(self.clean_acc - self.chance) < 1e-12 else "--min-clean-acc"
+        return (f"clean_acc > {self.clean_acc:.4g} ({where}), robust_acc >= {self.robust_acc:.4g}, "
+                f"channel_sparsity >= {self.channel_sparsity:g}")
+
+    def as_params(self) -> dict[str, float]:
+        return {"floor_clean_acc": self.clean_acc, "floor_robust_acc": self.robust_acc,
+                "floor_channel_sparsity": self.channel_sparsity}

@@ -23,8 +23,8 @@ from trainables.cliutil import OneLineParser, fail
 from trainables.config import ConfigError, TrainConfig
 from trainables.fileio import atomic_write_text
 
-from .objectives import OBJECTIVES, SAMPLERS  # not .searcher: it imports Ray and Optuna
-from .space import Space, load_space, parse_sets
+from .objectives import DEFAULT_MOASHA_SAMPLER, DEFAULT_SAMPLER, OBJECTIVES, SAMPLERS, TIE_BREAKS, Floors  # not .searcher: it imports Ray and Optuna
+from .space import Space, joint_modelling_gap, load_space, parse_sets
 
 SCHEDULERS = ("fifo", "moasha")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -44,10 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset-test", type=int)
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--sampler", default="nsga2", help=f"one of {', '.join(SAMPLERS)}")
+    p.add_argument("--sampler", help=f"one of {', '.join(SAMPLERS)} (default: {DEFAULT_SAMPLER}; "
+                                     f"{DEFAULT_MOASHA_SAMPLER} with --scheduler moasha)")
     p.add_argument("--scheduler", default="fifo", help="fifo (every trial runs all epochs) or moasha")
     p.add_argument("--grace-period", type=int, default=1, help="moasha: first rung, in epochs")
     p.add_argument("--reduction-factor", type=float, default=3.0, help="moasha: keep the top 1/eta at each rung")
+    p.add_argument("--tie-break", default="crowding", help="moasha: order inside a non-dominated front, "
+                                                          "crowding (default) or epsnet (Syne Tune's)")
+    p.add_argument("--min-clean-acc", type=float,
+                   help="floor: trials at or below it are infeasible (default: chance, 1/number of classes)")
+    p.add_argument("--min-robust-acc", type=float, help="floor: trials below it are infeasible (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster fits)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
@@ -88,6 +94,7 @@ class Plan:
     address: str | None
     resume: bool
     stored: dict[str, Any] = field(default_factory=dict)
+    floors: Floors = field(default_factory=lambda: Floors(0.0))
 
     @property
     def state_dir(self) -> Path:
@@ -103,6 +110,7 @@ class Plan:
             "epochs": a.epochs, "dataset": a.dataset, "storage_path": self.storage_path,
             "tracking_uri": self.tracking_uri, "experiment": a.experiment,
             "grace_period": a.grace_period, "reduction_factor": a.reduction_factor,
+            "tie_break": a.tie_break, "min_clean_acc": a.min_clean_acc, "min_robust_acc": a.min_robust_acc,
             "reuse_actors": bool(getattr(a, "reuse_actors", False)),
             "register": getattr(a, "register", None),
         }
@@ -153,14 +161,22 @@ def _unreachable(host: str, port: int, timeout: float = 3.0) -> str | None:
 def prepare(args: argparse.Namespace) -> Plan:
     """All the checks, none of the writes; raises ConfigError with a one-line message. The cheap
     checks come first, before torch, Ray and MLflow are imported (seconds), so a typo fails fast."""
-    if args.sampler not in SAMPLERS:
-        raise ConfigError(f"--sampler {args.sampler!r} is unknown; accepted: {', '.join(SAMPLERS)}")
     if args.scheduler not in SCHEDULERS:
         raise ConfigError(f"--scheduler {args.scheduler!r} is unknown; accepted: {', '.join(SCHEDULERS)}")
+    if args.sampler is None and not args.resume:
+        args.sampler = DEFAULT_MOASHA_SAMPLER if args.scheduler == "moasha" else DEFAULT_SAMPLER
+    if args.sampler is not None and args.sampler not in SAMPLERS:
+        raise ConfigError(f"--sampler {args.sampler!r} is unknown; accepted: {', '.join(SAMPLERS)}")
     for flag in ("trials", "epochs", "max_concurrent", "grace_period"):
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} {v}; accepted: an integer >= 1")
+    if args.tie_break not in TIE_BREAKS:
+        raise ConfigError(f"--tie-break {args.tie_break!r} is unknown; accepted: {', '.join(TIE_BREAKS)}")
+    for flag in ("min_clean_acc", "min_robust_acc"):
+        v = getattr(args, flag)
+        if v is not None and not 0.0 <= v < 1.0:
+            raise ConfigError(f"--{flag.replace('_', '-')} {v}; accepted: a number in [0, 1)")
     if args.reduction_factor <= 1:
         raise ConfigError(f"--reduction-factor {args.reduction_factor}; accepted: a number > 1")
     if args.cpus_per_trial <= 0 or (args.gpus_per_trial is not None and args.gpus_per_trial < 0):
@@ -196,6 +212,12 @@ def prepare(args: argparse.Namespace) -> Plan:
         space = load_space(args.space)
         space = space.pin({**base, **parse_sets(args.set)})
     space.validate()
+    if args.sampler is None:  # --resume of a sweep that stored none
+        args.sampler = DEFAULT_MOASHA_SAMPLER if args.scheduler == "moasha" else DEFAULT_SAMPLER
+    gap = joint_modelling_gap(args.sampler, space)
+    if gap:
+        print(gap, file=sys.stderr, flush=True)
+    floors = Floors.for_sweep(str(space.fixed.get("dataset", args.dataset)), args.min_clean_acc, args.min_robust_acc)
     from trainables.data import check_available
 
     check_available(TrainConfig.from_flat(space.fixed))
@@ -234,7 +256,7 @@ def prepare(args: argparse.Namespace) -> Plan:
             raise ConfigError(f"--tracking-uri {redact(args.tracking_uri)}: cannot reach {hp[0]}:{hp[1]} ({why}); accepted: a running MLflow server (mlflow server --host 127.0.0.1 ...), or a sqlite:///PATH")
 
     plan = Plan(args, name, space, storage, exp_dir, local, tracking_uri,
-                args.address or os.environ.get("RAY_ADDRESS"), args.resume)
+                args.address or os.environ.get("RAY_ADDRESS"), args.resume, floors=floors)
     sweep_json = plan.state_dir / "sweep.json"
     if args.resume:
         from ray.tune import Tuner
@@ -255,9 +277,11 @@ def prepare(args: argparse.Namespace) -> Plan:
 
 
 # flags that define a sweep: `--name X --resume` takes them from the stored sweep.json unless given
-RESUMED_FLAGS = ("trials", "epochs", "dataset", "sampler", "scheduler", "seed", "grace_period",
+RESUMED_FLAGS = ("trials", "epochs", "dataset", "sampler", "scheduler", "seed", "grace_period", "tie_break",
+                 "min_clean_acc", "min_robust_acc",
                  "reduction_factor", "experiment", "tracking_uri", "register")
-FIXED_ON_RESUME = ("trials", "sampler", "scheduler", "seed", "grace_period", "reduction_factor", "experiment")
+FIXED_ON_RESUME = ("trials", "sampler", "scheduler", "seed", "grace_period", "reduction_factor", "experiment",
+                   "tie_break", "min_clean_acc", "min_robust_acc")
 SPACE_FLAGS = ("space", "set", "dataset", "data_root", "download", "subset_train", "subset_test", "epochs")
 
 
@@ -336,13 +360,14 @@ def build_tuner(plan: Plan, max_concurrent: int, gpus: float, callbacks: list[An
 
     args = plan.args
     storage = optuna.storages.RDBStorage(f"sqlite:///{(plan.state_dir / 'optuna.db').resolve()}")
-    searcher = ParetoSearch(plan.space, make_sampler(args.sampler, args.seed, max_concurrent), plan.name, storage)
+    searcher = ParetoSearch(plan.space, make_sampler(args.sampler, args.seed, max_concurrent), plan.name, storage,
+                            floors=plan.floors)
     callbacks = list(callbacks)
     scheduler = None
     if args.scheduler == "moasha":
         scheduler = MOASHAScheduler(list(OBJECTIVES), ["max"] * 3, time_attr="epoch",
                                     grace_period=args.grace_period, reduction_factor=args.reduction_factor,
-                                    max_t=args.epochs)
+                                    max_t=args.epochs, tie_break=args.tie_break)
         callbacks.append(scheduler.state_callback())
     return tune.Tuner(
         tune.with_resources(trainable, {"cpu": args.cpus_per_trial, "gpu": gpus}),
@@ -394,8 +419,9 @@ def run(plan: Plan) -> int:
         parent = start_parent_run(
             client, experiment_id, plan.name,
             {**{k: v for k, v in plan.record().items() if k != "space"}, "max_concurrent": max_concurrent,
-             "gpus_per_trial": gpus, "cpus_per_trial": args.cpus_per_trial, "objectives": ",".join(OBJECTIVES)},
-            _version_tags(),
+             "gpus_per_trial": gpus, "cpus_per_trial": args.cpus_per_trial, "objectives": ",".join(OBJECTIVES),
+             **plan.floors.as_params(), "hv_reference": ",".join(f"{v:g}" for v in plan.floors.reference)},
+            {**_version_tags(), "brsearch.floor": plan.floors.describe()},
         )
         # credentials (user:password@ in a URI or path, token=...) never reach params or artifacts
         client.log_dict(parent, redact_obj(plan.space.describe()), "space.json")
@@ -403,6 +429,7 @@ def run(plan: Plan) -> int:
                                      indent=2, default=str), plan.state_dir / "sweep.json")
     print(f"brsearch: sweep {plan.name!r}: {args.trials} trials x {args.epochs} epochs, sampler {args.sampler}, "
           f"scheduler {args.scheduler}, {max_concurrent} at once ({args.cpus_per_trial:g} CPU, {gpus:g} GPU each)\n"
+          f"  floor    {plan.floors.describe()} (hypervolume reference; trials below it are infeasible)\n"
           f"  results  {redact(plan.exp_dir)}\n  mlflow   {redact(plan.tracking_uri)} (experiment {args.experiment!r}, parent run {parent})\n"
           f"{link_lines(plan.tracking_uri, experiment_id)}", flush=True)
 
@@ -412,7 +439,8 @@ def run(plan: Plan) -> int:
                                    resume_errored=False, restart_errored=False)
     else:
         tuner = build_tuner(plan, max_concurrent, gpus, [
-            MLflowSweepCallback(plan.tracking_uri, experiment_id, parent, plan.name), ProgressCallback(args.trials),
+            MLflowSweepCallback(plan.tracking_uri, experiment_id, parent, plan.name, floors=plan.floors),
+            ProgressCallback(args.trials),
             NoRetryOnDivergence()], reuse_actors=args.reuse_actors)
     # Tune forces an experiment-state snapshot whenever a trial has saved num_to_keep checkpoints
     # since the last one, and warns "snapshotting has been triggered multiple times" when that
@@ -424,7 +452,7 @@ def run(plan: Plan) -> int:
 
     analysis = tune.ExperimentAnalysis(plan.exp_dir)
     trials = analysis.trials
-    df = trials_frame(trials)
+    df = trials_frame(trials, plan.floors)
     front = front_frame(df)
     out_dir = Path(plan.exp_dir) if plan.local else plan.state_dir
     files = write_tables(out_dir, df, front)
@@ -435,11 +463,14 @@ def run(plan: Plan) -> int:
     unsent = finish_logging(
         tracking_uri=plan.tracking_uri, experiment_id=experiment_id, parent_run_id=parent, sweep=plan.name,
         analysis=analysis, trials_df=df, front_df=front, files=files, status="KILLED" if interrupted else "FINISHED",
-        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus, floors=_floors(args), register=args.register,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus, floors=plan.floors, reference=plan.floors.reference,
+        register=args.register,
         patience_s=args.mlflow_wait, replay_first=plan.resume,
         resume_hint=f"python -m search.pareto --name {plan.name} --storage-path {plan.storage_path} --resume-logging")
     counts = df["status"].value_counts().to_dict() if len(df) else {}
     print(f"\nPareto front of {plan.name!r} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}):")
+    print(f"floor: {plan.floors.describe()}; {int((~df['feasible']).sum()) if len(df) else 0} completed trial(s) "
+          f"below it kept off the front")
     print(format_front(front))
     print(f"\nwrote {', '.join(shown)}")
     print(link_lines(plan.tracking_uri, experiment_id), flush=True)
@@ -450,11 +481,6 @@ def run(plan: Plan) -> int:
               f"python -m search.pareto --name {plan.name} --storage-path {plan.storage_path} --resume", file=sys.stderr)
         return 130
     return 0 if counts.get("completed") else 1
-
-
-def _floors(args: argparse.Namespace) -> dict[str, float]:
-    """The objective floors of the sweep (--min-clean-acc, --min-robust-acc), where given."""
-    return {m: getattr(args, f"min_{m}") for m in ("clean_acc", "robust_acc") if getattr(args, f"min_{m}", None) is not None}
 
 
 def resume_logging(plan: Plan) -> int:
@@ -469,7 +495,7 @@ def resume_logging(plan: Plan) -> int:
     experiment_id, parent = plan.stored["experiment_id"], plan.stored["parent_run_id"]
     analysis = tune.ExperimentAnalysis(plan.exp_dir)
     trials = analysis.trials
-    df = trials_frame(trials)
+    df = trials_frame(trials, plan.floors)
     front = front_frame(df)
     out_dir = Path(plan.exp_dir) if plan.local else plan.state_dir
     files = [out_dir / f"{n}.{s}" for n in ("trials", "pareto") for s in ("parquet", "csv") if (out_dir / f"{n}.{s}").exists()]
@@ -481,7 +507,7 @@ def resume_logging(plan: Plan) -> int:
         analysis=analysis, trials_df=df, front_df=front, files=files,
         status="FINISHED" if finished >= int(plan.stored.get("trials", plan.args.trials)) else "KILLED",
         cpus_per_trial=float(params.get("cpus_per_trial", plan.args.cpus_per_trial)),
-        gpus_per_trial=float(params.get("gpus_per_trial", 0)), floors=_floors(plan.args),
+        gpus_per_trial=float(params.get("gpus_per_trial", 0)), floors=plan.floors, reference=plan.floors.reference,
         register=plan.args.register, patience_s=plan.args.mlflow_wait, replay_first=True,
         resume_hint=f"python -m search.pareto --name {plan.name} --storage-path {plan.storage_path} --resume-logging")
     if unsent:

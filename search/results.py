@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 
 from trainables.fileio import atomic_path
 
-from .front import non_dominated_mask
-from .objectives import OBJECTIVES
+from .front import feasible_mask, non_dominated_mask
+from .objectives import OBJECTIVES, Floors
 from .outcomes import trial_outcome
 from .redact import redact
 
@@ -29,7 +29,7 @@ METRIC_COLUMNS = ("clean_acc", "robust_acc", "fgsm_acc", "channel_sparsity", "ch
 STRING_COLUMNS = ("node_id",)  # the Ray node that ran the trial's last epoch
 
 
-def trials_frame(trials: list[Any]) -> pd.DataFrame:
+def trials_frame(trials: list[Any], floors: Floors | None = None) -> pd.DataFrame:
     """One row per Tune trial: id, status (completed/stopped/failed, or interrupted for a trial an
     interrupted sweep left unfinished), reason, config, metrics. Takes the trials after
     `Tuner.fit` returned, when their status is final."""
@@ -55,16 +55,30 @@ def trials_frame(trials: list[Any]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if not len(df):
         df = pd.DataFrame(columns=["trial_id", "trial_name", "status", "reason", *METRIC_COLUMNS, *STRING_COLUMNS])
+    df["feasible"] = feasible_column(df, floors)
     df["pareto"] = front_mask(df)
     return df.sort_values("trial_id").reset_index(drop=True)
 
 
-def front_mask(df: pd.DataFrame) -> list[bool]:
-    """Non-dominated among completed trials with finite objectives; everything else is off."""
+def feasible_column(df: pd.DataFrame, floors: Floors | None) -> list[bool]:
+    """Completed trials with finite objectives above the sweep's floors (search.front.feasible_mask);
+    every other row is False."""
     ok = [
         r["status"] == "completed" and all(r[m] is not None and math.isfinite(r[m]) for m in OBJECTIVES)
         for _, r in df.iterrows()
     ]
+    idx = [i for i, o in enumerate(ok) if o]
+    if idx and floors is not None:
+        pts = df.iloc[idx][list(OBJECTIVES)].to_numpy(dtype=float)
+        for i, on in zip(idx, feasible_mask(pts, floors)):
+            ok[i] = bool(on)
+    return ok
+
+
+def front_mask(df: pd.DataFrame) -> list[bool]:
+    """Non-dominated among the feasible trials (completed, finite objectives, above the floors;
+    the `feasible` column); everything else is off. Stopped (PRUNED) trials never count."""
+    ok = list(df["feasible"]) if "feasible" in df else feasible_column(df, None)
     mask = [False] * len(df)
     idx = [i for i, o in enumerate(ok) if o]
     if idx:

@@ -4,7 +4,10 @@ Ray's `OptunaSearch` tells Optuna COMPLETE with whatever the last result held, s
 a scheduler stopped after 2 epochs lands on the sampler's Pareto front with low-fidelity values,
 (b) a NaN objective leaves the Optuna trial RUNNING forever (the tell raises and is only
 logged), and (c) trials asked after the last experiment checkpoint stay RUNNING after a crash.
-`ParetoSearch` tells PRUNED, FAIL and reconciles such orphans.
+`ParetoSearch` tells PRUNED, FAIL and reconciles such orphans, and records each completed
+trial's floors as Optuna constraints (`Trial.set_constraint`, Optuna 5's constraints API), so
+samplers treat trials below the useful floor as infeasible and `Study.best_trials` leaves them out.
+Only public Optuna APIs are used.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from .objectives import OBJECTIVES, SAMPLERS  # noqa: F401  (re-exported: the names callers know)
+from .objectives import OBJECTIVES, SAMPLERS, Floors  # noqa: F401  (re-exported: the names callers know)
 from .space import Space
 
 log = logging.getLogger(__name__)
@@ -27,8 +30,12 @@ def make_sampler(name: str, seed: int, max_concurrent: int) -> optuna.samplers.B
         # a generation per ~2x the parallel slots keeps generations full under async execution
         return optuna.samplers.NSGAIISampler(population_size=max(4, 2 * max_concurrent), seed=seed)
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
-                                          n_startup_trials=max(4, 2 * max_concurrent))
+        # multivariate + group: models every parameter jointly, conditional ones included
+        # (group=True decomposes a define-by-run space into the sub-spaces trials share)
+        with warnings.catch_warnings():  # `group` is experimental (Optuna 5): one warning per sweep is noise
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
+                                              n_startup_trials=max(4, 2 * max_concurrent))
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=max(4, 2 * max_concurrent))
     if name == "random":
@@ -38,8 +45,10 @@ def make_sampler(name: str, seed: int, max_concurrent: int) -> optuna.samplers.B
 
 class ParetoSearch(OptunaSearch):
     def __init__(self, space: Space, sampler: optuna.samplers.BaseSampler, study_name: str,
-                 storage: optuna.storages.BaseStorage, objectives: tuple[str, ...] = OBJECTIVES) -> None:
+                 storage: optuna.storages.BaseStorage, objectives: tuple[str, ...] = OBJECTIVES,
+                 floors: Floors | None = None) -> None:
         self._brs_space = space
+        self.floors = floors
         super().__init__(space=space.suggest, metric=list(objectives), mode=["max"] * len(objectives),
                          sampler=sampler, study_name=study_name, storage=storage)
         self.pruned: set[str] = set()
@@ -79,6 +88,10 @@ class ParetoSearch(OptunaSearch):
         try:
             if reason:
                 ot.set_user_attr("brsearch_reason", reason)
+            floors = getattr(self, "floors", None)
+            if state == TrialState.COMPLETE and floors is not None:
+                for key, c in floors.constraints(values[0], values[1]).items():
+                    ot.set_constraint(key, c)
             self._ot_study.tell(ot, values, state=state)
         except Exception as exc:  # never leave a zombie RUNNING trial behind
             log.warning("optuna tell failed for %s (%s); marking FAIL", trial_id, exc)
@@ -122,7 +135,8 @@ class ParetoSearch(OptunaSearch):
         n = 0
         for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t.number not in live:
-                self._ot_study._storage.set_trial_user_attr(t._trial_id, "brsearch_reason", "orphaned by a crash")
-                self._ot_study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                # public API: tell by trial number (no user attribute can be set on a trial
+                # this process did not ask for without Optuna's private storage calls)
+                self._ot_study.tell(t.number, state=TrialState.FAIL)
                 n += 1
         return n

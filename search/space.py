@@ -7,9 +7,14 @@ A space is data:
                        "choices", "when": {other: value or [values]}, "allow_zero": bool}},
      "fixed": {name: value}}
 
+`zero_below: t` keeps the parameter always sampled over [low, high] and gives the trial 0 when
+the sampled value is below t: "no penalty" is the low end of a range the sampler sees and models.
 `when` makes a parameter conditional (define-by-run: it is only suggested when the condition
 holds); `allow_zero` adds a categorical switch `<name>_on` so 0 is reachable on a log scale.
-A .py space may instead define `space(trial) -> dict` for full control (validated by dry runs).
+Both still work, but NSGA-II and GP cannot model such parameters jointly (they fall out of the
+intersection search space), so `search.pareto` warns in one line when they meet
+(`joint_modelling_gap`). A .py space may instead define `space(trial) -> dict` for full control
+(validated by dry runs).
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from typing import Any, Callable
 from trainables.config import ConfigError, TrainConfig, known_keys, set_field
 
 TYPES = ("float", "int", "categorical")
-PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "when", "allow_zero"}
+PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "when", "allow_zero", "zero_below"}
 
 
 @dataclass
@@ -117,10 +122,14 @@ def _suggest_one(trial: Any, name: str, p: dict[str, Any]) -> Any:
         if not trial.suggest_categorical(f"{name}_on", [True, False]):
             return 0 if kind == "int" else 0.0
     if kind == "int":
-        return trial.suggest_int(name, int(p["low"]), int(p["high"]), step=int(p.get("step", 1)),
-                                 log=bool(p.get("log", False)))
-    return trial.suggest_float(name, float(p["low"]), float(p["high"]), step=p.get("step"),
-                               log=bool(p.get("log", False)))
+        v = trial.suggest_int(name, int(p["low"]), int(p["high"]), step=int(p.get("step", 1)),
+                              log=bool(p.get("log", False)))
+    else:
+        v = trial.suggest_float(name, float(p["low"]), float(p["high"]), step=p.get("step"),
+                                log=bool(p.get("log", False)))
+    if p.get("zero_below") is not None and v < p["zero_below"]:
+        return 0 if kind == "int" else 0.0
+    return v
 
 
 def _check_value(name: str, value: Any) -> None:
@@ -146,6 +155,8 @@ def _validate_param(space: str, name: str, p: Any, all_params: dict[str, Any],
             raise ConfigError(f"{where}: 'choices' must be a non-empty list")
         for c in choices:
             _check_value(name, c)
+        if p.get("zero_below") is not None:
+            raise ConfigError(f"{where}: zero_below applies to float and int parameters only")
     else:
         lo, hi = p.get("low"), p.get("high")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi)):
@@ -156,6 +167,13 @@ def _validate_param(space: str, name: str, p: Any, all_params: dict[str, Any],
             raise ConfigError(f"{where}: log scale needs low > 0; got low={lo}")
         for v in (lo, hi):
             _check_value(name, int(v) if kind == "int" else float(v))
+        zb = p.get("zero_below")
+        if zb is not None:
+            if not isinstance(zb, (int, float)) or isinstance(zb, bool) or not lo < zb <= hi:
+                raise ConfigError(f"{where}: zero_below={zb!r}; accepted: a number in ({lo}, {hi}] (values below it become 0)")
+            if p.get("allow_zero"):
+                raise ConfigError(f"{where}: zero_below and allow_zero both say how 0 is reached; accepted: one of them")
+            _check_value(name, 0 if kind == "int" else 0.0)
     for key, want in (p.get("when") or {}).items():
         if key in (fixed or {}) and key not in all_params:
             continue  # pinned (e.g. --set loss=trades): the pinned value decides the condition
@@ -165,6 +183,44 @@ def _validate_param(space: str, name: str, p: Any, all_params: dict[str, Any],
         for w in want if isinstance(want, list) else [want]:
             if w not in other["choices"]:
                 raise ConfigError(f"{where}: 'when' value {w!r} is not a choice of {key!r} ({other['choices']})")
+
+
+def joint_modelling_gap(sampler: str, space: Space) -> str | None:
+    """Why `sampler` cannot model `space` jointly (one line), or None. Optuna's NSGA-II and GP
+    model only the intersection of past trials' parameters (`IntersectionSearchSpace`): a `when`
+    parameter, an `allow_zero` switch, or a define-by-run function whose parameter set varies
+    drops out of it and is then sampled independently at random, every trial. TPE with
+    multivariate=True, group=True (our `tpe`) models conditional spaces; `random` models nothing."""
+    if sampler not in ("nsga2", "gp"):
+        return None
+    if space.func is not None:
+        loose = sorted(_varying_params(space))
+    else:
+        loose = [n for n, p in space.params.items() if p.get("when") or p.get("allow_zero")]
+    if not loose:
+        return None
+    return (f"warning: --sampler {sampler} models only the parameters every trial has, so "
+            f"{', '.join(loose)} will be sampled independently at random; use --sampler tpe, or "
+            f"sample them always (drop 'when'; 'zero_below' instead of 'allow_zero')")
+
+
+def _varying_params(space: Space, samples: int = 16) -> set[str]:
+    """Parameters a define-by-run space suggests in some dry-run samples but not in others."""
+    import optuna
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(directions=["maximize"] * 3, sampler=optuna.samplers.RandomSampler(seed=0))
+        seen: list[set[str]] = []
+        for _ in range(samples):
+            t = study.ask()
+            space.suggest(t)
+            seen.append(set(t.params))
+            study.tell(t, state=optuna.trial.TrialState.FAIL)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    return set().union(*seen) - set.intersection(*seen) if seen else set()
 
 
 # --- loading --------------------------------------------------------------------------------

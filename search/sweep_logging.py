@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .front import SWEEP_REFERENCE
+from .front import DEFAULT_REFERENCE
 from .mlflow_replay import replay
 from .mlflow_uri import runs_view_url, ui_command
 from .redact import redact
@@ -29,7 +29,7 @@ def finish_logging(*, tracking_uri: str, experiment_id: str, parent_run_id: str,
                    trials_df: Any, front_df: Any, files: list[Path], status: str, cpus_per_trial: float,
                    gpus_per_trial: float, floors: Any, register: str | None,
                    patience_s: float, replay_first: bool, resume_hint: str,
-                   reference: tuple[float, ...] = SWEEP_REFERENCE) -> str | None:
+                   reference: tuple[float, ...] = DEFAULT_REFERENCE) -> str | None:
     """Queue the end of the sweep's logging and wait for the background logger; returns the one
     line to print when something could not be sent, else None."""
     logger = sweep_logger(tracking_uri, experiment_id, parent_run_id, sweep)

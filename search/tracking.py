@@ -22,7 +22,7 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from .front import SWEEP_REFERENCE, hypervolume, non_dominated_mask
+from .front import DEFAULT_REFERENCE, hypervolume, non_dominated_mask
 from .logged_models import log_trial_model, register_front, tag_front
 from .mlflow_async import BackgroundQueue, configure_http_retries
 from .objectives import OBJECTIVES
@@ -193,7 +193,7 @@ class MLflowSweepCallback(Callback):
     Tune's experiment checkpoints so `Tuner.restore` continues the same runs."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str,
-                 reference: tuple[float, ...] = SWEEP_REFERENCE, floors: Any = None) -> None:
+                 reference: tuple[float, ...] = DEFAULT_REFERENCE, floors: Any = None) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
@@ -276,7 +276,7 @@ def start_parent_run(client: MlflowClient, experiment_id: str, sweep: str, param
 def finish_parent_run(client: MlflowClient, parent_run_id: str, experiment_id: str,
                       trials_df: Any, front_df: Any, files: list[Path], status: str = "FINISHED",
                       summary: tuple[dict[str, float], dict[str, str]] | None = None,
-                      register: str | None = None, reference: tuple[float, ...] = SWEEP_REFERENCE) -> None:
+                      register: str | None = None, reference: tuple[float, ...] = DEFAULT_REFERENCE) -> None:
     """Tags every child (and its logged model) pareto=true/false to match the front, ends orphaned
     children, logs the summary metrics and tags, the front as a table, PNG projections and an
     interactive 3-D HTML plot, `hypervolume.png` (the parent's hypervolume metric against epochs

@@ -1,12 +1,14 @@
-"""Unit tests for search.front (pure numpy Pareto utilities, maximization)."""
+"""Unit tests for search.front (moocore-backed Pareto utilities, maximization), the sweep's floors,
+and the front of the results table (only feasible completed trials)."""
 
 import numpy as np
 import pytest
 
-from search import front
 from search.front import (
     DEFAULT_REFERENCE,
+    Floors,
     crowding_distance,
+    feasible_mask,
     hypervolume,
     non_dominated_mask,
     non_dominated_sort,
@@ -69,13 +71,6 @@ def test_crowding_distance():
     assert crowding_distance(np.zeros((0, 2))).shape == (0,)
 
 
-def test_hypervolume_backend_is_optunas_maintained_implementation():
-    # If this fails, optuna moved/removed optuna._hypervolume.compute_hypervolume: update
-    # search/front.py deliberately instead of silently running on the fallback.
-    assert front.HYPERVOLUME_BACKEND == "optuna"
-    assert front._optuna_compute_hypervolume is not None
-
-
 def test_hypervolume_one_point_3d():
     assert hypervolume([[0.5, 0.5, 0.5]]) == pytest.approx(0.125)
     assert hypervolume([[0.5, 0.5, 0.5]], reference=(0.1, 0.2, 0.0)) == pytest.approx(
@@ -134,20 +129,97 @@ def test_hypervolume_input_validation():
         hypervolume([[0.5, np.nan, 0.5]])
 
 
+def _cells(pts: np.ndarray, ref: np.ndarray, size: int) -> int:
+    """Unit cells of the integer grid above `ref` dominated by some point (brute force)."""
+    k = pts.shape[1]
+    grid = np.stack(np.meshgrid(*[np.arange(size) + 0.5] * k, indexing="ij"), -1).reshape(-1, k) + ref
+    return int(np.any(np.all(pts[None, :, :] >= grid[:, None, :], axis=2), axis=1).sum())
+
+
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
-def test_hypervolume_optuna_matches_exact_fallback(k):
+def test_hypervolume_matches_brute_force_cell_count(k):
+    # integer points: volume equals the number of dominated unit cells, countable by brute force;
+    # points at or below the reference in some objective add nothing
     rng = np.random.default_rng(k)
     for _ in range(5):
-        pts = rng.uniform(-0.1, 1.0, size=(int(rng.integers(1, 25)), k))
-        ref = np.full(k, 0.05)
-        assert hypervolume(pts, ref) == pytest.approx(front._hypervolume_exact(pts, ref), abs=1e-12)
+        pts = rng.integers(-1, 6, size=(int(rng.integers(1, 12)), k)).astype(float)
+        ref = np.zeros(k)
+        assert hypervolume(pts, ref) == pytest.approx(float(_cells(pts[np.all(pts > ref, axis=1)], ref, 6)))
 
 
-def test_hypervolume_matches_brute_force_cell_count():
-    # integer points: volume equals the number of dominated unit cells, countable by brute force
-    rng = np.random.default_rng(0)
-    pts = rng.integers(1, 6, size=(8, 3)).astype(float)
-    grid = np.stack(np.meshgrid(*[np.arange(5) + 0.5] * 3, indexing="ij"), -1).reshape(-1, 3)
-    cells = np.any(np.all(pts[None, :, :] >= grid[:, None, :], axis=2), axis=1).sum()
-    assert hypervolume(pts) == pytest.approx(float(cells))
-    assert front._hypervolume_exact(pts, DEFAULT_REFERENCE) == pytest.approx(float(cells))
+def test_non_dominated_sort_matches_peeling_on_random_points():
+    rng = np.random.default_rng(1)
+    pts = np.round(rng.random((60, 3)), 1)
+    fronts = non_dominated_sort(pts)
+    remaining = list(range(len(pts)))
+    for f in fronts:
+        dom = lambda a, b: np.all(pts[a] >= pts[b]) and np.any(pts[a] > pts[b])
+        expect = [i for i in remaining if not any(dom(j, i) for j in remaining)]
+        assert f.tolist() == expect
+        remaining = [i for i in remaining if i not in expect]
+    assert not remaining
+
+
+# ------------------------------------------------------------------------- floors
+
+
+def test_floors_for_sweep_chance_and_user_floors(tmp_path):
+    f = Floors.for_sweep("digits")
+    assert f.reference == pytest.approx((0.1, 0.0, 0.0)) and f.chance == pytest.approx(0.1)
+    assert Floors.for_sweep("digits", min_clean_acc=0.5, min_robust_acc=0.2).reference == pytest.approx((0.5, 0.2, 0.0))
+    assert Floors.for_sweep("digits", min_clean_acc=0.05).clean_acc == pytest.approx(0.1)  # never below chance
+    for c in ("a", "b", "c", "d"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+    assert Floors.for_sweep(f"folder:{tmp_path}").clean_acc == pytest.approx(0.25)
+    assert "chance 1/10" in f.describe()
+
+
+def test_feasible_mask_and_optuna_constraints_agree():
+    f = Floors.for_sweep("digits", min_robust_acc=0.05)
+    pts = np.array([[0.1, 0.3, 0.5],  # at chance: infeasible
+                    [0.11, 0.3, 0.0],  # feasible
+                    [0.9, 0.04, 0.2],  # below the robust floor
+                    [0.9, 0.05, 0.2]])  # at the robust floor: feasible
+    mask = feasible_mask(pts, f)
+    assert mask.tolist() == [False, True, False, True]
+    for (c, r, _), ok in zip(pts, mask):
+        assert all(v <= 0 for v in f.constraints(c, r).values()) == ok == f.feasible(c, r)
+
+
+def test_hypervolume_against_the_floor_ignores_chance_models():
+    f = Floors.for_sweep("digits")
+    useful = [[0.6, 0.3, 0.2]]
+    chance_sparse = [[0.1, 0.1, 0.9]]  # at chance, very sparse: non-dominated, but useless
+    hv = hypervolume(useful, f.reference)
+    assert hv == pytest.approx(0.5 * 0.3 * 0.2)
+    assert hypervolume(useful + chance_sparse, f.reference) == pytest.approx(hv)
+
+
+def _table(rows):
+    import pandas as pd
+
+    base = {"trial_id": None, "status": "completed", "clean_acc": None, "robust_acc": None, "channel_sparsity": None}
+    return pd.DataFrame([{**base, **r} for r in rows])
+
+
+def test_results_front_holds_only_feasible_completed_trials():
+    from search.results import feasible_column, front_frame, front_mask
+
+    df = _table([
+        {"trial_id": "a", "clean_acc": 0.8, "robust_acc": 0.4, "channel_sparsity": 0.0},
+        {"trial_id": "b", "clean_acc": 0.6, "robust_acc": 0.3, "channel_sparsity": 0.3},
+        # stopped early (PRUNED in Optuna) with proxies dominating every completed trial
+        {"trial_id": "stopped", "status": "stopped", "clean_acc": 0.99, "robust_acc": 0.9, "channel_sparsity": 0.9},
+        {"trial_id": "failed", "status": "failed", "clean_acc": 0.99, "robust_acc": 0.9, "channel_sparsity": 0.9},
+        # completed at chance with high sparsity: non-dominated, but below the floor
+        {"trial_id": "chance", "clean_acc": 0.1, "robust_acc": 0.1, "channel_sparsity": 0.95},
+        {"trial_id": "dominated", "clean_acc": 0.5, "robust_acc": 0.2, "channel_sparsity": 0.1},
+    ])
+    df["feasible"] = feasible_column(df, Floors.for_sweep("digits"))
+    assert df["feasible"].tolist() == [True, True, False, False, False, True]
+    df["pareto"] = front_mask(df)
+    assert set(df.loc[df["pareto"], "trial_id"]) == {"a", "b"}
+    assert front_frame(df)["trial_id"].tolist() == ["a", "b"]
+    # without floors the chance model would be on the front: the floor is what keeps it off
+    df2 = df.drop(columns=["feasible"])
+    assert "chance" in set(df2.loc[front_mask(df2), "trial_id"])

@@ -1,5 +1,6 @@
 """Unit tests for search.moasha, driven by synthetic result dicts (no ray.init needed)."""
 
+import math
 import pickle
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from search.moasha import MOASHAScheduler, MOASHAStateCallback, decide, rung_positions
+from search.moasha import MOASHAScheduler, MOASHAStateCallback, decide, rung_position
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
 OBJ = ["clean_acc", "robust_acc", "channel_sparsity"]
@@ -35,44 +36,124 @@ def make_sched(**kw):
 
 def test_decide_first_vector_at_a_rung_continues():
     assert decide([], [0.0, 0.0, 0.0], 3)
+    assert decide([], [0.0, 0.0, 0.0], 3, tie_break="epsnet")
 
 
 def test_decide_dominated_vs_non_dominated():
     rung = [[0.8, 0.5, 0.5]]
-    assert not decide(rung, [0.7, 0.4, 0.5], 2)  # dominated: position 1 >= max(1, 2 // 2)
-    assert decide(rung, [0.5, 0.8, 0.5], 2)  # mutually non-dominated, both extremes: tie
-    assert decide(rung, [0.8, 0.5, 0.5], 2)  # identical: tie resolves optimistically
-    assert decide(rung, [0.9, 0.6, 0.6], 2)  # dominates the recorded one
+    assert not decide(rung, [0.7, 0.4, 0.5], 3)  # dominated: rank 1/2 > 1/3
+    assert decide(rung, [0.7, 0.4, 0.5], 2)  # rank 1/2 <= 1/2 (Syne Tune's rule keeps it)
+    assert decide(rung, [0.5, 0.8, 0.5], 3)  # mutually non-dominated, both extremes: tie
+    assert decide(rung, [0.8, 0.5, 0.5], 3)  # identical: tie resolves optimistically
+    assert decide(rung, [0.9, 0.6, 0.6], 3)  # dominates the recorded one
 
 
-def test_decide_keeps_top_floor_n_over_eta():
-    # 6 vectors strictly ordered by dominance (a chain): positions 0..5.
-    chain = [[i / 10] * 3 for i in range(5, 0, -1)]  # 0.5, 0.4, ... 0.1 recorded
-    # n = 6, eta = 3 -> keep 2: positions 0, 1 continue
-    assert decide(chain, [0.45] * 3, 3)  # position 1
+def test_keep_rule_is_normalised_rank_at_most_one_over_eta():
+    # the issue's example: of 3 at a rung with eta = 3, Syne Tune's rank/n <= 1/eta keeps 2
+    chain = [[0.5] * 3, [0.4] * 3]
+    assert decide(chain, [0.45] * 3, 3)  # position 1: 1/3 <= 1/3
     assert not decide(chain, [0.35] * 3, 3)  # position 2
-    # eta = 2 -> keep 3
-    assert decide(chain, [0.35] * 3, 2)
-    assert not decide(chain, [0.25] * 3, 2)
+    # 6 vectors in a dominance chain: positions 0..5
+    chain = [[i / 10] * 3 for i in range(5, 0, -1)]
+    assert decide(chain, [0.35] * 3, 3)  # position 2: 2/6 <= 1/3
+    assert not decide(chain, [0.25] * 3, 3)  # position 3
+    assert decide(chain, [0.25] * 3, 2)  # 3/6 <= 1/2
+    assert not decide(chain, [0.15] * 3, 2)  # 4/6
 
 
 def test_decide_crowding_breaks_ties_inside_a_front():
     # 2-D front on x + y = 1: the extremes have infinite crowding distance, and the interior
     # points are ordered by crowding distance: (0.5, 0.5) -> 1.4 beats (0.3, 0.7) -> 1.0.
-    ext = [[0.0, 1.0], [1.0, 0.0]]
-    assert rung_positions(ext + [[0.3, 0.7], [0.5, 0.5]]).tolist() == [0, 0, 3, 2]
-    eta = 4 / 3  # n = 4 -> keep floor(3) = 3 positions
-    assert decide(ext + [[0.3, 0.7]], [0.5, 0.5], eta)  # position 2 < 3
-    assert not decide(ext + [[0.5, 0.5]], [0.3, 0.7], eta)  # position 3
-    # with eta = 2 (keep 2) even the better interior point of a 4-point front is stopped
-    assert not decide(ext + [[0.3, 0.7]], [0.5, 0.5], 2)
+    pts = [[0.0, 1.0], [1.0, 0.0], [0.3, 0.7], [0.5, 0.5]]
+    assert [rung_position(pts, i) for i in range(4)] == [0, 0, 3, 2]
+    ext = pts[:2]
+    assert decide(ext + [[0.3, 0.7]], [0.5, 0.5], 2)  # position 2: 2/4 <= 1/2
+    assert not decide(ext + [[0.5, 0.5]], [0.3, 0.7], 2)  # position 3
 
 
-def test_rung_positions_and_nan_is_worst():
-    pos = rung_positions([[0.5, 0.5], [0.4, 0.4], [np.nan, 0.9], [0.6, 0.6]])
+def test_epsnet_order_inside_a_front():
+    # best first objective first (1, 0), then the farthest from it (0, 1), then (0.5, 0.5)
+    # (distance 0.71 to both), then (0.3, 0.7) and (0.2, 0.8)
+    pts = [[0.0, 1.0], [1.0, 0.0], [0.3, 0.7], [0.5, 0.5], [0.2, 0.8]]
+    pos = [rung_position(pts, i, tie_break="epsnet") for i in range(5)]
+    assert pos[1] == 0 and pos[0] == 1 and pos[3] == 2 and sorted(pos) == [0, 1, 2, 3, 4]
+    # a copy of a picked point is at distance 0: the new copy takes its first copy's place
+    assert rung_position(pts + [[0.5, 0.5]], -1, tie_break="epsnet") == 2
+
+
+def test_rung_position_nan_is_worst():
+    pts = [[0.5, 0.5], [0.4, 0.4], [np.nan, 0.9], [0.6, 0.6]]
     # NaN -> worst clean value, but (nan, 0.9) still has the best robust value: front 0
-    assert pos.tolist() == [2, 3, 0, 0]
-    assert not decide([[0.1, 0.1]], [np.nan, 0.0], 2)
+    assert [rung_position(pts, i) for i in range(4)] == [2, 3, 0, 0]
+    assert not decide([[0.1, 0.1]], [np.nan, 0.0], 3)
+
+
+@pytest.mark.parametrize("tie_break", ["crowding", "epsnet"])
+def test_new_trial_dominating_every_recorded_one_continues(tie_break):
+    # Syne Tune 0.16 feeds an argsort to np.searchsorted and can stop this trial (5 recorded)
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        rung = rng.random((5, 3)) * 0.9
+        assert decide(rung, rung.max(axis=0) + 0.05, 3, tie_break=tie_break)
+
+
+# ------------------------------------------------------------- brute-force statement of the rule
+
+
+def _dominates(a, b):
+    return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+
+def _brute_position(pts, i, tie_break):
+    """The rule written out plainly: peel non-dominated fronts; inside the trial's front order by
+    crowding distance (larger first, ties share a place) or by the greedy epsilon-net (best first
+    objective first, then the point farthest from those picked); count what is ahead."""
+    n = len(pts)
+    rank, remaining, r = {}, set(range(n)), 0
+    while remaining:
+        front = {j for j in remaining if not any(_dominates(pts[k], pts[j]) for k in remaining)}
+        for j in front:
+            rank[j] = r
+        remaining -= front
+        r += 1
+    ahead = sum(rank[j] < rank[i] for j in range(n))
+    F = [j for j in range(n) if rank[j] == rank[i]]
+    if tie_break == "crowding":
+        uniq = sorted({tuple(pts[j]) for j in F})
+        m, k = len(uniq), len(uniq[0])
+        cd = {u: (math.inf if m <= 2 else 0.0) for u in uniq}
+        if m > 2:
+            for d in range(k):
+                order = sorted(range(m), key=lambda u: uniq[u][d])
+                cd[uniq[order[0]]] = cd[uniq[order[-1]]] = math.inf
+                span = uniq[order[-1]][d] - uniq[order[0]][d]
+                if span > 0:
+                    for q in range(1, m - 1):
+                        cd[uniq[order[q]]] += (uniq[order[q + 1]][d] - uniq[order[q - 1]][d]) / span
+        return ahead + sum(cd[tuple(pts[j])] > cd[tuple(pts[i])] for j in F)
+    first = max(F, key=lambda j: (pts[j][0], -j))
+    picked = [first]
+    while len(picked) < len(F):
+        rest = [j for j in F if j not in picked]
+        far = lambda j: min(float(np.linalg.norm(np.asarray(pts[j]) - np.asarray(pts[p]))) for p in picked)
+        picked.append(max(rest, key=lambda j: (far(j), -j)))
+    return ahead + min(picked.index(j) for j in F if tuple(pts[j]) == tuple(pts[i]))
+
+
+@pytest.mark.parametrize("tie_break", ["crowding", "epsnet"])
+def test_decisions_match_brute_force_rule_on_random_rungs(tie_break):
+    rng = np.random.default_rng(0)
+    for case in range(300):
+        n = int(rng.integers(1, 25))
+        k = int(rng.integers(2, 4))
+        pts = np.round(rng.random((n, k)), int(rng.integers(1, 3)))  # coarse values: ties, duplicates
+        eta = float(rng.choice([2, 3, 4, 4 / 3]))
+        pos = _brute_position(pts.tolist(), n - 1, tie_break)
+        want = pos / n <= 1 / eta + 1e-12
+        got = decide(pts[:-1], pts[-1], eta, tie_break=tie_break)
+        assert got == want, (case, tie_break, eta, pts.tolist(), pos)
+        if tie_break == "crowding":
+            assert rung_position(pts, n - 1) == pos
 
 
 # ----------------------------------------------------------------------- scheduler
@@ -118,25 +199,26 @@ def test_continues_non_dominated_and_stops_dominated_at_rung():
     assert {x["trial_id"] for x in s.decisions if x["decision"] == STOP} == {c.trial_id}
 
 
-def test_eta2_four_trials_at_a_rung_stops_the_right_ones():
-    # Rung at epoch 2; eta = 2. Arrival order matters (asynchronous): n, keep = (1,1) (2,1) (3,1) (4,2)
-    s = make_sched(grace_period=2, reduction_factor=2, max_t=8)
-    t1, t2, t3, t4 = (make_trial() for _ in range(4))
-    for tr in (t1, t2, t3, t4):
+def test_eta3_five_trials_at_a_rung_stops_the_right_ones():
+    # Rung at epoch 2; eta = 3; continue iff position / n <= 1/3. Arrival order matters (asynchronous).
+    s = make_sched(grace_period=2, reduction_factor=3, max_t=8)
+    t1, t2, t3, t4, t5 = (make_trial() for _ in range(5))
+    for tr in (t1, t2, t3, t4, t5):
         assert report(s, tr, 1, [0.0, 0.0, 0.0]) == CONTINUE  # below grace: never judged
-    assert report(s, t1, 2, [0.5, 0.5, 0.5]) == CONTINUE  # n=1
-    assert report(s, t2, 2, [0.4, 0.4, 0.4]) == STOP  # n=2, keep 1, dominated by t1
+    assert report(s, t1, 2, [0.5, 0.5, 0.5]) == CONTINUE  # n=1, position 0
+    assert report(s, t2, 2, [0.4, 0.4, 0.4]) == STOP  # n=2, position 1: 1/2 > 1/3
     assert report(s, t3, 2, [0.6, 0.6, 0.6]) == CONTINUE  # n=3, dominates everything
-    assert report(s, t4, 2, [0.45, 0.45, 0.45]) == STOP  # n=4, keep 2, position 2
+    assert report(s, t4, 2, [0.45, 0.45, 0.45]) == STOP  # n=4, position 2
+    assert report(s, t5, 2, [0.55, 0.55, 0.55]) == CONTINUE  # n=5, position 1: 1/5 <= 1/3
     assert s.stopped_trials == {t2.trial_id, t4.trial_id}
     recs = s.rung_records()[2]
-    assert set(recs) == {t1.trial_id, t2.trial_id, t3.trial_id, t4.trial_id}
+    assert set(recs) == {t1.trial_id, t2.trial_id, t3.trial_id, t4.trial_id, t5.trial_id}
     # a stopped trial stays stopped if another (buffered) result arrives
     assert report(s, t2, 3, [1.0, 1.0, 1.0]) == STOP
 
 
 def test_never_stops_before_grace_period():
-    s = make_sched(grace_period=3, reduction_factor=2, max_t=12)
+    s = make_sched(grace_period=3, reduction_factor=3, max_t=12)
     good = make_trial()
     assert report(s, good, 3, [0.9, 0.9, 0.9]) == CONTINUE
     bad = make_trial()
@@ -147,7 +229,7 @@ def test_never_stops_before_grace_period():
 
 
 def test_trial_is_judged_once_per_rung():
-    s = make_sched(grace_period=2, reduction_factor=2, max_t=16)  # rungs 2, 4, 8
+    s = make_sched(grace_period=2, reduction_factor=3, max_t=27)  # rungs 2, 6, 18
     a, b = make_trial(), make_trial()
     assert report(s, a, 2, [0.9, 0.9, 0.9]) == CONTINUE
     assert report(s, b, 2, [0.9, 0.9, 0.9]) == CONTINUE  # tie
@@ -155,8 +237,8 @@ def test_trial_is_judged_once_per_rung():
     assert report(s, b, 3, [0.0, 0.0, 0.0]) == CONTINUE
     assert len(s.rung_records()[2]) == 2
     # next rung judges b again with its new values
-    assert report(s, a, 4, [0.9, 0.9, 0.9]) == CONTINUE
-    assert report(s, b, 4, [0.1, 0.1, 0.1]) == STOP
+    assert report(s, a, 6, [0.9, 0.9, 0.9]) == CONTINUE
+    assert report(s, b, 6, [0.1, 0.1, 0.1]) == STOP
 
 
 def test_trial_reaching_max_t_is_not_stopped_by_rung_logic():
@@ -202,7 +284,7 @@ def test_fifo_hooks_accept_none_controller():
 
 
 def _filled_scheduler():
-    s = make_sched(grace_period=1, reduction_factor=2, max_t=8)
+    s = make_sched(grace_period=1, reduction_factor=3, max_t=8)
     trials = [make_trial() for _ in range(3)]
     report(s, trials[0], 1, [0.9, 0.9, 0.9])
     report(s, trials[1], 1, [0.1, 0.1, 0.1])  # stopped
@@ -214,14 +296,14 @@ def test_save_restore_roundtrip(tmp_path):
     s, trials = _filled_scheduler()
     path = tmp_path / "moasha.pkl"
     s.save(str(path))
-    fresh = make_sched(grace_period=1, reduction_factor=2, max_t=8)
+    fresh = make_sched(grace_period=1, reduction_factor=3, max_t=8)
     fresh.restore(str(path))
     assert fresh.stopped_trials == s.stopped_trials == {trials[1].trial_id}
     assert fresh.rung_records() == s.rung_records()
     assert fresh.decisions == s.decisions
-    # rung history is used: a new dominated trial at rung 1 (n=3, keep 1) is stopped
+    # rung history is used: a new trial at rung 1 in position 2 of 4 is stopped (2/4 > 1/3)
     newcomer = make_trial()
-    assert report(fresh, newcomer, 1, [0.5, 0.5, 0.5]) == STOP
+    assert report(fresh, newcomer, 1, [0.3, 0.3, 0.3]) == STOP
     # the restored scheduler itself pickles (tuner.pkl pickles the scheduler)
     again = pickle.loads(pickle.dumps(fresh))
     assert again.rung_records() == fresh.rung_records()
@@ -233,7 +315,7 @@ def test_state_callback_roundtrip_and_validation():
     assert isinstance(cb, MOASHAStateCallback) and cb.scheduler is s
     state = cb.get_state()
     assert state  # truthy, so Tune's CallbackList actually writes it
-    fresh = make_sched(grace_period=1, reduction_factor=2, max_t=8)
+    fresh = make_sched(grace_period=1, reduction_factor=3, max_t=8)
     fresh.state_callback().set_state(pickle.loads(pickle.dumps(state)))
     assert fresh.rung_records() == s.rung_records()
     other = MOASHAScheduler(["a", "b"], "max", max_t=8)
@@ -253,4 +335,6 @@ def test_constructor_validation():
         MOASHAScheduler(OBJ, "max", reduction_factor=1, max_t=8)
     with pytest.raises(ValueError):
         MOASHAScheduler(OBJ, "max", grace_period=0, max_t=8)
+    with pytest.raises(ValueError):
+        MOASHAScheduler(OBJ, "max", max_t=8, tie_break="random")
     assert MOASHAScheduler(OBJ, "max", max_t=8).modes == ["max"] * 3

@@ -1,0 +1,111 @@
+"""Spaces the samplers can model (issue 11, item 1) and the searcher's floors (item 4), with real
+Optuna studies (in-memory storage) and the real `ParetoSearch` (no Ray cluster needed)."""
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search.objectives import DEFAULT_MOASHA_SAMPLER, DEFAULT_SAMPLER, Floors
+from search.searcher import ParetoSearch, make_sampler
+from search.space import Space, joint_modelling_gap, load_space
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+OLD_PAPER = {  # the paper space as it was: conditional alpha/beta, group_lasso behind a switch
+    "params": {
+        "bits": {"type": "categorical", "choices": [1, 2, 4]},
+        "loss": {"type": "categorical", "choices": ["mix", "trades"]},
+        "alpha": {"type": "float", "low": 0.0, "high": 0.5, "when": {"loss": "mix"}},
+        "beta": {"type": "float", "low": 1.0, "high": 10.0, "log": True, "when": {"loss": "trades"}},
+        "group_lasso": {"type": "float", "low": 1e-5, "high": 3.0, "log": True, "allow_zero": True},
+    },
+    "fixed": {},
+}
+
+
+def relative_space(sampler_name: str, space: Space, n: int = 3) -> set[str]:
+    """Run n trials (told COMPLETE with made-up values), ask one more, and return the parameters
+    the sampler would model jointly for it (`infer_relative_search_space`; it depends on the past
+    trials' parameters, not on their count, so a few are enough and GP never has to fit)."""
+    sampler = make_sampler(sampler_name, seed=0, max_concurrent=2)
+    study = optuna.create_study(directions=["maximize"] * 3, sampler=sampler)
+    for i in range(n):
+        t = study.ask()
+        space.suggest(t)
+        study.tell(t, [0.1 + 0.05 * (i % 7), 0.02 * (i % 5), 0.1 * (i % 3)])
+    study.ask()
+    return set(sampler.infer_relative_search_space(study, study.trials[-1]))
+
+
+@pytest.mark.parametrize("sampler", sorted({DEFAULT_SAMPLER, DEFAULT_MOASHA_SAMPLER, "nsga2", "gp"}))
+def test_default_space_is_modelled_jointly(sampler):
+    space = load_space("paper")
+    assert set(relative_space(sampler, space)) == set(space.params), sampler
+    assert joint_modelling_gap(sampler, space) is None
+
+
+def test_conditional_space_falls_out_of_nsga2_but_not_tpe():
+    space = Space("old", OLD_PAPER["params"], {})
+    # NSGA-II models the intersection only: the conditional and switched knobs drop out
+    assert {"alpha", "beta", "group_lasso"}.isdisjoint(relative_space("nsga2", space, n=10))
+    # TPE (multivariate, group) models them in their sub-spaces
+    assert {"alpha", "beta", "group_lasso", "group_lasso_on"} <= relative_space("tpe", space, n=10)
+    gap = joint_modelling_gap("nsga2", space)
+    assert gap and "\n" not in gap and "alpha" in gap and "group_lasso" in gap
+    assert joint_modelling_gap("tpe", space) is None and joint_modelling_gap("random", space) is None
+
+
+def test_zero_below_gives_zero_and_is_validated():
+    from trainables.config import ConfigError
+
+    space = Space("z", {"group_lasso": {"type": "float", "low": 1e-6, "high": 1.0, "log": True, "zero_below": 1e-3}}, {})
+    space.validate()
+    study = optuna.create_study(directions=["maximize"] * 3, sampler=optuna.samplers.RandomSampler(seed=0))
+    got = []
+    for _ in range(60):
+        t = study.ask()
+        cfg = space.suggest(t)
+        assert set(t.params) == {"group_lasso"}  # always sampled: the sampler sees every value
+        got.append((t.params["group_lasso"], cfg["group_lasso"]))
+        study.tell(t, [0.0, 0.0, 0.0])
+    assert all(c == 0.0 for raw, c in got if raw < 1e-3) and all(c == raw for raw, c in got if raw >= 1e-3)
+    assert any(c == 0.0 for _, c in got) and any(c > 0 for _, c in got)
+    for bad in ({"zero_below": 2.0}, {"zero_below": 1e-7}, {"zero_below": 1e-3, "allow_zero": True}):
+        p = {"type": "float", "low": 1e-6, "high": 1.0, "log": True, **bad}
+        with pytest.raises(ConfigError, match="zero_below"):
+            Space("z", {"group_lasso": p}, {}).validate()
+
+
+def test_pareto_search_floors_constraints_and_pruned_trials_keep_off_optunas_front():
+    space = load_space("paper").pin({"dataset": "digits"})
+    storage = optuna.storages.InMemoryStorage()
+    s = ParetoSearch(space, make_sampler("tpe", 0, 2), "t", storage, floors=Floors.for_sweep("digits"))
+    results = {
+        "good": {"final": True, "epoch": 3, "max_epochs": 3, "clean_acc": 0.8, "robust_acc": 0.3, "channel_sparsity": 0.1},
+        "sparse": {"final": True, "epoch": 3, "max_epochs": 3, "clean_acc": 0.5, "robust_acc": 0.2, "channel_sparsity": 0.5},
+        # completed at chance with the best sparsity: infeasible
+        "chance": {"final": True, "epoch": 3, "max_epochs": 3, "clean_acc": 0.1, "robust_acc": 0.1, "channel_sparsity": 0.9},
+        # stopped at epoch 1 with proxies dominating everything: PRUNED, no values
+        "stopped": {"epoch": 1, "max_epochs": 3, "clean_acc": 0.99, "robust_acc": 0.9, "channel_sparsity": 0.9},
+    }
+    for tid in results:
+        assert s.suggest(tid)
+    for tid, r in results.items():
+        s.on_trial_complete(tid, r)
+    by = {t.user_attrs["ray_trial_id"]: t for t in s.study.trials}
+    assert by["stopped"].state == TrialState.PRUNED and by["stopped"].values is None
+    assert by["chance"].state == TrialState.COMPLETE and max(by["chance"].constraints.values()) > 0
+    assert max(by["good"].constraints.values()) <= 0
+    assert {t.user_attrs["ray_trial_id"] for t in s.study.best_trials} == {"good", "sparse"}
+
+
+def test_reconcile_orphans_uses_public_tell():
+    space = load_space("paper").pin({"dataset": "digits"})
+    s = ParetoSearch(space, make_sampler("random", 0, 2), "o", optuna.storages.InMemoryStorage())
+    s.suggest("live")
+    orphan = s.study.ask()  # asked, then lost by a crash: Tune no longer tracks it
+    assert s.reconcile_orphans() == 1
+    states = {t.number: t.state for t in s.study.trials}
+    assert states[orphan.number] == TrialState.FAIL
+    assert list(states.values()).count(TrialState.RUNNING) == 1  # the live trial is untouched
