@@ -3,20 +3,19 @@
     python benchmarks/search_efficiency.py --quick        # digits only (< 10 min on 2 CPU cores)
     python benchmarks/search_efficiency.py                # digits and a CIFAR-10 subset
 
-Compares four ways to spend the same budget (total training epochs over all trials) on the same
-search (the paper space, three objectives: clean accuracy, robust accuracy, channel sparsity):
-
-    random        RandomSampler, every trial runs all its epochs (FIFO)
-    nsga2         NSGAIISampler, FIFO
-    tpe           TPESampler (multivariate, constant liar), FIFO
-    nsga2+moasha  NSGAIISampler with the MO-ASHA scheduler (search/moasha.py): stopped trials
-                  hand their epochs to new ones, so it starts more trials within the budget
+Compares ways to spend the same budget (total training epochs over all trials) on the same
+search (the paper space, three objectives measured on the validation split: clean accuracy,
+robust accuracy, channel sparsity): each sampler (random, nsga2, tpe, gp; search.searcher) with
+FIFO (every trial runs all its epochs) and with the MO-ASHA scheduler (search/moasha.py: stopped
+trials hand their epochs to new ones, so it starts more trials within the budget), and
+tpe+moasha-epsnet (MO-ASHA with Syne Tune's epsilon-net tie-break instead of crowding distance).
 
 Each sweep is the sweep `python -m search.pareto` runs (`search.pareto.prepare` and
 `build_tuner`, in-process, one Ray instance for all sweeps, actors reused between trials),
 plus a callback that counts epochs and recomputes the hypervolume of the completed trials
-(`search.front.hypervolume`, reference `SWEEP_REFERENCE`) whenever one completes, exactly as the
-parent MLflow run's `hypervolume` metric does, and stops the sweep once the budget is spent. A
+(`search.front.hypervolume`, reference = the sweep's floors: chance clean accuracy, robust 0,
+sparsity 0; trials below a floor do not count) whenever one completes, exactly as the parent
+MLflow run's `hypervolume` metric does, and stops the sweep once the budget is spent. A
 FIFO sweep gets budget / epochs trials; the MO-ASHA sweep gets as many as the budget could start
 and is stopped by the budget. Epochs of trials still running at that point count as spent.
 
@@ -25,8 +24,8 @@ fraction of the budget at which the method first reaches random search's final h
 (the target is the mean over seeds of random search's hypervolume at the full budget; a seed that
 never reaches it counts as 1.0, so a mean with unreached seeds is a lower bound, marked ">=").
 Plots: docs/img/search_efficiency_<dataset>.png. The last stdout line is a JSON object whose
-`moasha_budget_fraction` is the NSGA-II + MO-ASHA mean over the digits seeds (the CIFAR-10 and
-combined figures are beside it). Target: <= 0.5.
+`moasha_budget_fraction` is the mean over the digits seeds of MO-ASHA with its default sampler
+(`tpe+moasha`; the CIFAR-10 and combined figures are beside it). Target: <= 0.5.
 
 The hypervolume-vs-epochs measure does not depend on wall time, so a busy machine changes how
 long this takes, not its numbers (beyond the order in which parallel trials reach the rungs).
@@ -53,14 +52,19 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = REPO.parent / "shared/data/cifar10-jpeg.tar.gz"
 DEFAULT_CACHE = Path("~/.cache/brsearch")
 
-METHODS: dict[str, tuple[str, str]] = {  # name -> (--sampler, --scheduler)
-    "random": ("random", "fifo"),
-    "nsga2": ("nsga2", "fifo"),
-    "tpe": ("tpe", "fifo"),
-    "nsga2+moasha": ("nsga2", "moasha"),
+METHODS: dict[str, tuple[str, str, str]] = {  # name -> (--sampler, --scheduler, --tie-break)
+    "random": ("random", "fifo", "crowding"),
+    "nsga2": ("nsga2", "fifo", "crowding"),
+    "tpe": ("tpe", "fifo", "crowding"),
+    "gp": ("gp", "fifo", "crowding"),
+    "random+moasha": ("random", "moasha", "crowding"),
+    "nsga2+moasha": ("nsga2", "moasha", "crowding"),
+    "tpe+moasha": ("tpe", "moasha", "crowding"),
+    "gp+moasha": ("gp", "moasha", "crowding"),
+    "tpe+moasha-epsnet": ("tpe", "moasha", "epsnet"),
 }
 BASELINE = "random"
-MOASHA = "nsga2+moasha"
+MOASHA = "tpe+moasha"  # --scheduler moasha with its default sampler (search.objectives.DEFAULT_MOASHA_SAMPLER)
 TARGET_FRACTION = 0.5
 
 
@@ -117,13 +121,13 @@ def cifar_folder(args: argparse.Namespace) -> Path:
 # one sweep
 
 
-def _budget_tools(budget: int) -> tuple[Any, Any]:
+def _budget_tools(budget: int, floors: Any) -> tuple[Any, Any]:
     """A Tune Callback that counts epochs and records the hypervolume curve, and a Stopper that
     ends the experiment once the budget is spent."""
     from ray.tune import Callback
     from ray.tune.stopper import Stopper
 
-    from search.front import SWEEP_REFERENCE, hypervolume
+    from search.front import hypervolume
     from search.searcher import OBJECTIVES
     from search.outcomes import trial_outcome
 
@@ -163,7 +167,8 @@ def _budget_tools(budget: int) -> tuple[Any, Any]:
             vec = [float(last[m]) for m in OBJECTIVES]
             if all(math.isfinite(v) for v in vec):
                 self.points.append(vec)
-                self.curve.append((self.consumed, hypervolume(self.points, SWEEP_REFERENCE)))
+                feasible = [p for p in self.points if floors.feasible(p[0], p[1])]
+                self.curve.append((self.consumed, hypervolume(feasible, floors.reference)))
 
     class StopAtBudget(Stopper):
         def __init__(self, rec: EpochBudget) -> None:
@@ -182,7 +187,7 @@ def _budget_tools(budget: int) -> tuple[Any, Any]:
 def run_sweep(setting: Setting, method: str, seed: int, work: Path, concurrency: int) -> dict[str, Any]:
     from search.pareto import build_parser, build_tuner, prepare
 
-    sampler, scheduler = METHODS[method]
+    sampler, scheduler, tie_break = METHODS[method]
     name = f"{setting.key}-{method.replace('+', '-')}-s{seed}"
     sweeps = work / "sweeps"
     shutil.rmtree(sweeps / name, ignore_errors=True)  # a sweep interrupted earlier starts over
@@ -191,11 +196,12 @@ def run_sweep(setting: Setting, method: str, seed: int, work: Path, concurrency:
     argv = ["--name", name, "--sampler", sampler, "--scheduler", scheduler, "--seed", str(seed),
             "--trials", str(trials), "--epochs", str(setting.epochs), "--max-concurrent", str(concurrency),
             "--grace-period", str(setting.grace_period), "--reduction-factor", str(setting.reduction_factor),
+            "--tie-break", tie_break,
             "--storage-path", str(sweeps), "--tracking-uri", f"sqlite:///{work / 'unused-mlflow.db'}",
             "--quiet", *setting.flags]
     plan = prepare(build_parser().parse_args(argv))
     plan.state_dir.mkdir(parents=True, exist_ok=True)
-    rec, stopper = _budget_tools(setting.budget)
+    rec, stopper = _budget_tools(setting.budget, plan.floors)
     tuner = build_tuner(plan, concurrency, 0.0, [rec], stop=stopper, reuse_actors=True)
     t0 = time.perf_counter()
     tuner.fit()
@@ -207,6 +213,7 @@ def run_sweep(setting: Setting, method: str, seed: int, work: Path, concurrency:
         "trials_started": len(rec.started), "completed": statuses.count("completed"),
         "stopped": statuses.count("stopped"), "failed": statuses.count("failed"),
         "points": rec.points, "events": rec.events, "wall_s": round(wall, 1),
+        "reference": list(plan.floors.reference),
     }
 
 
@@ -230,12 +237,14 @@ def first_reach(curve: list[list[float]], target: float, budget: int) -> float |
 def recompute_curve(run: dict[str, Any], objectives: list[str]) -> list[list[float]]:
     """The run's hypervolume curve over a subset of the objectives (a sensitivity check), from
     the recorded points: curve[i + 1] is the curve after points[i] completed."""
-    from search.front import SWEEP_REFERENCE, hypervolume
+    from search.front import hypervolume
     from search.searcher import OBJECTIVES
 
     dims = [OBJECTIVES.index(o) for o in objectives]
-    ref = [SWEEP_REFERENCE[d] for d in dims]
-    pts = [[p[d] for d in dims] for p in run["points"]]
+    full_ref = run["reference"]
+    ref = [full_ref[d] for d in dims]
+    feasible = [p[0] > full_ref[0] and p[1] >= full_ref[1] for p in run["points"]]
+    pts = [[p[d] for d in dims] if ok else [r - 1 for r in ref] for p, ok in zip(run["points"], feasible)]
     return [[0, 0.0]] + [[c, hypervolume(pts[: i + 1], ref)] for i, (c, _) in enumerate(run["curve"][1:])]
 
 
@@ -293,7 +302,10 @@ def format_table(setting: Setting, summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-COLOURS = {"random": "tab:gray", "nsga2": "tab:blue", "tpe": "tab:green", "nsga2+moasha": "tab:red"}
+COLOURS = {"random": "tab:gray", "nsga2": "tab:blue", "tpe": "tab:green", "gp": "tab:purple",
+           "random+moasha": "silver", "nsga2+moasha": "tab:cyan", "tpe+moasha": "tab:red",
+           "gp+moasha": "tab:pink", "tpe+moasha-epsnet": "tab:orange"}
+STYLES = {m: ("--" if "moasha" in m else "-") for m in COLOURS}
 
 
 def plot(setting: Setting, runs: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> Path:
@@ -315,7 +327,7 @@ def plot(setting: Setting, runs: list[dict[str, Any]], summary: dict[str, Any], 
             ax.step(grid, c, where="post", color=COLOURS[m], alpha=0.18, lw=0.9)
         v = summary["methods"][m]
         frac = ("≥" if v["lower_bound"] else "") + f"{v['budget_fraction_mean']:.2f}"
-        ax.step(grid, curves.mean(axis=0), where="post", color=COLOURS[m], lw=2.2,
+        ax.step(grid, curves.mean(axis=0), where="post", color=COLOURS[m], lw=2.2, ls=STYLES[m],
                 label=f"{m} (reaches target at {frac} of budget)")
     ax.axhline(summary["target_hv"], color="black", ls="--", lw=1, label="random search's final HV (mean)")
     ax.set_xlim(0, budget)
@@ -339,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python benchmarks/search_efficiency.py",
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="digits only (< 10 min on 2 CPU cores)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampler seeds (default 0 1 2)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="sampler seeds (default 0..4)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--datasets", nargs="+", choices=["digits", "cifar"],
                    help="default: digits, plus cifar unless --quick")
@@ -394,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         for setting in settings:
             runs = []
             for seed in args.seeds:
-                for method in args.methods:
+                for method in args.methods:  # sweeps run one after another (one Ray instance)
                     cache = work / "curves" / f"{setting.key}-{method.replace('+', '-')}-s{seed}.json"
                     key = json.loads(json.dumps({"setting": asdict(setting), "method": method, "seed": seed,
                                                  "concurrency": args.concurrency}))  # tuples as lists

@@ -9,10 +9,11 @@ Checks what issue 4 promises about early-stopped trials and the sweep's hypervol
   against the epochs consumed so far, ending at the hypervolume of the completed trials, and a
   `plots/hypervolume.png`.
 
-With 6 trials, 2 at once, 3 epochs and reduction factor 2 the rungs are at epochs 1 and 2 and the
-second and later arrivals at a rung continue only in the top half. Some trial was stopped in
-each of the 6 runs made while writing this test (2 or 3 of the 6 where counted), whatever order
-the two parallel trials reached the rungs in. The test asserts it rather than passing vacuously.
+With 6 trials, 2 at once, 3 epochs and reduction factor 3 the only rung is at epoch 1, and a
+trial continues there iff its normalised rank is <= 1/3 (the second arrival continues only if
+it is not behind the first). With reduction factor 2 (keep the top half) no trial was stopped in
+one run, so the test uses 3; it asserts that some trial was stopped rather than passing
+vacuously.
 """
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ NAME = "eff"
 EPOCHS = 3
 TRIALS = 6
 SWEEP_ARGS = [
-    "--name", NAME, "--scheduler", "moasha", "--sampler", "nsga2", "--seed", "0",
+    "--name", NAME, "--scheduler", "moasha", "--seed", "0",  # the default sampler with moasha
     "--trials", str(TRIALS), "--epochs", str(EPOCHS), "--max-concurrent", "2", "--num-cpus", "2",
-    "--grace-period", "1", "--reduction-factor", "2",
+    "--grace-period", "1", "--reduction-factor", "3",
     "--subset-train", "300", "--subset-test", "100",
     "--set", "depth=8", "--set", "width=4", "--set", "attack_steps=2", "--set", "proxy_eval_size=64",
     "--set", "cw=false", "--quiet",
@@ -115,7 +116,7 @@ def test_stopped_trials_tagged_in_mlflow(sweep):
 
 
 def test_parent_hypervolume_against_epochs_consumed(sweep):
-    from search.front import SWEEP_REFERENCE, hypervolume
+    from search.front import Floors, feasible_mask, hypervolume
 
     client, parent, _ = _client(sweep)
     hist = sorted(client.get_metric_history(parent.info.run_id, "hypervolume"), key=lambda m: (m.step, m.timestamp))
@@ -127,8 +128,15 @@ def test_parent_hypervolume_against_epochs_consumed(sweep):
     assert steps == sorted(steps) and steps[0] >= EPOCHS and steps[-1] <= consumed
     assert all(b >= a - 1e-12 for a, b in zip(values, values[1:]))  # the front only grows
     done = df[df["status"] == "completed"][["clean_acc", "robust_acc", "channel_sparsity"]].to_numpy(float)
-    assert values[-1] == pytest.approx(hypervolume(done, SWEEP_REFERENCE))
-    assert values[-1] > 0 and math.isfinite(values[-1])
+    floors = Floors.for_sweep("digits")  # reference (0.1, 0, 0); trials at chance do not count
+    assert values[-1] == pytest.approx(hypervolume(done[feasible_mask(done, floors)], floors.reference))
+    assert values[-1] >= 0 and math.isfinite(values[-1])
+    params = parent.data.params
+    assert float(params["floor_clean_acc"]) == pytest.approx(0.1) and float(params["floor_robust_acc"]) == 0.0
+    assert "chance 1/10" in parent.data.tags["brsearch.floor"]
+    # the parquet's feasible column is the same floor, and the front only holds feasible trials
+    assert (df["feasible"] == ((df["status"] == "completed") & (df["clean_acc"] > 0.1))).all()
+    assert df.loc[df["pareto"], "feasible"].all()
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert "plots/hypervolume.png" in plots
 
@@ -158,14 +166,14 @@ def test_benchmark_budget_fraction_on_synthetic_curves():
     runs = [
         {"method": "random", "seed": 0, "curve": [[0, 0.0], [4, 0.2], [10, 0.4]]},
         {"method": "random", "seed": 1, "curve": [[0, 0.0], [2, 0.2]]},
-        {"method": "nsga2+moasha", "seed": 0, "curve": [[0, 0.0], [3, 0.35]]},
-        {"method": "nsga2+moasha", "seed": 1, "curve": [[0, 0.0], [5, 0.1]]},
+        {"method": "tpe+moasha", "seed": 0, "curve": [[0, 0.0], [3, 0.35]]},
+        {"method": "tpe+moasha", "seed": 1, "curve": [[0, 0.0], [5, 0.1]]},
     ]
     for r in runs:
         r.update(trials_started=5, completed=5, stopped=0, wall_s=1.0)
     s = b.summarize(setting, runs)
     assert s["target_hv"] == pytest.approx(0.3)  # mean of random's finals 0.4 and 0.2
-    rnd, mo = s["methods"]["random"], s["methods"]["nsga2+moasha"]
+    rnd, mo = s["methods"]["random"], s["methods"][b.MOASHA]
     assert rnd["budget_fraction"] == [1.0, None] and rnd["budget_fraction_mean"] == pytest.approx(1.0)
     assert mo["budget_fraction"] == [pytest.approx(0.3), None]
     assert mo["budget_fraction_mean"] == pytest.approx(0.65) and mo["lower_bound"] and mo["reached"] == 1
