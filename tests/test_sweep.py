@@ -472,16 +472,31 @@ def test_paper_space_validates():
     space = load_space("paper")
     space.validate()
     assert {"bits", "lambda0", "lambda_final", "phase2_start", "loss", "alpha", "beta", "group_lasso", "lr"} <= set(space.params)
-    assert space.params["alpha"]["when"] == {"loss": "mix"}
-    assert space.params["beta"]["when"] == {"loss": "trades"}
+    # every parameter is sampled in every trial (samplers model them jointly: test_sampler_space.py)
+    assert not any(p.get("when") or p.get("allow_zero") for p in space.params.values())
+    assert space.params["group_lasso"]["zero_below"] > space.params["group_lasso"]["low"]
+
+
+CONDITIONAL = {  # a user space with conditional parameters (still supported; see docs/search.md)
+    "params": {
+        "bits": {"type": "categorical", "choices": [1, 2, 4]},
+        "loss": {"type": "categorical", "choices": ["mix", "trades"]},
+        "alpha": {"type": "float", "low": 0.0, "high": 0.5, "when": {"loss": "mix"}},
+        "beta": {"type": "float", "low": 1.0, "high": 10.0, "log": True, "when": {"loss": "trades"}},
+        "group_lasso": {"type": "float", "low": 1e-5, "high": 3.0, "log": True, "allow_zero": True},
+        "lr": {"type": "float", "low": 0.02, "high": 0.2, "log": True},
+    },
+    "fixed": {"group_mode": "prox"},
+}
 
 
 def test_conditional_params_define_by_run():
     import optuna
 
-    from search.space import load_space
+    from search.space import Space
 
-    space = load_space("paper")
+    space = Space("conditional", CONDITIONAL["params"], CONDITIONAL["fixed"])
+    space.validate()
     study = optuna.create_study(directions=["maximize"] * 3, sampler=optuna.samplers.RandomSampler(seed=0))
     seen_losses = set()
     for _ in range(30):
@@ -507,7 +522,9 @@ def test_set_pins_remove_params_from_search():
 
     pins = parse_sets(["bits=2", "loss=trades", "lr=0.05"])
     assert pins == {"bits": 2, "loss": "trades", "lr": 0.05}
-    space = load_space("paper").pin(pins)
+    from search.space import Space
+
+    space = Space("conditional", CONDITIONAL["params"], CONDITIONAL["fixed"]).pin(pins)
     space.validate()
     assert not {"bits", "loss", "lr"} & set(space.params)
     assert {"bits": 2, "loss": "trades", "lr": 0.05}.items() <= space.fixed.items()
