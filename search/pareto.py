@@ -468,9 +468,9 @@ def run(plan: Plan) -> int:
         patience_s=args.mlflow_wait, replay_first=plan.resume,
         resume_hint=f"python -m search.pareto --name {plan.name} --storage-path {plan.storage_path} --resume-logging")
     counts = df["status"].value_counts().to_dict() if len(df) else {}
-    print(f"\nPareto front of {plan.name!r} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}):")
-    print(f"floor: {plan.floors.describe()}; {int((~df['feasible']).sum()) if len(df) else 0} completed trial(s) "
-          f"below it kept off the front")
+    below = int((df["status"] == "completed").sum() - df["feasible"].sum()) if len(df) else 0
+    print(f"\nfloor: {plan.floors.describe()}; {below} completed trial(s) below it kept off the front")
+    print(f"Pareto front of {plan.name!r} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}):")
     print(format_front(front))
     print(f"\nwrote {', '.join(shown)}")
     print(link_lines(plan.tracking_uri, experiment_id), flush=True)
