@@ -34,7 +34,9 @@ STATE_DIR = "brsearch"  # our own files inside the experiment directory
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m search.pareto", description=__doc__)
     p.add_argument("--name", help="sweep name (default: sweep-<date>-<time>); resume by name")
-    p.add_argument("--space", default="paper", help="built-in space name, or a .py/.yaml file")
+    p.add_argument("--space", help="built-in space name, or a .py/.yaml file (default: digits, the paper "
+                                   "space with ranges for the quick start's budget, on --dataset digits; "
+                                   "else paper)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="pin a parameter for every trial (repeatable)")
     p.add_argument("--dataset", default="digits", help="digits, cifar10, mnist, fashion-mnist, svhn or folder:PATH")
@@ -209,7 +211,7 @@ def prepare(args: argparse.Namespace) -> Plan:
     if stored_space is not None:  # --resume without --space/--set/...: the sweep's own space
         space = stored_space
     else:
-        space = load_space(args.space)
+        space = load_space(args.space or ("digits" if args.dataset == "digits" else "paper"))
         space = space.pin({**base, **parse_sets(args.set)})
     space.validate()
     if args.sampler is None:  # --resume of a sweep that stored none
