@@ -82,10 +82,16 @@ def test_stopped_trials_are_pruned_in_optuna(sweep):
     for tid in sweep["stopped"]:
         assert state[tid].state == TrialState.PRUNED, (tid, state[tid].state, state[tid].values)
         assert state[tid].values is None
+    rows = sweep["trials"].set_index("trial_id")
     for tid in sweep["completed"]:
         assert state[tid].state == TrialState.COMPLETE
-        row = sweep["trials"].set_index("trial_id").loc[tid]
+        row = rows.loc[tid]
+        # Optuna gets the objectives, measured on the validation split ...
         assert state[tid].values == pytest.approx([row["clean_acc"], row["robust_acc"], row["channel_sparsity"]])
+    # ... never the test split, which is reported beside them as test_* (and differs from them)
+    test_values = {tid: [rows.loc[tid, "test_clean_acc"], rows.loc[tid, "test_robust_acc"]] for tid in sweep["completed"]}
+    assert all(v is not None and all(x == x for x in v) for v in test_values.values())
+    assert any(state[tid].values[:2] != pytest.approx(v) for tid, v in test_values.items())
     # Optuna's own front (what NSGA-II selects parents from) holds no stopped trial
     assert not {t.user_attrs["ray_trial_id"] for t in study.best_trials} & sweep["stopped"]
 
