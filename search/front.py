@@ -101,6 +101,8 @@ def non_dominated_sort(points) -> list[np.ndarray]:
     return [np.flatnonzero(ranks == r) for r in range(int(ranks.max()) + 1)]
 
 
+# hand-written: neither moocore nor Optuna (only the private nsgaii._crowding_distance) exports it;
+# O(k n log n), 0.1 ms on a 1,000-point front (benchmarks/moasha_decision.py)
 def crowding_distance(points) -> np.ndarray:
     """NSGA-II crowding distance of each point within the given set (normally one front).
 

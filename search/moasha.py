@@ -110,6 +110,8 @@ def _order_preserving_finite(points: np.ndarray) -> np.ndarray:
     return pts
 
 
+# hand-written: Syne Tune is not a dependency (and its MOASHA has the searchsorted bug); stops at
+# the keep limit, under 1 ms at 1,000 recorded trials (benchmarks/moasha_decision.py)
 def _epsnet_position(front: np.ndarray, me: int, limit: int) -> int:
     """Place of row `me` (or of its first identical copy) in the greedy ε-net order of `front`
     (maximised): the best row in objective 0 first, then the row farthest from those picked.
