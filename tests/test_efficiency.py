@@ -92,8 +92,11 @@ def test_stopped_trials_are_pruned_in_optuna(sweep):
     test_values = {tid: [rows.loc[tid, "test_clean_acc"], rows.loc[tid, "test_robust_acc"]] for tid in sweep["completed"]}
     assert all(v is not None and all(x == x for x in v) for v in test_values.values())
     assert any(state[tid].values[:2] != pytest.approx(v) for tid, v in test_values.items())
-    # Optuna's own front (what NSGA-II selects parents from) holds no stopped trial
-    assert not {t.user_attrs["ray_trial_id"] for t in study.best_trials} & sweep["stopped"]
+    # Optuna's own front (public Study.best_trials, feasible trials only) holds no stopped trial
+    # and is exactly our front: same floors (constraints), same dominance
+    best = {t.user_attrs["ray_trial_id"] for t in study.best_trials}
+    assert not best & sweep["stopped"]
+    assert best == set(sweep["front"]["trial_id"])
 
 
 def _client(sweep):
