@@ -87,7 +87,7 @@ _TINY = ("--set", "depth=8", "--set", "attack_steps=2", "--set", "proxy_eval_siz
 
 DIGITS = Setting(
     key="digits", label="digits (600 train / 200 test, EnResNet-8 width 4, PGD-2 training)",
-    epochs=6, full_trials=16, grace_period=1, reduction_factor=3,
+    epochs=4, full_trials=12, grace_period=1, reduction_factor=3,
     flags=("--dataset", "digits", "--subset-train", "600", "--subset-test", "200", "--set", "width=4", *_TINY),
 )
 
