@@ -64,7 +64,8 @@ class Floors:
         return clean_acc > self.clean_acc and robust_acc >= self.robust_acc
 
     def describe(self) -> str:
-        where = f"chance 1/{round(1 / self.chance)}" if self.chance and abs(self.clean_acc - self.chance) < 1e-12 else "--min-clean-acc"
+        at_chance = self.chance and abs(self.clean_acc - self.chance) < 1e-12
+        where = f"chance 1/{round(1 / self.chance)}" if at_chance else "--min-clean-acc"
         return (f"clean_acc > {self.clean_acc:.4g} ({where}), robust_acc >= {self.robust_acc:.4g}, "
                 f"channel_sparsity >= {self.channel_sparsity:g}")
 

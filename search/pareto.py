@@ -23,7 +23,8 @@ from trainables.cliutil import OneLineParser, fail
 from trainables.config import ConfigError, TrainConfig
 from trainables.fileio import atomic_write_text
 
-from .objectives import DEFAULT_MOASHA_SAMPLER, DEFAULT_SAMPLER, OBJECTIVES, SAMPLERS, TIE_BREAKS, Floors  # not .searcher: it imports Ray and Optuna
+# not .searcher: it imports Ray and Optuna
+from .objectives import DEFAULT_MOASHA_SAMPLER, DEFAULT_SAMPLER, OBJECTIVES, SAMPLERS, TIE_BREAKS, Floors
 from .space import Space, joint_modelling_gap, load_space, parse_sets
 
 SCHEDULERS = ("fifo", "moasha")

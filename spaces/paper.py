@@ -4,8 +4,9 @@ Bit width, Binary-Relax schedule, trade-off weights, group-sparsity penalty (0 r
 learning rate. Every parameter is sampled in every trial, so every sampler models all of them
 jointly: `alpha` (used by `mix`) and `beta` (used by `trades`) are both always drawn and the
 trainable ignores the one its loss does not use; "no group penalty" is the low end of the
-penalty's range (`zero_below`: a sampled value below 1e-5 trains with 0, about 1 trial in 7). Ranges follow ../docs/search-space.md: the BR schedule
-from the BinaryRelax reference code, alpha/beta from the trade-off-loss and TRADES papers.
+penalty's range (`zero_below`: a sampled value below 1e-5 trains with 0, about 1 trial in 7).
+Ranges follow ../docs/search-space.md: the BR schedule from the BinaryRelax reference code,
+alpha/beta from the trade-off-loss and TRADES papers.
 
 The group penalty is applied as a proximal step (exact zero groups, which is what channel
 sparsity counts; the subgradient form leaves groups hovering near zero). Its range is wide on
