@@ -1,6 +1,6 @@
 """Search efficiency under a fixed budget of training epochs: hypervolume against epochs consumed.
 
-    python benchmarks/search_efficiency.py --quick        # digits only (< 10 min on 2 CPU cores)
+    python benchmarks/search_efficiency.py --quick        # digits only (9 methods x 5 seeds: about 15 min on 2 idle CPU cores)
     python benchmarks/search_efficiency.py                # digits and a CIFAR-10 subset
 
 Compares ways to spend the same budget (total training epochs over all trials) on the same
@@ -354,7 +354,7 @@ def plot(setting: Setting, runs: list[dict[str, Any]], summary: dict[str, Any], 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python benchmarks/search_efficiency.py",
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="digits only (< 10 min on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="digits only")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="sampler seeds (default 0..4)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--datasets", nargs="+", choices=["digits", "cifar"],
