@@ -1,6 +1,6 @@
 """Search efficiency under a fixed budget of training epochs: hypervolume against epochs consumed.
 
-    python benchmarks/search_efficiency.py --quick        # digits only (9 methods x 5 seeds: about 15 min on 2 idle CPU cores)
+    python benchmarks/search_efficiency.py --quick        # digits only (9 methods x 5 seeds = 45 sweeps of 48 epochs)
     python benchmarks/search_efficiency.py                # digits and a CIFAR-10 subset
 
 Compares ways to spend the same budget (total training epochs over all trials) on the same
