@@ -38,9 +38,11 @@ def relative_space(sampler_name: str, space: Space, n: int = 3) -> set[str]:
     return set(sampler.infer_relative_search_space(study, study.trials[-1]))
 
 
+@pytest.mark.parametrize("name", ["paper", "digits"])  # the built-in spaces (digits: the quick start's)
 @pytest.mark.parametrize("sampler", sorted({DEFAULT_SAMPLER, DEFAULT_MOASHA_SAMPLER, "nsga2", "gp"}))
-def test_default_space_is_modelled_jointly(sampler):
-    space = load_space("paper")
+def test_default_space_is_modelled_jointly(sampler, name):
+    space = load_space(name)
+    space.validate()
     assert set(relative_space(sampler, space)) == set(space.params), sampler
     assert joint_modelling_gap(sampler, space) is None
 
