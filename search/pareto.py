@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default="fifo", help="fifo (every trial runs all epochs) or moasha")
     p.add_argument("--grace-period", type=int, default=1, help="moasha: first rung, in epochs")
     p.add_argument("--reduction-factor", type=float, default=3.0, help="moasha: keep the top 1/eta at each rung")
-    p.add_argument("--tie-break", default="crowding", help="moasha: order inside a non-dominated front, "
-                                                          "crowding (default) or epsnet (Syne Tune's)")
+    p.add_argument("--tie-break", default="epsnet", help="moasha: order inside a non-dominated front, "
+                                                        "epsnet (Syne Tune's; default, measured better in "
+                                                        "docs/benchmarks.md) or crowding")
     p.add_argument("--min-clean-acc", type=float,
                    help="floor: trials at or below it are infeasible (default: chance, 1/number of classes)")
     p.add_argument("--min-robust-acc", type=float, help="floor: trials below it are infeasible (default 0)")
