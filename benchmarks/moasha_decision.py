@@ -9,7 +9,7 @@ the scheduler decides. Each timing is one `on_trial_result` call on a copy of th
 scheduler (the rung grows by one per decision otherwise); the median over `--repeats` is
 reported. The old pure-Python ranking (a dominance loop per point) is timed beside it once, at
 the first size, for the ratio. Last stdout line: JSON, `decision_ms` = the median at 1,000
-recorded trials with the default tie-break (target <= 20 ms).
+recorded trials, the slower of the two tie-breaks (target <= 20 ms).
 """
 from __future__ import annotations
 
@@ -94,8 +94,8 @@ def main() -> int:
     old = (time.perf_counter() - t0) * 1e3
     print(f"{n0:6d} recorded, old Python dominance loop (fronts only): {old:.1f} ms")
     out["old_python_ms"] = round(old, 1)
-    key = "crowding@1000"
-    out["decision_ms"] = out["ms"].get(key)
+    at_1000 = [out["ms"][k] for k in ("crowding@1000", "epsnet@1000") if k in out["ms"]]
+    out["decision_ms"] = max(at_1000) if at_1000 else None  # the slower tie-break
     out["target_ms"] = 20.0
     out["target_met"] = out["decision_ms"] is not None and out["decision_ms"] <= 20.0
     print(json.dumps(out))
