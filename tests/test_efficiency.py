@@ -175,8 +175,8 @@ def test_benchmark_budget_fraction_on_synthetic_curves():
     runs = [
         {"method": "random", "seed": 0, "curve": [[0, 0.0], [4, 0.2], [10, 0.4]]},
         {"method": "random", "seed": 1, "curve": [[0, 0.0], [2, 0.2]]},
-        {"method": "tpe+moasha", "seed": 0, "curve": [[0, 0.0], [3, 0.35]]},
-        {"method": "tpe+moasha", "seed": 1, "curve": [[0, 0.0], [5, 0.1]]},
+        {"method": b.MOASHA, "seed": 0, "curve": [[0, 0.0], [3, 0.35]]},
+        {"method": b.MOASHA, "seed": 1, "curve": [[0, 0.0], [5, 0.1]]},
     ]
     for r in runs:
         r.update(trials_started=5, completed=5, stopped=0, wall_s=1.0)
