@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import socket
 import sys
 import tempfile
@@ -21,15 +22,14 @@ from typing import Any
 
 from trainables.cliutil import OneLineParser, fail
 from trainables.config import ConfigError, TrainConfig
-from trainables.fileio import atomic_write_text
 
 # not .searcher: it imports Ray and Optuna
 from .objectives import DEFAULT_MOASHA_SAMPLER, DEFAULT_SAMPLER, OBJECTIVES, SAMPLERS, TIE_BREAKS, Floors
 from .space import Space, joint_modelling_gap, load_space, parse_sets
+from .state import STATE_DIR, SweepState, is_remote, study_spec_from_flag  # noqa: F401  (STATE_DIR: callers know it here)
 
 SCHEDULERS = ("fifo", "moasha")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-STATE_DIR = "brsearch"  # our own files inside the experiment directory
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,9 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="floor: trials at or below it are infeasible (default: chance, 1/number of classes)")
     p.add_argument("--min-robust-acc", type=float, help="floor: trials below it are infeasible (default 0)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster fits)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument("--gpus-per-trial", type=float, help="default: 1 on a cluster with GPUs, else 0; fractions allowed")
+    p.add_argument("--max-concurrent", type=int,
+                   help="trials at once (default: what the cluster can grow to, so pending trials make the autoscaler add nodes)")
+    p.add_argument("--cpus-per-trial", type=float,
+                   help="default: 1, or with a GPU per trial the CPUs that come with one GPU on the GPU node type")
+    p.add_argument("--gpus-per-trial", type=float,
+                   help="default: 1 if the cluster has or can launch GPU nodes, else 0; fractions allowed")
+    p.add_argument("--cluster-config", help="the autoscaler's cluster YAML, for the node types the cluster can launch "
+                   "(default: the one the running autoscaler uses, or ~/ray_bootstrap_config.yaml on the head)")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a trial from its last checkpoint")
     p.add_argument("--reuse-actors", action="store_true",
                    help="run the next trial in the finished trial's worker process instead of a new one: "
@@ -69,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "trials, docs/benchmarks.md); off by default, as in Ray Tune")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start Ray locally)")
     p.add_argument("--num-cpus", type=int, help="local Ray only: CPUs to use")
-    p.add_argument("--storage-path", default="./brsearch_results")
+    p.add_argument("--storage-path", default="./brsearch_results",
+                   help="results, checkpoints and the sweep's state (shared by all nodes: NFS, s3://, gs://)")
+    p.add_argument("--study-storage", help="keep the Optuna study here instead: an Optuna RDB URL "
+                   "(postgresql://..., mysql://..., sqlite:///PATH) or a journal file path")
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     p.add_argument("--experiment", default="brsearch", help="MLflow experiment holding the sweep's runs")
     p.add_argument("--resume", action="store_true", help="continue the sweep --name")
@@ -101,10 +109,13 @@ class Plan:
     floors: Floors = field(default_factory=lambda: Floors(0.0))
 
     @property
+    def state(self) -> SweepState:
+        return SweepState(self.storage_path, self.name, self.args.study_storage)
+
+    @property
     def state_dir(self) -> Path:
-        if self.local:
-            return Path(self.exp_dir) / STATE_DIR
-        return Path(".brsearch") / self.name  # remote storage: keep the sqlite files local
+        """Where the driver keeps sweep.json and the Optuna study (a local mirror for s3://)."""
+        return self.state.dir
 
     def record(self) -> dict[str, Any]:
         a = self.args
@@ -117,6 +128,7 @@ class Plan:
             "tie_break": a.tie_break, "min_clean_acc": a.min_clean_acc, "min_robust_acc": a.min_robust_acc,
             "reuse_actors": bool(getattr(a, "reuse_actors", False)),
             "register": getattr(a, "register", None),
+            "study_storage": a.study_storage, "study_spec": self.state.study_spec(),
         }
 
 
@@ -183,7 +195,7 @@ def prepare(args: argparse.Namespace) -> Plan:
             raise ConfigError(f"--{flag.replace('_', '-')} {v}; accepted: a number in [0, 1)")
     if args.reduction_factor <= 1:
         raise ConfigError(f"--reduction-factor {args.reduction_factor}; accepted: a number > 1")
-    if args.cpus_per_trial <= 0 or (args.gpus_per_trial is not None and args.gpus_per_trial < 0):
+    if (args.cpus_per_trial is not None and args.cpus_per_trial <= 0) or (args.gpus_per_trial is not None and args.gpus_per_trial < 0):
         raise ConfigError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
     if args.max_failures < 0:
         raise ConfigError(f"--max-failures {args.max_failures}; accepted: an integer >= 0")
@@ -201,6 +213,11 @@ def prepare(args: argparse.Namespace) -> Plan:
     if not NAME_RE.match(name):
         raise ConfigError(f"--name {name!r}; accepted: letters, digits, '_', '-', '.' (up to 100)")
 
+    if args.study_storage:
+        try:
+            study_spec_from_flag(args.study_storage)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     stored_space = _adopt_stored(args, name) if args.resume else None
 
     base: dict[str, Any] = {"dataset": args.dataset, "epochs": args.epochs, "download": args.download,
@@ -222,12 +239,14 @@ def prepare(args: argparse.Namespace) -> Plan:
     if gap:
         print(gap, file=sys.stderr, flush=True)
     floors = Floors.for_sweep(str(space.fixed.get("dataset", args.dataset)), args.min_clean_acc, args.min_robust_acc)
-    from trainables.data import check_available
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address or address == "local":  # on a cluster, each trial checks its data where it runs
+        from trainables.data import check_available
 
-    check_available(TrainConfig.from_flat(space.fixed))
+        check_available(TrainConfig.from_flat(space.fixed))
 
     storage = args.storage_path
-    local = "://" not in storage or storage.startswith("file://")
+    local = not is_remote(storage)
     if local:
         storage = str(Path(os.path.expanduser(storage.replace("file://", "", 1))).resolve())
         why = _unwritable(Path(storage))
@@ -240,7 +259,7 @@ def prepare(args: argparse.Namespace) -> Plan:
             pyarrow.fs.FileSystem.from_uri(storage)
         except Exception as e:
             raise ConfigError(f"--storage-path {args.storage_path}: {str(e).splitlines()[0]}") from None
-    exp_dir = os.path.join(storage, name) if local else f"{storage.rstrip('/')}/{name}"
+    exp_dir = SweepState(storage, name).exp_dir
 
     from .mlflow_uri import absolute_tracking_uri
     from .redact import redact
@@ -259,19 +278,18 @@ def prepare(args: argparse.Namespace) -> Plan:
         if why:
             raise ConfigError(f"--tracking-uri {redact(args.tracking_uri)}: cannot reach {hp[0]}:{hp[1]} ({why}); accepted: a running MLflow server (mlflow server --host 127.0.0.1 ...), or a sqlite:///PATH")
 
-    plan = Plan(args, name, space, storage, exp_dir, local, tracking_uri,
-                args.address or os.environ.get("RAY_ADDRESS"), args.resume, floors=floors)
-    sweep_json = plan.state_dir / "sweep.json"
+    plan = Plan(args, name, space, storage, exp_dir, local, tracking_uri, address, args.resume, floors=floors)
     if args.resume:
         from ray.tune import Tuner
 
-        if not sweep_json.exists() or not Tuner.can_restore(exp_dir):
-            raise ConfigError(f"--resume: no sweep named {name!r} under {storage}; accepted: the --name (and --storage-path) of an earlier sweep")
-        plan.stored = json.loads(sweep_json.read_text())
+        stored = plan.state.read_record()
+        if stored is None or not Tuner.can_restore(exp_dir):
+            raise ConfigError(f"--resume: no sweep named {name!r} under {redact(storage)}; accepted: the --name (and --storage-path) of an earlier sweep")
+        plan.stored = stored
         if plan.stored.get("fingerprint") != space.fingerprint():
             raise ConfigError(f"--resume {name}: the space or pinned values differ from the stored sweep's; accepted: leave out --space/--set/--dataset/--epochs/--subset-* to reuse the stored ones, repeat them exactly, or a new --name")
-    elif local and Path(exp_dir).exists() and any(Path(exp_dir).iterdir()):
-        raise ConfigError(f"sweep {name!r} already exists under {storage}; accepted: --resume to continue it, or another --name")
+    elif plan.state.exists():
+        raise ConfigError(f"sweep {name!r} already exists under {redact(storage)}; accepted: --resume to continue it, or another --name")
     # last, as it may wait a few seconds: ray.init on a dead address retries for minutes
     hp = _host_port(plan.address) if plan.address and plan.address not in ("auto", "local") else None
     why = hp and _unreachable(*hp)
@@ -283,9 +301,10 @@ def prepare(args: argparse.Namespace) -> Plan:
 # flags that define a sweep: `--name X --resume` takes them from the stored sweep.json unless given
 RESUMED_FLAGS = ("trials", "epochs", "dataset", "sampler", "scheduler", "seed", "grace_period", "tie_break",
                  "min_clean_acc", "min_robust_acc",
-                 "reduction_factor", "experiment", "tracking_uri", "register")
+                 "reduction_factor", "experiment", "tracking_uri", "register", "study_storage",
+                 "cpus_per_trial", "gpus_per_trial", "max_concurrent")
 FIXED_ON_RESUME = ("trials", "sampler", "scheduler", "seed", "grace_period", "reduction_factor", "experiment",
-                   "tie_break", "min_clean_acc", "min_robust_acc")
+                   "tie_break", "min_clean_acc", "min_robust_acc", "max_concurrent", "study_storage")
 SPACE_FLAGS = ("space", "set", "dataset", "data_root", "download", "subset_train", "subset_test", "epochs")
 
 
@@ -295,13 +314,13 @@ def _adopt_stored(args: argparse.Namespace, name: str) -> Space | None:
     SPACE_FLAGS given the stored space (pinned values included) is used. Returns that space, or
     None when the space is to be built from the flags (and checked against the stored fingerprint)."""
     storage = args.storage_path
-    if "://" not in storage or storage.startswith("file://"):
-        state = Path(os.path.expanduser(storage.replace("file://", "", 1))).resolve() / name / STATE_DIR
-    else:
-        state = Path(".brsearch") / name
+    if not is_remote(storage):
+        storage = str(Path(os.path.expanduser(storage.replace("file://", "", 1))).resolve())
     try:
-        stored = json.loads((state / "sweep.json").read_text())
-    except (OSError, ValueError):
+        stored = SweepState(storage, name).read_record()
+    except (OSError, ValueError, TypeError):  # a bad URI (pyarrow raises these): prepare() says why
+        return None
+    if stored is None:
         return None  # prepare() says there is no such sweep
     defaults = build_parser().parse_args([])
     explicit_space = any(getattr(args, k) != getattr(defaults, k) for k in SPACE_FLAGS)
@@ -311,7 +330,8 @@ def _adopt_stored(args: argparse.Namespace, name: str) -> Space | None:
             continue
         if getattr(args, k) == getattr(defaults, k):
             setattr(args, k, v)
-        elif k in FIXED_ON_RESUME and getattr(args, k) != v:
+        elif k in FIXED_ON_RESUME and getattr(args, k) != v and not (
+                k == "max_concurrent" and min(args.max_concurrent, args.trials) == v):  # stored: capped at --trials
             # Tuner.restore keeps the stored trial count, searcher and scheduler: a new value
             # would be ignored while the sweep reported it, so refuse it
             flag = "--" + k.replace("_", "-")
@@ -350,20 +370,21 @@ def trial_dirname(trial: Any) -> str:
 
 
 def build_tuner(plan: Plan, max_concurrent: int, gpus: float, callbacks: list[Any], *,
-                stop: Any = None, reuse_actors: bool = False) -> Any:
+                stop: Any = None, reuse_actors: bool = False, trainable: Any = None) -> Any:
     """The Tuner of a new sweep: ParetoSearch over the plan's space, the --scheduler, storage and
     failure policy. `run` uses it; benchmarks/search_efficiency.py too (with a `stop` for an epoch
     budget and `reuse_actors`), so both measure the same sweep. Needs `plan.state_dir` to exist."""
-    import optuna
     from ray import tune
 
-    from trainables.tune import trainable
+    if trainable is None:  # benchmarks/driver_scale.py passes a synthetic one
+        from trainables.tune import trainable
 
     from .moasha import MOASHAScheduler
     from .searcher import ParetoSearch, make_sampler
+    from .study_storage import open_study_storage
 
     args = plan.args
-    storage = optuna.storages.RDBStorage(f"sqlite:///{(plan.state_dir / 'optuna.db').resolve()}")
+    storage = open_study_storage(plan.state.study_spec())
     searcher = ParetoSearch(plan.space, make_sampler(args.sampler, args.seed, max_concurrent), plan.name, storage,
                             floors=plan.floors)
     callbacks = list(callbacks)
@@ -374,7 +395,7 @@ def build_tuner(plan: Plan, max_concurrent: int, gpus: float, callbacks: list[An
                                     max_t=args.epochs, tie_break=args.tie_break)
         callbacks.append(scheduler.state_callback())
     return tune.Tuner(
-        tune.with_resources(trainable, {"cpu": args.cpus_per_trial, "gpu": gpus}),
+        tune.with_resources(trainable, {"cpu": args.cpus_per_trial or 1.0, "gpu": gpus}),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=args.trials,
                                     max_concurrent_trials=max_concurrent, trial_dirname_creator=trial_dirname,
                                     reuse_actors=reuse_actors),
@@ -388,7 +409,6 @@ def build_tuner(plan: Plan, max_concurrent: int, gpus: float, callbacks: list[An
 
 
 def run(plan: Plan) -> int:
-    import ray
     from mlflow.tracking import MlflowClient
     from ray import tune
 
@@ -397,6 +417,7 @@ def run(plan: Plan) -> int:
     from .callbacks import NoRetryOnDivergence, ProgressCallback
     from .redact import redact, redact_obj
     from .results import format_front, front_frame, trials_frame, upload, write_tables
+    from .study_storage import StateSync
     from .sweep_logging import finish_logging, link_lines
     from .tracking import (
         MLflowSweepCallback,
@@ -406,13 +427,11 @@ def run(plan: Plan) -> int:
 
     args = plan.args
     _connect(plan)
-    res = ray.cluster_resources()
-    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if res.get("GPU", 0) >= 1 else 0.0)
-    slots = int(res.get("CPU", 1) // args.cpus_per_trial) or 1
-    if gpus:
-        slots = min(slots, int(res.get("GPU", 0) // gpus) or 1)
-    max_concurrent = min(args.max_concurrent or slots, args.trials)
-
+    res = cluster_resources(plan)
+    args.cpus_per_trial, gpus, max_concurrent = res.cpus_per_trial, res.gpus_per_trial, res.max_concurrent
+    state = plan.state
+    if plan.resume:
+        state.pull()  # s3://, gs://: the stored state replaces whatever the local mirror holds
     plan.state_dir.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(plan.tracking_uri)
     if plan.resume:
@@ -429,10 +448,11 @@ def run(plan: Plan) -> int:
         )
         # credentials (user:password@ in a URI or path, token=...) never reach params or artifacts
         client.log_dict(parent, redact_obj(plan.space.describe()), "space.json")
-        atomic_write_text(json.dumps(redact_obj({**plan.record(), "experiment_id": experiment_id, "parent_run_id": parent}),
-                                     indent=2, default=str), plan.state_dir / "sweep.json")
+        state.write_record(redact_obj({**plan.record(), "experiment_id": experiment_id, "parent_run_id": parent,
+                                       **res.record()}))
     print(f"brsearch: sweep {plan.name!r}: {args.trials} trials x {args.epochs} epochs, sampler {args.sampler}, "
-          f"scheduler {args.scheduler}, {max_concurrent} at once ({args.cpus_per_trial:g} CPU, {gpus:g} GPU each)\n"
+          f"scheduler {args.scheduler}, {max_concurrent} at once ({args.cpus_per_trial:g} CPU, {gpus:g} GPU each), "
+          f"from {res.source}\n"
           f"  floor    {plan.floors.describe()} (hypervolume reference; trials below it are infeasible)\n"
           f"  results  {redact(plan.exp_dir)}\n  mlflow   {redact(plan.tracking_uri)} (experiment {args.experiment!r}, parent run {parent})\n"
           f"{link_lines(plan.tracking_uri, experiment_id)}", flush=True)
@@ -442,10 +462,11 @@ def run(plan: Plan) -> int:
         tuner = tune.Tuner.restore(plan.exp_dir, trainable=wrapped, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
     else:
-        tuner = build_tuner(plan, max_concurrent, gpus, [
-            MLflowSweepCallback(plan.tracking_uri, experiment_id, parent, plan.name, floors=plan.floors),
-            ProgressCallback(args.trials),
-            NoRetryOnDivergence()], reuse_actors=args.reuse_actors)
+        callbacks = [MLflowSweepCallback(plan.tracking_uri, experiment_id, parent, plan.name, floors=plan.floors),
+                     ProgressCallback(args.trials), NoRetryOnDivergence()]
+        if state.remote:
+            callbacks.append(StateSync(state))
+        tuner = build_tuner(plan, max_concurrent, gpus, callbacks, reuse_actors=args.reuse_actors)
     # Tune forces an experiment-state snapshot whenever a trial has saved num_to_keep checkpoints
     # since the last one, and warns "snapshotting has been triggered multiple times" when that
     # happens twice within 5 s: with epochs of a few seconds, dozens of times per sweep. Measured on
@@ -453,6 +474,7 @@ def run(plan: Plan) -> int:
     # sweep, so the warning is noise here. Set the variable yourself to get it back.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     tuner.fit()
+    state.push()
 
     analysis = tune.ExperimentAnalysis(plan.exp_dir)
     trials = analysis.trials
@@ -482,7 +504,7 @@ def run(plan: Plan) -> int:
         print(unsent, file=sys.stderr, flush=True)
     if interrupted:
         print(f"sweep interrupted after {finished}/{args.trials} trials; continue with: "
-              f"python -m search.pareto --name {plan.name} --storage-path {plan.storage_path} --resume", file=sys.stderr)
+              f"python -m search.pareto --name {plan.name} --storage-path {shlex.quote(plan.storage_path)} --resume", file=sys.stderr)
         return 130
     return 0 if counts.get("completed") else 1
 
@@ -513,12 +535,41 @@ def resume_logging(plan: Plan) -> int:
         cpus_per_trial=float(params.get("cpus_per_trial", plan.args.cpus_per_trial)),
         gpus_per_trial=float(params.get("gpus_per_trial", 0)), floors=plan.floors, reference=plan.floors.reference,
         register=plan.args.register, patience_s=plan.args.mlflow_wait, replay_first=True,
-        resume_hint=f"python -m search.pareto --name {plan.name} --storage-path {plan.storage_path} --resume-logging")
+        resume_hint=f"python -m search.pareto --name {plan.name} --storage-path {shlex.quote(plan.storage_path)} --resume-logging")
     if unsent:
         print(unsent, file=sys.stderr, flush=True)
         return 1
     print(f"logged: {len(trials)} trials, the front ({len(front)}) and the summary\n{link_lines(plan.tracking_uri, experiment_id)}")
     return 0
+
+
+def cluster_resources(plan: Plan) -> Any:
+    """Per-trial resources and concurrency from what the cluster can provide (search.resources);
+    a resumed sweep asks for what it stored (adopted into the flags by `_adopt_stored`)."""
+    import ray
+
+    from .resources import (
+        autoscaler_config_path,
+        describe_source,
+        load_config,
+        plan_resources,
+    )
+
+    args = plan.args
+    path, config = None, None
+    if plan.address:
+        path = autoscaler_config_path(ray.get_runtime_context().gcs_address, args.cluster_config)
+        if path is None and args.cluster_config:
+            fail(f"--cluster-config {args.cluster_config}: no such file; accepted: the cluster YAML the autoscaler runs with")
+        try:
+            config = load_config(path) if path else None
+        except (OSError, ValueError) as e:
+            fail(f"cluster config {path}: {str(e).splitlines()[0]}; accepted: a Ray cluster YAML (--cluster-config)")
+    try:
+        return plan_resources(cpus=args.cpus_per_trial, gpus=args.gpus_per_trial, max_concurrent=args.max_concurrent,
+                              trials=args.trials, nodes=ray.nodes(), config=config, source=describe_source(path))
+    except ValueError as e:
+        fail(f"{e}; accepted: --cpus-per-trial/--gpus-per-trial that a node type of the cluster provides")
 
 
 def _version_tags() -> dict[str, str]:

@@ -111,9 +111,11 @@ def upload(files: list[Path], dest_uri: str) -> list[str]:
     where people look. An object store replaces an object in one step, so no rename is needed."""
     import pyarrow.fs as pafs
 
+    from .state import join_uri
+
     out = []
     for f in files:
-        dest = f"{dest_uri.rstrip('/')}/{f.name}"
+        dest = join_uri(dest_uri, f.name)  # keeps a ?endpoint_override=... query last
         pafs.copy_files(str(f), dest, destination_filesystem=None)
         out.append(dest)
     return out

@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from .front import DEFAULT_REFERENCE, hypervolume, non_dominated_mask
+from .incremental import IncrementalFront
 from .logged_models import log_trial_model, register_front, tag_front
 from .mlflow_async import BackgroundQueue, configure_http_retries
 from .objectives import OBJECTIVES
@@ -218,6 +219,12 @@ class MLflowSweepCallback(Callback):
         self.points = dict(state.get("points", {}))
         self.epochs_consumed = int(state.get("epochs_consumed", 0))
         self.hv_step = int(state.get("hv_step", 0))
+        self.__dict__.pop("_front", None)  # rebuilt from the restored points
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled with the Tuner: the front cache is derived
+        d = self.__dict__.copy()
+        d.pop("_front", None)
+        return d
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.logger.trial_started(trial.trial_id, str(trial), trial.config)
@@ -240,11 +247,33 @@ class MLflowSweepCallback(Callback):
                                    trial.checkpoint if status == "completed" else None, int(last.get("epoch", 0)))
         if status == "completed":
             self.points[trial.trial_id] = [float(last[m]) for m in OBJECTIVES]
-            metrics = hypervolume_metrics(list(self.points.values()), self.reference, self.epochs_consumed,
-                                          floors=getattr(self, "floors", None))
+            metrics = self._front_metrics(self.points[trial.trial_id])
             if metrics:
                 self.hv_step += 1
                 self.logger.parent_metrics(metrics)
+
+
+    def _front_metrics(self, point: list[float]) -> list[Metric]:
+        """`hypervolume_metrics` kept incrementally (search/incremental.py): a completed trial
+        costs O(front), not an O(n^2) non-dominated sort of every completed trial."""
+        floors = getattr(self, "floors", None)
+
+        def feasible(p: list[float]) -> bool:
+            return floors is None or bool(floors.feasible(p[0], p[1]))
+
+        front = self.__dict__.get("_front")
+        if front is None:  # first use, or after a restore: from all completed points
+            front = self._front = IncrementalFront(self.reference)
+            for p in self.points.values():
+                front.add(p, feasible=feasible(p))
+        else:
+            front.add(point, feasible=feasible(point))
+        if not front.count:
+            return []
+        ts = int(time.time() * 1000)
+        return [Metric("hypervolume", front.hypervolume, ts, self.epochs_consumed),
+                Metric("n_pareto", float(len(front)), ts, self.epochs_consumed),
+                Metric("n_completed", float(front.count), ts, self.epochs_consumed)]
 
 
 def hypervolume_metrics(points: list[list[float]], reference: tuple[float, ...], step: int,

@@ -276,3 +276,64 @@ def test_ray_defaults_would_expose_dashboard():
     cfg = _load(AWS_YAML)
     del cfg["head_start_ray_commands"]
     assert security_problems(validate(cfg))
+
+
+# ------------------------------------------------- identical nodes, nothing on the head (issue 12)
+
+
+def test_no_trial_runs_on_the_head(aws):
+    head = aws["available_node_types"][aws["head_node_type"]]
+    assert head["resources"].get("CPU") == 0 and not head["resources"].get("GPU")
+
+
+def test_one_image_for_every_node_type(aws_raw):
+    images = {t["node_config"]["ImageId"] for t in aws_raw["available_node_types"].values()}
+    assert len(images) == 1, images
+    text = AWS_YAML.read_text()
+    assert len(re.findall(r"ImageId: &ami ", text)) == 1 and "ImageId: *ami" in text
+
+
+def test_pin_ami_script_rewrites_the_anchor(tmp_path):
+    """tools/pin_ami.sh's edit, on a copy: the anchored ImageId becomes the concrete ID and the
+    file still validates with one image everywhere."""
+    import subprocess
+
+    sed = re.search(r'sed -i -E "(.*)" cluster.yaml', (REPO / "tools" / "pin_ami.sh").read_text()).group(1)
+    sed = sed.replace("$AMI", "ami-0123456789abcdef0").replace("$NAME", "test").replace("$REGION", "us-west-2")
+    sed = sed.replace("$(date -u +%F)", "today").replace("\\1", "\\1")
+    copy = tmp_path / "cluster.yaml"
+    copy.write_text(AWS_YAML.read_text())
+    subprocess.run(["sed", "-i", "-E", sed, str(copy)], check=True)
+    cfg = _load(copy)
+    assert {t["node_config"]["ImageId"] for t in cfg["available_node_types"].values()} == {"ami-0123456789abcdef0"}
+    validate(cfg)
+
+
+@pytest.mark.parametrize("which", ["aws", "local"])
+def test_every_node_installs_the_tested_versions(which, aws, local):
+    cfg = {"aws": aws, "local": local}[which]
+    joined = "\n".join(cfg["setup_commands"])
+    assert "-c /home/ubuntu/brsearch/constraints.txt" in joined
+    assert not re.search(r'"(ray\[[^"]*\]|optuna|mlflow|torch)==', joined), "versions come from constraints.txt"
+
+
+def test_constraints_pin_the_tested_stack():
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    text = (REPO / "constraints.txt").read_text()
+    pins = dict(ln.split("==") for ln in text.splitlines() if ln and not ln.startswith("#"))
+    for pkg in ("ray", "optuna", "mlflow", "torch", "pyarrow", "numpy"):
+        assert pins.get(pkg) == metadata.version(pkg).split("+")[0], pkg
+    check = subprocess.run([sys.executable, str(REPO / "tools" / "freeze_constraints.py"), "--check"],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    assert "constraints.txt" in (REPO / "README.md").read_text()
+
+
+def test_head_iam_policy_next_to_the_config():
+    policy = json.loads((REPO / "cluster-iam-policy.json").read_text())
+    actions = {a for s in policy["Statement"] for a in s["Action"]}
+    assert {"iam:PassRole", "ssm:GetParameters", "ec2:RunInstances", "ec2:TerminateInstances"} <= actions
+    assert "cluster-iam-policy.json" in AWS_YAML.read_text()

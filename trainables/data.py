@@ -8,8 +8,10 @@ trains, selects and is evaluated on the same images.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import tarfile
 import tempfile
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, TrainConfig, check_dataset
+from .fileio import node_lock
 
 DATA_SEED = 0
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -112,6 +115,11 @@ def _digits() -> tuple[Split, Split, int]:
 
 
 def _torchvision(name: str, root: str, download: bool) -> tuple[Split, Split, int]:
+    with node_lock(root, name) if download else contextlib.nullcontext():
+        return _torchvision_unlocked(name, root, download)
+
+
+def _torchvision_unlocked(name: str, root: str, download: bool) -> tuple[Split, Split, int]:
     import torchvision.datasets as tvd
 
     def fetch(split_train: bool):
@@ -129,8 +137,9 @@ def _torchvision(name: str, root: str, download: bool) -> tuple[Split, Split, in
         except RuntimeError as e:
             if "not found" in str(e).lower() or "corrupted" in str(e).lower():
                 raise DataError(
-                    f"dataset {name!r} not found under data_root={root!r}; pass --download to fetch it "
-                    f"or --data-root pointing at an existing copy"
+                    f"dataset {name!r} not found under data_root={root!r} on node {socket.gethostname()}; "
+                    f"pass --download to fetch it where each trial runs, or --data-root pointing at a copy "
+                    f"every node has (a shared mount)"
                 ) from None
             raise
         raise DataError(f"unknown dataset {name!r}")

@@ -1,9 +1,10 @@
-"""Crash-safe file writes: write beside the target, fsync, then rename over it.
+"""Crash-safe file writes (write beside the target, fsync, rename over it) and a per-node file lock.
 
 A crash mid-write leaves the previous good file (rename is atomic on POSIX file systems)."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -57,3 +58,17 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def node_lock(root: str, name: str) -> Iterator[None]:
+    """Holds `<root>/.<name>.lock` exclusively: the trials of one node that share a data root
+    prepare (download, unpack) a data set one at a time, so it is fetched once; the others wait,
+    then find it there. flock is per node (and works on NFSv4, where it is a POSIX lock)."""
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, f".{name}.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -1,0 +1,62 @@
+"""The Optuna storage of a sweep, and the callback that keeps an object store's copy current.
+
+The storage objects pickle as their *spec* (`open_study_storage`): Tune pickles the searcher with
+its study, and a restored searcher must open the state where it is now (after `--resume`
+restored it there), not at a path of the machine that started the sweep.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+from ray.tune import Callback
+
+from .state import SweepState, mirror_dir
+
+
+class _SpecRDBStorage(RDBStorage):
+    def __reduce__(self) -> tuple:
+        return (open_study_storage, (self.brsearch_spec,))
+
+
+class _SpecJournalStorage(JournalStorage):
+    def __reduce__(self) -> tuple:
+        return (open_study_storage, (self.brsearch_spec,))
+
+
+def open_study_storage(spec: dict[str, str]) -> optuna.storages.BaseStorage:
+    """The Optuna storage a spec names: {"url": RDB URL}, {"sqlite": path}, {"journal": path} or
+    {"mirror": remote state dir} (sqlite in the driver-local mirror)."""
+    storage: optuna.storages.BaseStorage
+    if "url" in spec:
+        storage = _SpecRDBStorage(spec["url"])
+    elif "journal" in spec:
+        path = Path(spec["journal"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        storage = _SpecJournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileSymlinkLock(str(path))))
+    else:
+        path = Path(spec["sqlite"]) if "sqlite" in spec else mirror_dir(spec["mirror"]) / "optuna.db"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        storage = _SpecRDBStorage(f"sqlite:///{path}")
+    storage.brsearch_spec = dict(spec)  # type: ignore[attr-defined]
+    return storage
+
+
+
+class StateSync(Callback):
+    """Uploads the driver's state at each experiment checkpoint. Tune asks callbacks for their
+    state right after saving the searcher's, and uploads both afterwards, so the stored study is
+    never older than the stored searcher."""
+
+    def __init__(self, state: SweepState) -> None:
+        self.state = state
+
+    def get_state(self) -> dict | None:
+        self.state.push()
+        return None
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.state.push()

@@ -1,0 +1,227 @@
+"""The sweep's state lives on its storage (issue 12, item 3): a sweep on `s3://` is interrupted, its
+driver-local state deleted, and `--resume` from another working directory (and another state
+cache: another machine) finishes it with nothing lost or duplicated. S3 is moto's threaded server
+on loopback, reached through pyarrow's S3 filesystem (the client path users hit); Ray, Optuna and
+MLflow are real. Plus fast unit tests of the storage choices.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from search.state import SweepState, join_uri, network_fs, study_spec_from_flag
+from search.study_storage import open_study_storage
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--subset-train", "200", "--subset-test", "50", "--epochs", "1", "--quiet", "--num-cpus", "2",
+        "--set", "depth=8", "--set", "width=4", "--set", "attack_steps=2", "--set", "proxy_eval_size=32",
+        "--set", "cw=false", "--set", "eval_attack.steps=2"]
+CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A bucket on a real S3 API on 127.0.0.1; yields the storage URI of a folder in it."""
+    pytest.importorskip("moto")
+    from moto.server import ThreadedMotoServer
+
+    for k, v in CREDS.items():
+        monkeypatch.setenv(k, v)
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        import pyarrow.fs as pafs
+
+        # allow_delayed_open: small objects go up in one PutObject; pyarrow 25 rejects moto's answer
+        # to CompleteMultipartUpload (an empty ETag), so multipart uploads fail against moto
+        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing",
+                               secret_key="testing", region="us-east-1", allow_bucket_creation=True,
+                               allow_delayed_open=True)
+        fs.create_dir("sweeps")
+        yield f"s3://sweeps/results?endpoint_override=127.0.0.1:{port}&scheme=http&allow_delayed_open=true", fs
+    finally:
+        server.stop()
+
+
+def _env(cache: Path) -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0", BRSEARCH_STATE_CACHE=str(cache), **CREDS)
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _read(fs, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+@pytest.mark.slow
+def test_s3_sweep_resumes_from_elsewhere_after_local_state_is_gone(s3, tmp_path):
+    import optuna
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    storage, fs = s3
+    name, here, there = "s3r", tmp_path / "here", tmp_path / "there"
+    here.mkdir()
+    there.mkdir()
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [sys.executable, "-m", "search.pareto", "--name", name, "--trials", "3", "--max-concurrent", "1",
+           "--seed", "3", "--storage-path", storage, "--tracking-uri", tracking, *TINY]
+    out = here / "out.log"
+    with open(out, "w") as fo:
+        proc = subprocess.Popen(cmd, cwd=here, env=_env(tmp_path / "cache-here"), stdout=fo,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 900  # a loaded 2-core machine: minutes per tiny trial
+            while "[1/3]" not in out.read_text(errors="replace"):
+                assert proc.poll() is None, out.read_text()[-3000:]
+                assert time.monotonic() < deadline, out.read_text()[-3000:]
+                time.sleep(0.3)
+            os.kill(proc.pid, signal.SIGINT)
+            rc = proc.wait(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    log = out.read_text()
+    assert rc == 130, log[-3000:]
+    assert "1 at once (1 CPU, 0 GPU each" in log
+    hint = [ln for ln in log.splitlines() if "continue with: python -m search.pareto" in ln]
+    assert len(hint) == 1, log[-3000:]
+    exp = f"sweeps/results/{name}"
+    first = pd.read_parquet(io.BytesIO(_read(fs, f"{exp}/trials.parquet")))
+    assert 1 <= (first["status"] == "completed").sum() < 3, first[["trial_id", "status"]]
+    # the state is on S3, with the resources the sweep asked for
+    record = json.loads(_read(fs, f"{exp}/brsearch/sweep.json"))
+    assert (record["cpus_per_trial"], record["gpus_per_trial"], record["max_concurrent"]) == (1.0, 0.0, 1)
+    assert _read(fs, f"{exp}/brsearch/optuna.db")[:16] == b"SQLite format 3\x00"
+
+    # a new sweep of that name is refused, in one line, before anything runs
+    again = subprocess.run(cmd, cwd=there, env=_env(tmp_path / "cache-there"), capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1, again.stderr[-2000:]
+    assert f"sweep {name!r} already exists" in again.stderr
+
+    # the driver's machine is gone: its local state with it
+    shutil.rmtree(tmp_path / "cache-here")
+    resume = shlex.split(hint[0].split("continue with: python ", 1)[1])  # as a shell would
+    with open(there / "out.log", "w") as fo:
+        rc2 = subprocess.run([sys.executable, *resume], check=False, cwd=there, env=_env(tmp_path / "cache-there"),
+                             stdout=fo, stderr=subprocess.STDOUT, timeout=900).returncode
+    log2 = (there / "out.log").read_text()
+    assert rc2 == 0, log2[-4000:]
+    assert "1 at once (1 CPU, 0 GPU each" in log2  # the stored resources
+
+    trials = pd.read_parquet(io.BytesIO(_read(fs, f"{exp}/trials.parquet")))
+    assert len(trials) == 3 and trials["trial_id"].is_unique, trials[["trial_id", "status"]]
+    assert (trials["status"] == "completed").all(), trials[["trial_id", "status", "reason"]]
+    assert set(first.loc[first["status"] == "completed", "trial_id"]) <= set(trials["trial_id"])  # not re-run
+
+    db = tmp_path / "optuna-from-s3.db"
+    db.write_bytes(_read(fs, f"{exp}/brsearch/optuna.db"))
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.user_attrs["ray_trial_id"] for t in done) == sorted(trials["trial_id"])
+    assert not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+
+    client = MlflowClient(tracking)
+    runs = client.search_runs([client.get_experiment_by_name("brsearch").experiment_id], max_results=100)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(runs) - len(children) == 1
+    assert sorted(r.data.tags["ray_trial_id"] for r in children) == sorted(trials["trial_id"])
+
+
+# --- fast unit tests ---------------------------------------------------------------------------------
+
+def test_join_uri_keeps_the_query_last():
+    assert join_uri("s3://b/p?endpoint_override=h:1&scheme=http", "n", "brsearch") == \
+        "s3://b/p/n/brsearch?endpoint_override=h:1&scheme=http"
+    assert join_uri("gs://b/p/", "n") == "gs://b/p/n"
+
+
+def test_network_fs_by_longest_mount_point():
+    mounts = ("/dev/sda1 / ext4 rw 0 0\n"
+              "fs-1.efs.amazonaws.com:/ /mnt/efs nfs4 rw 0 0\n"
+              "/dev/sdb1 /mnt/efs/local ext4 rw 0 0\n"
+              "s3fs /mnt/bucket fuse.s3fs rw 0 0\n")
+    assert network_fs(Path("/mnt/efs/brsearch"), mounts) == "nfs4"
+    assert network_fs(Path("/mnt/efs/local/x"), mounts) is None
+    assert network_fs(Path("/home/u/results"), mounts) is None
+    assert network_fs(Path("/mnt/bucket/r"), mounts) == "fuse.s3fs"
+
+
+def test_study_storage_choice(tmp_path, monkeypatch):
+    local = SweepState(str(tmp_path), "a")
+    assert local.study_spec() == {"sqlite": str(tmp_path / "a" / "brsearch" / "optuna.db")}
+    monkeypatch.setattr("search.state.network_fs", lambda p, mounts=None: "nfs4")
+    assert local.study_spec() == {"journal": str(tmp_path / "a" / "brsearch" / "optuna.journal")}
+    monkeypatch.setenv("BRSEARCH_STATE_CACHE", str(tmp_path / "cache"))
+    remote = SweepState("s3://b/r?endpoint_override=h:1", "a")
+    assert remote.study_spec() == {"mirror": "s3://b/r/a/brsearch?endpoint_override=h:1"}
+    assert remote.dir.parent == tmp_path / "cache"
+    assert SweepState("s3://b/r?endpoint_override=h:1", "a", "postgresql://u@db/optuna").study_spec() == \
+        {"url": "postgresql://u@db/optuna"}
+    assert study_spec_from_flag(str(tmp_path / "s.journal")) == {"journal": str(tmp_path / "s.journal")}
+    with pytest.raises(ValueError, match="--study-storage redis://x"):
+        study_spec_from_flag("redis://x")
+
+
+@pytest.mark.parametrize("kind", ["journal", "sqlite", "mirror"])
+def test_study_storage_pickles_as_its_spec(tmp_path, monkeypatch, kind):
+    """Tune pickles the searcher with its study: unpickled elsewhere (another cache here), the
+    storage opens the state at the new place, which is where --resume restored it."""
+    import optuna
+
+    monkeypatch.setenv("BRSEARCH_STATE_CACHE", str(tmp_path / "one"))
+    spec = {"journal": {"journal": str(tmp_path / "s.journal")}, "sqlite": {"sqlite": str(tmp_path / "s.db")},
+            "mirror": {"mirror": "s3://b/r/n/brsearch"}}[kind]
+    study = optuna.create_study(study_name="n", storage=open_study_storage(spec), directions=["maximize"] * 2)
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1), 1.0), n_trials=3)
+    blob = pickle.dumps(study)
+    if kind == "mirror":  # another machine: the mirror was restored into another cache
+        src = next((tmp_path / "one").iterdir())
+        shutil.copytree(src, tmp_path / "two" / src.name)
+        shutil.rmtree(tmp_path / "one")
+        monkeypatch.setenv("BRSEARCH_STATE_CACHE", str(tmp_path / "two"))
+    again = pickle.loads(blob)
+    assert len(again.get_trials(deepcopy=False)) == 3
+    again.optimize(lambda t: (t.suggest_float("x", 0, 1), 1.0), n_trials=1)
+    assert len(optuna.load_study(study_name="n", storage=open_study_storage(spec)).trials) == 4
+
+
+def test_resume_reuses_the_stored_resources(tmp_path):
+    """--resume takes resources and concurrency from sweep.json; the same command again (its
+    --max-concurrent above --trials was stored capped) is accepted, another concurrency refused."""
+    from search.pareto import _adopt_stored, build_parser
+    from trainables.config import ConfigError
+
+    state = SweepState(str(tmp_path), "r")
+    state.write_record({"name": "r", "trials": 3, "cpus_per_trial": 4.0, "gpus_per_trial": 1.0, "max_concurrent": 3})
+    args = build_parser().parse_args(["--name", "r", "--resume", "--storage-path", str(tmp_path)])
+    _adopt_stored(args, "r")
+    assert (args.cpus_per_trial, args.gpus_per_trial, args.max_concurrent) == (4.0, 1.0, 3)
+    args = build_parser().parse_args(["--name", "r", "--resume", "--storage-path", str(tmp_path), "--max-concurrent", "8"])
+    _adopt_stored(args, "r")
+    with pytest.raises(ConfigError, match="--max-concurrent 2 differs"):
+        _adopt_stored(build_parser().parse_args(["--name", "r", "--resume", "--storage-path", str(tmp_path),
+                                                 "--max-concurrent", "2"]), "r")
