@@ -13,6 +13,7 @@ from typing import Any
 
 from .cliutil import OneLineParser, fail
 from .config import ConfigError, TrainConfig, set_field
+from .device import check_device
 from .fileio import atomic_torch_save, atomic_write_text
 from .loop import FINAL_KEYS, DivergedError, Hooks, train
 
@@ -88,6 +89,7 @@ def config_from_args(ns: argparse.Namespace, stored: dict[str, Any] | None) -> T
                 f"settings (omit those flags) or a new --out"
             )
     cfg.validate()
+    check_device(cfg.device)  # cuda on a machine without one, cuda:N out of range: exit 2 here
     return cfg
 
 
