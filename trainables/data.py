@@ -47,8 +47,12 @@ class Split:
 
     def to_float(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         x = self.x.to(device)
-        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-        return x, self.y.to(device)
+        return as_float(x), self.y.to(device)
+
+    def to(self, device: torch.device | str) -> "Split":
+        """The same split on `device`, still uint8 (a quarter of the float size): done once per
+        run, so no training step copies images from the host."""
+        return Split(self.x.to(device), self.y.to(device))
 
 
 @dataclass
@@ -218,19 +222,77 @@ def _folder(path: str, subset_train: int | None, subset_test: int | None) -> tup
     return out[0], out[1], len(classes)
 
 
+def as_float(x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] as float32 (uint8 is scaled by 1/255)."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+@dataclass
+class EpochPlan:
+    """One epoch's sample order and augmentation draws, on the training device.
+
+    Everything random is drawn up front from the run's CPU generator (so the stream, and a
+    resumed run, do not depend on the device) and copied to the device in one go per epoch:
+    the steps themselves only slice these tensors."""
+
+    order: torch.Tensor  # N, int64: a permutation of the split
+    shifts: torch.Tensor | None  # 2 x N crop offsets in [0, 2*pad], or None without augmentation
+    flips: torch.Tensor | None  # N, bool
+    batch_size: int
+    pad: int = 4
+
+    @classmethod
+    def draw(cls, n: int, batch_size: int, generator: torch.Generator, augment: bool,
+             device: torch.device | str, pad: int = 4) -> "EpochPlan":
+        order = torch.randperm(n, generator=generator)
+        shifts = flips = None
+        if augment:
+            shifts = torch.randint(0, 2 * pad + 1, (2, n), generator=generator)
+            flips = torch.rand(n, generator=generator) < 0.5
+        nb = device.type == "cuda" if isinstance(device, torch.device) else str(device).startswith("cuda")
+        move = (lambda t: t if t is None else t.to(device, non_blocking=nb))
+        return cls(move(order), move(shifts), move(flips), batch_size, pad)
+
+    def slices(self, min_size: int = 2) -> list[slice]:
+        """Batch boundaries (plain ints: no device read); batches under min_size are skipped
+        (BatchNorm needs two samples)."""
+        n = len(self.order)
+        return [slice(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size)
+                if min(i + self.batch_size, n) - i >= min_size]
+
+    def batch(self, split: Split, s: slice, memory_format: torch.memory_format = torch.contiguous_format
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float batch of `split` (already on the device) at slice s, augmented per plan.
+        Gather and crop run on the uint8 images; the float copy is made once, in memory_format."""
+        idx = self.order[s]
+        x = split.x.index_select(0, idx)
+        if self.shifts is not None:
+            x = crop_flip(x, self.shifts[:, s], self.flips[s], self.pad)
+        return as_float(x).contiguous(memory_format=memory_format), split.y.index_select(0, idx)
+
+
 def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop with zero padding and horizontal flip, vectorised over the batch."""
+    """Random crop with zero padding and horizontal flip, vectorised over the batch (draws from a
+    CPU generator; training draws a whole epoch at once, see EpochPlan)."""
+    n = x.shape[0]
+    shifts = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(x.device)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    return crop_flip(x, shifts, flip, pad).contiguous()
+
+
+def crop_flip(x: torch.Tensor, shifts: torch.Tensor, flip: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """Crop each padded image at its offsets (shifts: 2 x n) and mirror it where flip is set:
+    one gather for the whole batch, on x's device, no per-sample Python. Works on uint8 or
+    float; the result is laid out channels-last (call .contiguous() for NCHW)."""
     n, c, h, w = x.shape
     dev = x.device
-    shifts = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(dev)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(dev)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     iy = torch.arange(h, device=dev)[None, :] + shifts[0][:, None]  # n x h
     ix = torch.arange(w, device=dev)[None, :] + shifts[1][:, None]  # n x w
     ix = torch.where(flip[:, None], ix.flip(1), ix)
     b = torch.arange(n, device=dev)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[b, iy[:, :, None], ix[:, None, :]]  # n x h x w x c
-    return out.permute(0, 3, 1, 2).contiguous()
+    return out.permute(0, 3, 1, 2)
 
 
 def check_available(cfg: TrainConfig) -> None:
