@@ -233,6 +233,10 @@ def prepare(args: argparse.Namespace) -> Plan:
         space = load_space(args.space or ("digits" if args.dataset == "digits" else "paper"))
         space = space.pin({**base, **parse_sets(args.set)})
     space.validate()
+    if args.gpus_per_trial is not None:  # else checked in run(), once the cluster's GPUs are known
+        why = device_refusal(space.fixed.get("device"), args.gpus_per_trial)
+        if why:
+            raise ConfigError(why)
     if args.sampler is None:  # --resume of a sweep that stored none
         args.sampler = DEFAULT_MOASHA_SAMPLER if args.scheduler == "moasha" else DEFAULT_SAMPLER
     gap = joint_modelling_gap(args.sampler, space)
@@ -429,6 +433,9 @@ def run(plan: Plan) -> int:
     _connect(plan)
     res = cluster_resources(plan)
     args.cpus_per_trial, gpus, max_concurrent = res.cpus_per_trial, res.gpus_per_trial, res.max_concurrent
+    why = device_refusal(plan.space.fixed.get("device"), gpus)
+    if why:  # before anything is written; every trial would fail (and be retried) otherwise
+        fail(why)
     state = plan.state
     if plan.resume:
         state.pull()  # s3://, gs://: the stored state replaces whatever the local mirror holds
@@ -570,6 +577,22 @@ def cluster_resources(plan: Plan) -> Any:
                               trials=args.trials, nodes=ray.nodes(), config=config, source=describe_source(path))
     except ValueError as e:
         fail(f"{e}; accepted: --cpus-per-trial/--gpus-per-trial that a node type of the cluster provides")
+
+
+def device_refusal(device: Any, gpus: float) -> str | None:
+    """Why a pinned `device` cannot work with `gpus` GPUs per trial, or None. A trial sees only
+    the GPUs Ray gives it (a fraction is one device), as trainables.tune.trial_device maps them."""
+    if not isinstance(device, str) or not device.startswith("cuda"):
+        return None
+    if gpus <= 0:
+        return (f"--set device={device} but trials get no GPU (--gpus-per-trial {gpus:g}, or a cluster "
+                f"without GPUs); accepted: device=auto or cpu, or --gpus-per-trial > 0 on a cluster with GPUs")
+    have = max(1, int(gpus))
+    index = device.split(":", 1)[1] if ":" in device else "0"
+    if not index.isdigit() or int(index) >= have:
+        return (f"--set device={device} but each trial has {have} GPU(s) (--gpus-per-trial {gpus:g}); "
+                f"accepted: device=cuda (the trial's own GPU) or cuda:0 to cuda:{have - 1}")
+    return None
 
 
 def _version_tags() -> dict[str, str]:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from ray import tune
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .loop import DivergedError, Hooks, train
 
 CHECKPOINT_FILE = "state.pt"
@@ -67,6 +67,35 @@ class TuneHooks(Hooks):
                         checkpoint=tune.Checkpoint.from_directory(d))
 
 
+def trial_device(requested: str, gpu_ids: list[str]) -> str:
+    """The device a trial trains on, given the GPUs Ray assigned it (`ray.get_gpu_ids()`).
+
+    auto is the first assigned GPU, or the CPU without one or without CUDA (a CPU-only trial must not grab a GPU
+    it was not given). cuda / cuda:N name the first / N-th GPU *of the trial's own*; in a trial
+    without a GPU, or past the ones it has, they are refused with a one-line ConfigError."""
+    if requested == "cpu" or (requested == "auto" and not (gpu_ids and torch.cuda.is_available())):
+        return "cpu"  # (logical GPUs without CUDA, as in the tests: the CPU)
+    index = int(requested.split(":", 1)[1]) if ":" in requested else 0
+    if not gpu_ids:
+        raise ConfigError(f"device={requested!r} in a trial that Ray gave no GPU; accepted: auto or cpu, "
+                          f"or a sweep with --gpus-per-trial > 0")
+    if index >= len(gpu_ids):
+        raise ConfigError(f"device={requested!r} but the trial was given {len(gpu_ids)} GPU(s); "
+                          f"accepted: cuda or cuda:0 to cuda:{len(gpu_ids) - 1}")
+    # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPUs, so cuda:N is the N-th of them; where that
+    # is switched off (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES) every GPU is visible: map to
+    # the physical index Ray assigned
+    if os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"):
+        return f"cuda:{gpu_ids[index]}"
+    return f"cuda:{index}"
+
+
+def _gpu_ids() -> list[str]:
+    import ray
+
+    return [str(g) for g in ray.get_gpu_ids()]
+
+
 def _node_id() -> str:
     import ray
 
@@ -78,9 +107,13 @@ def trainable(config: dict[str, Any]) -> None:
     os.environ.pop("MLFLOW_RUN_ID", None)  # the driver logs to MLflow; trials never do
     # the search space's `<name>_on` switches (0 allowed on a log scale) are not config keys
     cfg = TrainConfig.from_flat({k: v for k, v in config.items() if not (k.endswith("_on") and k[:-3] in config)})
-    if cfg.device == "auto" and not tune.get_context().get_trial_resources().required_resources.get("GPU"):
-        cfg.device = "cpu"  # a CPU-only trial must not grab a GPU it was not given
-    torch.set_num_threads(max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1))))
+    resources = tune.get_context().get_trial_resources().required_resources
+    cfg.device = trial_device(cfg.device, _gpu_ids())
+    if cfg.device.startswith("cuda") and 0 < resources.get("GPU", 0) < 1:
+        # a fractional GPU: the trial's share of the memory is a hard limit (an out-of-memory
+        # error in this trial, not in the trials it shares the GPU with)
+        torch.cuda.set_per_process_memory_fraction(float(resources["GPU"]), torch.device(cfg.device))
+    torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
     hooks = TuneHooks()
     try:
         train(cfg, hooks)
