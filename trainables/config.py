@@ -17,6 +17,7 @@ LAMBDA_SCHEDULES = ("final", "rho")
 ATTACK_BN_MODES = ("auto", "train", "eval")
 GROUP_AXES = ("out", "in")
 GROUP_MODES = ("penalty", "prox")
+PRECISIONS = ("fp32", "bf16", "fp16")
 BUILTIN_DATASETS = ("digits", "cifar10", "mnist", "fashion-mnist", "svhn")
 
 
@@ -148,6 +149,13 @@ class TrainConfig:
     eval_seed: int = 1234
     device: str = "auto"
     max_grad_norm: float | None = None
+    # throughput (docs/gpu.md); none changes what is computed,
+    # except precision, which changes the arithmetic of the forward/backward passes
+    precision: str = "fp32"  # bf16 / fp16: autocast of the model's passes (projections stay fp32)
+    channels_last: bool = False  # NHWC weights and batches (faster convolutions on recent GPUs)
+    compile: bool = False  # torch.compile the model (measure: benchmarks/gpu_throughput.py)
+    deterministic: bool = False  # cuDNN deterministic algorithms, no autotuning (exact resume on CUDA)
+    eval_batch_size: int = 256
 
     def validate(self) -> None:
         check_dataset(self.dataset)
@@ -188,6 +196,10 @@ class TrainConfig:
             raise ConfigError(f"attack_bn={self.attack_bn!r}; accepted: {', '.join(ATTACK_BN_MODES)}")
         if self.proxy_bn_batches < 0:
             raise ConfigError(f"proxy_bn_batches={self.proxy_bn_batches}; accepted: an integer >= 0")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r}; accepted: {', '.join(PRECISIONS)}")
+        if self.eval_batch_size < 1:
+            raise ConfigError(f"eval_batch_size={self.eval_batch_size}; accepted: an integer >= 1")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device={self.device!r}; accepted: auto, cpu, cuda, cuda:N")
 

@@ -15,9 +15,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .config import ConfigError
-
-PRECISIONS = ("fp32", "bf16", "fp16")
+from .config import PRECISIONS, ConfigError
 _CUDA_RE = re.compile(r"^cuda(?::(\d+))?$")
 
 

@@ -8,20 +8,24 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import time
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from .attacks import perturb  # noqa: F401  (re-exported for callers building custom evaluations)
 from .config import AttackConfig, TrainConfig
-from .data import DataBundle, augment_batch, load_data
+from .data import DataBundle, EpochPlan, Split, as_float, load_data
+from .device import (autocast, check_device, check_precision, pick_device, rng_state,  # noqa: F401
+                     seed_everything, set_deterministic, set_rng_state)
 from .losses import group_penalty, group_prox_, tradeoff_loss
 from .metrics import accuracy, bn_recalibrated, recalibrate_bn_, structure_metrics
 from .models import Ensemble, build_model
 from .quant import BinaryRelax, cached, export_state_dict, quantize_
+
+# the loop reads the device once per this many steps (and at the epoch's end) to stop a run whose
+# loss went non-finite; every other step runs without a host sync
+FINITE_CHECK_EVERY = 16
 
 FINAL_KEYS = ("clean_acc", "robust_acc", "fgsm_acc", "weight_sparsity", "channel_sparsity",
               "channel_sparsity_in", "size_bits", "compression", "epoch",
@@ -42,63 +46,59 @@ class Hooks:
         pass
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class Run:
     """A model, its BR handle, optimizer and data, ready to train or evaluate."""
 
-    def __init__(self, cfg: TrainConfig, data: DataBundle | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, data: DataBundle | None = None,
+                 device: torch.device | None = None) -> None:
+        """`device` overrides cfg.device unchecked: the tests' stand-in device (`meta`)."""
         cfg.validate()
         self.cfg = cfg
-        self.device = pick_device(cfg.device)
+        if device is None:
+            check_device(cfg.device)
+            device = pick_device(cfg.device)
+        self.device = device
+        check_precision(cfg.precision, device)
+        set_deterministic(cfg.deterministic, device)
         seed_everything(cfg.seed)
         self.data = data if data is not None else load_data(cfg)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        # built (and initialised, from the CPU generator) on the host: the same weights on any device
         self.model: Ensemble = build_model(
             cfg.depth, cfg.width, self.data.in_channels, self.data.num_classes, cfg.ensemble, cfg.noise
-        ).to(self.device)
+        ).to(self.device, memory_format=self.memory_format)
         self.br: BinaryRelax = quantize_(self.model, cfg.quant)
+        # what the passes call; the state (checkpoints, export) stays with self.model
+        self.net: torch.nn.Module = torch.compile(self.model) if cfg.compile else self.model
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
             weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0,
         )
+        # fp16 needs loss scaling (bf16 and fp32 do not); its inf check reads the device each step
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
         milestones = sorted({int(round(f * cfg.epochs)) for f in cfg.lr_milestones} - {0})
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones, 0.1)
+        # data order and augmentation: a CPU generator, so they do not depend on the device
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.epoch = 0  # epochs completed
         self.bn_deployed = False  # BN statistics already re-estimated for the projected weights
-        xs, ys = self.data.val.to_float(self.device)
-        self.val = (xs, ys)
+        self._splits: dict[str, Split] = {"train": self.data.train.to(self.device)}  # uint8, once
+        xs, ys = self.split("val")
+        self.val = (as_float(xs), ys)
         k = min(cfg.proxy_eval_size, len(ys))
-        self.proxy = (xs[:k], ys[:k])
+        self.proxy = (self.val[0][:k], ys[:k])
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A split's images (uint8 where the data set is) and labels on the device, copied there
+        once per run rather than on every evaluation."""
+        if name not in self._splits:
+            self._splits[name] = getattr(self.data, name).to(self.device)
+        s = self._splits[name]
+        return s.x, s.y
 
     # --- checkpoint payload ---------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "epoch": self.epoch,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -106,9 +106,12 @@ class Run:
             "binary_relax": self.br.state_dict(),
             "bn_deployed": self.bn_deployed,
             "generator": self.generator.get_state(),
-            "rng": _rng_state(),
+            "rng": rng_state(self.device),
             "config": self.cfg.to_flat(),
         }
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -116,34 +119,48 @@ class Run:
         self.scheduler.load_state_dict(state["scheduler"])
         self.br.load_state_dict(state["binary_relax"])
         self.generator.set_state(state["generator"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"], self.device)
+        if self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.epoch = int(state["epoch"])
         self.bn_deployed = bool(state.get("bn_deployed", False))
 
     # --- training -------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, float]:
+        """One epoch. The steps never wait for the device: the loss is summed there and read
+        every FINITE_CHECK_EVERY steps (a non-finite loss stops the run within that many steps)
+        and once at the end, with the weights' finiteness."""
         cfg, model, br = self.cfg, self.model, self.br
-        train = self.data.train
+        train = self._splits["train"]
         br.start_epoch(self.epoch, cfg.epochs, self.steps_per_epoch())
         model.train()
-        perm = torch.randperm(len(train), generator=self.generator)
-        total, batches = 0.0, 0
-        for i in range(0, len(perm), cfg.batch_size):
-            idx = perm[i : i + cfg.batch_size]
-            if len(idx) < 2:  # BatchNorm needs two samples
-                continue
-            br.start_step(batches)
-            x, y = train.take(idx).to_float(self.device)
-            if self.data.augment:
-                x = augment_batch(x, self.generator)
-            total += self.train_step(x, y, batches + 1)
-            batches += 1
-        for p in model.parameters():
-            if not torch.isfinite(p).all():
-                raise DivergedError(f"weights are no longer finite after epoch {self.epoch + 1}")
+        plan = EpochPlan.draw(len(train), cfg.batch_size, self.generator, self.data.augment, self.device)
+        total = torch.zeros((), device=self.device)
+        checked = 0
+        slices = plan.slices()
+        for b, s in enumerate(slices):
+            br.start_step(b)
+            x, y = plan.batch(train, s, self.memory_format)
+            total += self._step(x, y)
+            if (b + 1) % FINITE_CHECK_EVERY == 0:
+                self._check_loss(float(total), checked + 1, b + 1)
+                checked = b + 1
+        finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+        loss_sum, weights_ok = torch.stack([total, finite.to(total.dtype)]).tolist()  # one read
+        self._check_loss(loss_sum, checked + 1, len(slices))
+        if not weights_ok:
+            raise DivergedError(f"weights are no longer finite after epoch {self.epoch + 1}")
         self.scheduler.step()
         self.epoch += 1
-        return {"train_loss": total / max(1, batches)}
+        return {"train_loss": loss_sum / max(1, len(slices))}
+
+    def _check_loss(self, loss_sum: float, first: int, last: int) -> None:
+        if not math.isfinite(loss_sum):
+            steps = f"step {last}" if first >= last else f"steps {first}-{last}"
+            raise DivergedError(
+                f"loss is {loss_sum} at epoch {self.epoch + 1}, {steps} "
+                f"(lr={self.optimizer.param_groups[0]['lr']:g})"
+            )
 
     def steps_per_epoch(self) -> int:
         """Optimizer steps per epoch (a last batch of one image is skipped: BatchNorm)."""
@@ -152,27 +169,43 @@ class Run:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int = 1) -> float:
         """One optimizer step on a prepared batch (attack, trade-off loss, group penalty or
-        proximal step); returns the loss. The model's mode and the BR phase are the caller's."""
-        cfg, model, br = self.cfg, self.model, self.br
-        with cached():
-            loss = tradeoff_loss(model, x, y, cfg.loss, cfg.train_attack, cfg.alpha, cfg.beta,
+        proximal step); returns the loss, which reads the device (train_epoch does not)."""
+        loss = float(self._step(x, y))
+        self._check_loss(loss, step, step)
+        return loss
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The step itself, without reading the device; returns the detached fp32 loss. The
+        model's mode and the BR phase are the caller's.
+
+        Precision: autocast covers the model's forward passes (attack steps included); the BR
+        projections (quant.py) run with autocast off, the loss is taken to fp32 before the group
+        penalty (fp32, on the float weights) is added, and the attacks' iterates, steps and
+        projections onto the eps-ball are fp32 tensors throughout."""
+        cfg, br = self.cfg, self.br
+        with cached(), autocast(self.device, cfg.precision):
+            loss = tradeoff_loss(self.net, x, y, cfg.loss, cfg.train_attack, cfg.alpha, cfg.beta,
                                  cfg.attack_bn)
+        loss = loss.float()
         if cfg.group_lasso > 0 and cfg.group_mode == "penalty":
             loss = loss + cfg.group_lasso * group_penalty(br.float_weights(), cfg.group_axis)
-        if not torch.isfinite(loss):
-            raise DivergedError(
-                f"loss is {float(loss)} at epoch {self.epoch + 1}, step {step} "
-                f"(lr={self.optimizer.param_groups[0]['lr']:g})"
-            )
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            if cfg.max_grad_norm:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         if cfg.group_lasso > 0 and cfg.group_mode == "prox":
             lr = self.optimizer.param_groups[0]["lr"]
             group_prox_(br.float_weights(), lr * cfg.group_lasso, cfg.group_axis)
-        return loss.item()
+        return loss.detach()
 
     # --- evaluation -----------------------------------------------------------------------
     def _eval_rng(self):
@@ -182,7 +215,7 @@ class Run:
     def calibration_batches(self) -> list[torch.Tensor]:
         """The first `proxy_bn_batches` training batches in a fixed order (clean images)."""
         n = min(len(self.data.train), self.cfg.proxy_bn_batches * self.cfg.batch_size)
-        x, _ = self.data.train.take(torch.arange(n)).to_float(self.device)
+        x = as_float(self._splits["train"].x[:n]).contiguous(memory_format=self.memory_format)
         return [x[i : i + self.cfg.batch_size] for i in range(0, n, self.cfg.batch_size)
                 if len(x[i : i + self.cfg.batch_size]) >= 2]
 
@@ -219,8 +252,8 @@ class Run:
         with self._eval_rng():
             torch.manual_seed(cfg.eval_seed)
             with self._deployed():
-                clean = accuracy(self.model, self.br, *self.val, {"clean": None})["clean"]
-                rob = accuracy(self.model, self.br, *self.proxy, {"pgd": atk})["pgd"]
+                clean = self._accuracy(*self.val, {"clean": None})["clean"]
+                rob = self._accuracy(*self.proxy, {"pgd": atk})["pgd"]
         return {"clean_acc": clean, "robust_acc": rob}
 
     def final_metrics(self) -> dict[str, float]:
@@ -233,6 +266,10 @@ class Run:
                             split="val")
         test = self.evaluate(split="test")
         return {**val, **{f"test_{k}": v for k, v in test.items()}}
+
+    def _accuracy(self, x: torch.Tensor, y: torch.Tensor, attacks: dict[str, AttackConfig | None]) -> dict[str, float]:
+        return accuracy(self.net, self.br, x, y, attacks, self.cfg.eval_batch_size,
+                        precision=(self.device, self.cfg.precision), memory_format=self.memory_format)
 
     def evaluate(self, seed: int | None = None, attacks: dict[str, AttackConfig | None] | None = None,
                  split: str = "test") -> dict[str, float]:
@@ -247,11 +284,11 @@ class Run:
             }
             if cfg.cw:
                 attacks["cw_acc"] = AttackConfig("cw", ev.eps, ev.step, ev.steps, ev.random_start)
-        x, y = getattr(self.data, split).to_float(self.device)
+        x, y = self.split(split)
         with self._eval_rng():
             torch.manual_seed(cfg.eval_seed if seed is None else seed)
             with self._deployed():
-                return accuracy(self.model, self.br, x, y, attacks)
+                return self._accuracy(x, y, attacks)
 
     def structure(self) -> dict[str, float]:
         return structure_metrics(self.model, self.br)

@@ -14,6 +14,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .attacks import perturb
 from .config import AttackConfig
+from .data import as_float
+from .device import autocast
 from .quant import BinaryRelax, model_bits
 
 
@@ -53,23 +55,32 @@ def structure_metrics(model: nn.Module, br: BinaryRelax) -> dict[str, float]:
 def accuracy(
     model: nn.Module, br: BinaryRelax, x: torch.Tensor, y: torch.Tensor,
     attacks: dict[str, AttackConfig | None], batch_size: int = 256,
+    precision: tuple[torch.device, str] | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> dict[str, float]:
     """Accuracy of the fully quantized model in eval mode on clean inputs (attack None) and
-    under each attack; every image counts, not only the correctly classified ones."""
+    under each attack; every image counts, not only the correctly classified ones.
+
+    x may be uint8 (scaled per batch, so a split stays uint8 on the device). The counts stay on
+    the device and are read once at the end. precision = (device, "bf16"/"fp16") runs the
+    forward passes under autocast, as training does."""
     was_training = model.training
     model.eval()
-    correct = {k: 0 for k in attacks}
+    correct = torch.zeros(len(attacks), dtype=torch.long, device=x.device)
+    amp = autocast(*precision) if precision is not None else contextlib.nullcontext()
     try:
-        with br.quantized():
+        with br.quantized(), amp:
             for i in range(0, len(x), batch_size):
-                xb, yb = x[i : i + batch_size], y[i : i + batch_size]
-                for name, atk in attacks.items():
+                xb = as_float(x[i : i + batch_size]).contiguous(memory_format=memory_format)
+                yb = y[i : i + batch_size]
+                for j, atk in enumerate(attacks.values()):
                     xa = xb if atk is None else perturb(model, xb, yb, atk)
                     with torch.no_grad():
-                        correct[name] += int((model(xa).argmax(1) == yb).sum())
+                        correct[j] += (model(xa).argmax(1) == yb).sum()
     finally:
         model.train(was_training)
-    return {k: c / max(1, len(x)) for k, c in correct.items()}
+    counts = correct.tolist()
+    return {k: c / max(1, len(x)) for k, c in zip(attacks, counts)}
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .config import QuantConfig
+from .device import full_precision
 from .models import PreActResNet
 
 # ------------------------------------------------------------------------------------------
@@ -42,16 +43,17 @@ def project_ternary_twn(w: torch.Tensor) -> torch.Tensor:
 
 
 def project_ternary_exact(w: torch.Tensor) -> torch.Tensor:
-    """Exact ternary projection (LBW-Net): keep the top-t entries maximising (sum a_i)^2 / t."""
+    """Exact ternary projection (LBW-Net): keep the top-t entries maximising (sum a_i)^2 / t.
+    The best t stays on the device (a mask by rank, no read of it): no host sync."""
     flat = w.reshape(-1)
     a, idx = flat.abs().sort(descending=True)
     csum = a.cumsum(0)
     t = torch.arange(1, a.numel() + 1, device=w.device, dtype=a.dtype)
-    best = int(torch.argmax(csum * csum / t))
-    scale = csum[best] / (best + 1)
-    q = torch.zeros_like(flat)
-    keep = idx[: best + 1]
-    q[keep] = torch.sign(flat[keep])
+    best = torch.argmax(csum * csum / t, dim=0, keepdim=True)  # 0-based, shape (1,)
+    scale = csum.gather(0, best) / (best + 1).to(a.dtype)
+    keep_sorted = torch.arange(a.numel(), device=w.device) <= best
+    keep = torch.zeros_like(keep_sorted).scatter_(0, idx, keep_sorted)
+    q = torch.where(keep, torch.sign(flat), torch.zeros_like(flat))
     return (scale * q).reshape(w.shape)
 
 
@@ -65,22 +67,20 @@ def project_multibit(w: torch.Tensor, bits: int, lloyd_iters: int = 1) -> torch.
 
     The first step assigns levels on the max-based grid (spacing 2*max|w|/(2K+1)) and refits the
     scale by least squares, as the reference 4-bit code does; every further Lloyd iteration
-    re-assigns to the nearest level and refits, which never increases the error."""
+    re-assigns to the nearest level and refits, which never increases the error. An all-zero w
+    (or all levels 0) projects to zeros, decided on the device: no host sync."""
     K = 2 ** (bits - 1) - 1
     a = w.abs()
     amax = a.max()
-    if amax == 0:
-        return torch.zeros_like(w)
+    zero = torch.zeros((), dtype=a.dtype, device=a.device)
     h = amax / (2 * K + 1)
-    k = _round_half_down(a / (2 * h)).clamp_(0, K)
-    s = None
+    k = _round_half_down(torch.where(amax > 0, a / (2 * h), zero)).clamp_(0, K)
+    s = zero
     for i in range(lloyd_iters):
         if i > 0:
-            k = _round_half_down(a / s).clamp_(0, K)
+            k = _round_half_down(torch.where(s > 0, a / s, zero)).clamp_(0, K)
         kk = (k * k).sum()
-        if kk == 0:
-            return torch.zeros_like(w)
-        s = (a * k).sum() / kk
+        s = torch.where(kk > 0, (a * k).sum() / kk.clamp_min(1), zero)
     return s * k * torch.sign(w)
 
 
@@ -137,7 +137,8 @@ class _BRWeight(nn.Module):
         self._target: torch.Tensor | None = None
 
     def _compute_target(self, w: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        # fp32 even inside an autocast region: the projection's sums and scale fits need it
+        with torch.no_grad(), full_precision(w.device.type):
             p = self.project(w.detach())
             if self.state.mode == "relaxed":
                 lam = self.state.lam

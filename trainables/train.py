@@ -13,7 +13,7 @@ from typing import Any
 
 from .cliutil import OneLineParser, fail
 from .config import ConfigError, TrainConfig, set_field
-from .device import check_device
+from .device import check_device, check_precision, pick_device
 from .fileio import atomic_torch_save, atomic_write_text
 from .loop import FINAL_KEYS, DivergedError, Hooks, train
 
@@ -36,12 +36,14 @@ FLAGS: dict[str, tuple[str, type]] = {
     "eval-attack": ("eval_attack.kind", str), "eval-steps": ("eval_attack.steps", int),
     "eval-eps": ("eval_eps", float), "eval-step": ("eval_step", float),
     "attack-bn": ("attack_bn", str), "proxy-bn-batches": ("proxy_bn_batches", int),
-    "seed": ("seed", int), "device": ("device", str),
+    "seed": ("seed", int), "device": ("device", str), "precision": ("precision", str),
+    "eval-batch-size": ("eval_batch_size", int),
 }
 SWITCHES = {"download": "download", "quantize-shortcut": "quantize_shortcut",
-            "quantize-fc": "quantize_fc", "no-cw": "cw"}
+            "quantize-fc": "quantize_fc", "no-cw": "cw", "channels-last": "channels_last",
+            "compile": "compile", "deterministic": "deterministic"}
 # keys that may differ between a run and its resumption
-RESUMABLE_CHANGES = {"data_root", "device", "download"}
+RESUMABLE_CHANGES = {"data_root", "device", "download", "compile", "channels_last", "deterministic"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +92,7 @@ def config_from_args(ns: argparse.Namespace, stored: dict[str, Any] | None) -> T
             )
     cfg.validate()
     check_device(cfg.device)  # cuda on a machine without one, cuda:N out of range: exit 2 here
+    check_precision(cfg.precision, pick_device(cfg.device))
     return cfg
 
 
