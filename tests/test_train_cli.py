@@ -17,6 +17,9 @@ FINAL_KEYS = ("clean_acc", "robust_acc", "fgsm_acc", "weight_sparsity", "channel
 SMALL = ["--dataset", "digits", "--subset-train", "400", "--subset-test", "200",
          "--depth", "8", "--width", "8", "--batch-size", "32"]
 TERNARY = SMALL + ["--epochs", "2", "--bits", "2", "--phase2-start", "0.5", "--seed", "0"]
+# on a machine with CUDA the same runs go to the GPU, where exact resume needs --deterministic
+if torch.cuda.is_available():
+    TERNARY += ["--device", "cuda", "--deterministic"]
 # depth 8: the stem and the two 3x3 convs of each of the three blocks are quantized
 QUANTIZED = ["members.0.conv1.weight"] + [
     f"members.0.blocks.{b}.conv{c}.weight" for b in range(3) for c in (1, 2)]
