@@ -54,9 +54,9 @@ OPTIONS = {  # name -> config overrides of the PGD run
 }
 
 
-def synthetic(n: int, seed: int = 0) -> DataBundle:
+def synthetic(n: int, seed: int = 0, size: int = 32) -> DataBundle:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
     small = Split(x[:64], y[:64])
     return DataBundle("synthetic", Split(x, y), small, small, 10, augment=True)
@@ -93,7 +93,7 @@ def worker(a: argparse.Namespace) -> None:
     """One packed trial: warm up, wait for the others at a file barrier, time a.epochs epochs."""
     if a.threads:
         torch.set_num_threads(a.threads)
-    run = make_run(a, synthetic(a.images, seed=a.seed), a.steps, **json.loads(a.over))
+    run = make_run(a, synthetic(a.images, seed=a.seed, size=a.size), a.steps, **json.loads(a.over))
     timed_epoch(run)  # warm-up (cuDNN autotuning, allocator, compile)
     barrier = Path(a.barrier)
     (barrier / f"ready-{a.seed}").touch()
@@ -114,6 +114,7 @@ def packed(a: argparse.Namespace, n: int, over: dict) -> dict:
                "--device", a.device, "--images", str(a.images), "--batch", str(a.batch),
                "--depth", str(a.depth), "--width", str(a.width), "--bits", str(a.bits),
                "--steps", str(a.steps), "--epochs", str(a.packed_epochs), "--threads", str(threads),
+               "--size", str(a.size),
                "--over", json.dumps(over)]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
         procs = [subprocess.Popen(cmd + ["--seed", str(i)], stdout=subprocess.PIPE, text=True, env=env)
@@ -133,9 +134,11 @@ def packed(a: argparse.Namespace, n: int, over: dict) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--quick", action="store_true", help="tiny model and data, packs of 1 and 2 (for CPU and CI)")
-    p.add_argument("--images", type=int, help="images per epoch (default 10240 on CUDA, 512 on CPU, 128 quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="depth 8 width 4, 32 images of 16x16, one round, fp32 and bf16, packs of 1 and 2 (for CPU and CI)")
+    p.add_argument("--images", type=int, help="images per epoch (default 10240 on CUDA, 512 on CPU, 32 quick)")
     p.add_argument("--batch", type=int, help="default 128 (32 with --quick)")
+    p.add_argument("--size", type=int, default=32, help="image side (16 with --quick)")
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--bits", type=int, default=4)
@@ -160,14 +163,16 @@ def main(argv: list[str] | None = None) -> dict:
     on_cuda = device.type == "cuda"
     if a.quick:
         a.depth, a.width = min(a.depth, 8), min(a.width, 4)
-        a.images = a.images or 128
+        a.images = a.images or 32
         a.batch = a.batch or 32
-        a.rounds = min(a.rounds, 2)
+        a.rounds = min(a.rounds, 1)
+        if "--size" not in (argv if argv is not None else sys.argv[1:]):
+            a.size = 16
         if "--options" not in (argv if argv is not None else sys.argv[1:]):
-            a.options = "fp32,bf16,channels_last"  # compile takes minutes to build on a CPU
+            a.options = "fp32,bf16"  # compile takes minutes to build on a CPU
         if "--packs" not in (argv if argv is not None else sys.argv[1:]):
             a.packs = "1,2"
-        a.packed_epochs = min(a.packed_epochs, 2)
+        a.packed_epochs = 1
     a.images = a.images or (10240 if on_cuda else 512)
     a.batch = a.batch or (128 if on_cuda else 32)
     if a.worker:
@@ -180,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--options {','.join(bad)}; accepted: {', '.join(OPTIONS)}")
     if device.type == "cuda" and "bf16" in options and not torch.cuda.is_bf16_supported():
         options.remove("bf16")
-    data = synthetic(a.images)
+    data = synthetic(a.images, size=a.size)
     runs = {"plain": make_run(a, data, 0), "pgd": make_run(a, data, a.steps)}
     for o in options:
         if o != "fp32":
@@ -211,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "device": device_name(device), "plain_img_s": plain_img_s, "pgd_img_s": pgd_img_s,
         "floor_ratio": floor_ratio, "packed_speedup": speedup, "attack_steps": a.steps,
-        "images": a.images, "batch": a.batch, "depth": a.depth, "width": a.width, "bits": a.bits,
+        "images": a.images, "image_size": a.size, "batch": a.batch, "depth": a.depth, "width": a.width, "bits": a.bits,
         "rounds": a.rounds, "threads": a.threads, "options": opt, "packed_option": best, "packed": pk,
         "torch": torch.__version__,
     }
