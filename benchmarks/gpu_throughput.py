@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
             a.options = "fp32,bf16"  # compile takes minutes to build on a CPU
         if "--packs" not in (argv if argv is not None else sys.argv[1:]):
             a.packs = "1,2"
-        a.packed_epochs = 1
+        a.packed_epochs = 3
     a.images = a.images or (10240 if on_cuda else 512)
     a.batch = a.batch or (128 if on_cuda else 32)
     if a.worker:
