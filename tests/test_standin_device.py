@@ -10,7 +10,7 @@ wait for the device:
   allows at the price of a hidden copy every step);
 * host syncs are counted: scalar reads (`.item()`, `bool()`, `float()`, `int()`, `.tolist()`),
   data-dependent shapes (nonzero, masked_select, unique), copies from the device to the host;
-  a read on meta returns a stand-in (a scalar True / 0, a copy of ones), so the code runs on;
+  a read on meta returns a stand-in (True / 1, a copy of ones), so the code runs on;
 * host-to-device copies are counted too.
 
 Budgets: a training step (`Run._step` and the epoch loop's batch preparation) makes no host sync
@@ -68,7 +68,7 @@ class DeviceWatch(TorchDispatchMode):
             self._sync(func)
             t = args[0]
             if t.device.type == "meta":  # no value to read: a stand-in that keeps the code going
-                return True if t.dtype == torch.bool else (0.0 if t.is_floating_point() else 0)
+                return True if t.dtype == torch.bool else (1.0 if t.is_floating_point() else 1)
             return func(*args, **kwargs)
         if func in COPIES:
             if func is aten._to_copy.default:
@@ -208,7 +208,7 @@ def test_a_planted_host_sync_breaks_the_step_budget():
     def step_with_item(self, x, y):
         loss = real(self, x, y)
         if not math.isfinite(loss.item()):
-            raise AssertionError("unreachable on meta: the stand-in value is 0")
+            raise AssertionError("unreachable on meta: the stand-in value is 1")
         return loss
 
     with pytest.MonkeyPatch.context() as mp:

@@ -93,10 +93,11 @@ def recalibrate_bn_(model: nn.Module, br: BinaryRelax, batches: list[torch.Tenso
     try:
         for m in bns:
             m.reset_running_stats()
-            m.momentum = None  # cumulative moving average: every batch counts the same
         model.train()
         with br.quantized():
-            for xb in batches:
+            for i, xb in enumerate(batches):
+                for m in bns:  # cumulative moving average: every batch counts the same. The same
+                    m.momentum = 1.0 / (i + 1)  # factor as momentum=None, which reads the device
                 model(xb)
     finally:
         for m, mom in zip(bns, momenta):
