@@ -138,9 +138,11 @@ def cache_key(spec: RowSpec, cfg: TrainConfig, scale: Scale, seeds: list[int], d
 
 def _br_text(cfg: TrainConfig) -> str:
     q = cfg.quant
-    final = getattr(q, "lambda_final", None)
-    grow = (f"lambda from {q.lambda0:g} to lambda_final {final:g} at the start of phase II"
-            if final is not None else f"lambda0 {q.lambda0:g}, rho {q.rho:g} per epoch")
+    if getattr(q, "lambda_schedule", "rho") == "final":
+        grow = (f"lambda grows geometrically per optimizer step from lambda0 {q.lambda0:g} to "
+                f"lambda_final {q.lambda_final:g} at the start of phase II")
+    else:
+        grow = f"lambda0 {q.lambda0:g}, rho {q.rho:g} per epoch"
     return f"{grow}, hard quantization from {100 * q.phase2_start:g}% of the epochs"
 
 

@@ -149,10 +149,10 @@ def suite_attacks(model: nn.Module, cfg: StrongEvalConfig, n_classes: int
         A["eot_pgd"] = lambda x, y: eot_pgd(model, x, y, e, s, cfg.eot_steps, cfg.eot_samples)
     if cfg.aa:
         aa = autoattack_rand(model, cfg, n_classes)
-        A["aa"] = lambda x, y: aa(x, y)
+        A["aa"] = lambda x, y: aa(x, y).detach()
     if cfg.square:
         sq = square_attack(model, cfg)
-        A["square"] = lambda x, y: sq(x, y)
+        A["square"] = lambda x, y: sq(x, y).detach()
     if cfg.sanity:
         for n in cfg.sanity_steps:
             if n != k:
