@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-lasso", type=float, help="lambda_g of the mix rows, overriding --group-shrink")
     p.add_argument("--rows", help="comma-separated subset of rows: " + ", ".join(ROWS))
     p.add_argument("--out", default="docs/findings.md", help="markdown report (default docs/findings.md)")
-    p.add_argument("--previous", help="an earlier findings.md: the report then says which verdicts moved")
+    p.add_argument("--previous", help="an earlier findings.md (a path, or git REV:PATH): the report then "
+                                      "says what changed and which verdicts moved")
     p.add_argument("--json", help="also write the raw per-seed results here")
     p.add_argument("--work-dir", help="keep each finished row here and reuse it when rerun with "
                                       "the same settings (survives interruptions)")
@@ -146,6 +147,22 @@ def _br_text(cfg: TrainConfig) -> str:
     return f"{grow}, hard quantization from {100 * q.phase2_start:g}% of the epochs"
 
 
+def _read_previous(spec: str) -> str:
+    """A findings.md path, or REV:PATH for a committed version (e.g. main~3:docs/findings.md)."""
+    if Path(spec).is_file():
+        return Path(spec).read_text()
+    if ":" in spec:
+        import subprocess
+
+        from .grid import REPO
+
+        proc = subprocess.run(["git", "show", spec], cwd=REPO, capture_output=True, text=True)
+        if proc.returncode == 0:
+            return proc.stdout
+    raise ConfigError(f"--previous {spec}: neither a readable file nor a git REV:PATH; "
+                      "accepted: a findings.md path or e.g. main:docs/findings.md")
+
+
 def _load() -> str:
     try:
         return " ".join(f"{v:.1f}" for v in os.getloadavg())
@@ -182,10 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         strong = strong_from_args(args, scale, seeds[0])
         previous = None
         if args.previous:
-            try:
-                previous = previous_findings(Path(args.previous).read_text())
-            except OSError as e:
-                raise ConfigError(f"--previous {args.previous}: {e.strerror}; accepted: a readable findings.md") from None
+            previous = previous_findings(_read_previous(args.previous))
         dataset, data_desc = resolve_dataset(args)
         base = TrainConfig(
             dataset=dataset, data_root=args.data_root, download=args.download,
