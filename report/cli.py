@@ -23,8 +23,8 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -34,8 +34,24 @@ from trainables.data import check_available, load_data
 from trainables.fileio import atomic_torch_save, atomic_write_text
 from trainables.robust_eval import StrongEvalConfig
 
-from .grid import (ALPHA, DEFAULT_CACHE, DEFAULT_SCALE, EPS, FULL_SCALE, GROUP_SHRINK, ROWS, SHARED_CIFAR,
-                   RowSpec, Scale, is_source, row_config, select_rows, strong_config, sum_lr, transfer_source)
+from .grid import (
+    ALPHA,
+    DEFAULT_CACHE,
+    DEFAULT_SCALE,
+    EPS,
+    FULL_SCALE,
+    GROUP_SHRINK,
+    ROWS,
+    SHARED_CIFAR,
+    RowSpec,
+    Scale,
+    is_source,
+    row_config,
+    select_rows,
+    strong_config,
+    sum_lr,
+    transfer_source,
+)
 from .render import git_sha, machine, previous_findings, render
 from .rows import log_stderr, resolve_dataset, row_job, run_row, worker_init
 
@@ -156,7 +172,7 @@ def _read_previous(spec: str) -> str:
 
         from .grid import REPO
 
-        proc = subprocess.run(["git", "show", spec], cwd=REPO, capture_output=True, text=True)
+        proc = subprocess.run(["git", "show", spec], cwd=REPO, capture_output=True, text=True, check=False)
         if proc.returncode == 0:
             return proc.stdout
     raise ConfigError(f"--previous {spec}: neither a readable file nor a git REV:PATH; "

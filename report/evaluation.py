@@ -3,7 +3,8 @@ transfer attack from the float row of the same loss, and the strong suite (AutoA
 Square, EOT-PGD and the sanity flags of trainables.robust_eval)."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

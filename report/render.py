@@ -10,26 +10,45 @@ from pathlib import Path
 
 import torch
 
-from trainables.robust_eval import FLAG_HELP, FLAGS
+from trainables.robust_eval import FLAGS
 
-from .grid import DEFAULT_SCALE, REFERENCE_EN1, REPO, ROWS, RowSpec, Scale, transfer_source
-from .verdicts import (Verdict, flag_line, m, mean_sd, pct, tripped, verdict_a, verdict_b,
-                       verdict_c)
+from .grid import (
+    DEFAULT_SCALE,
+    REFERENCE_EN1,
+    REPO,
+    ROWS,
+    RowSpec,
+    Scale,
+)
+from .verdicts import (
+    Verdict,
+    flag_line,
+    m,
+    mean_sd,
+    pct,
+    tripped,
+    verdict_a,
+    verdict_b,
+    verdict_c,
+)
 
 # What changed in the code since the previous findings.md (shown with --previous, beside the
 # verdicts that moved, which are computed from the previous file).
 WHAT_CHANGED = [
-    "Training (issue #10): the Binary-Relax continuation is now parametrized by its end value: "
-    "lambda grows geometrically per optimizer step from lambda0 to lambda_final at the start of "
-    "phase II (the per-epoch rho = 1.05 of the previous run left short runs about half float "
-    "when phase II began), and the straight-through gradient fix of issue #10; objectives are "
-    "measured on the validation split, test metrics carry `test_` names.",
-    "Evaluation (issue #13): every row also runs the strong suite of trainables.robust_eval: "
-    "AutoAttack's randomized-defense protocol (APGD-CE + APGD-DLR with EOT, from torchattacks), "
-    "the gradient-free Square attack and EOT-PGD; verdict (c) also requires little loss under "
-    "AutoAttack-rand.",
-    "The gradient-masking guard (white-box PGD against transfer PGD, no tolerance) is replaced by "
-    "the sanity battery of Carlini et al. 2019, with tolerances from the sampling error.",
+    ("Training (issue #10): the Binary-Relax continuation is parametrized by its end value: "
+     "lambda grows geometrically per optimizer step from lambda0 to lambda_final (default 100) at "
+     "the start of phase II. The previous run's per-epoch rho = 1.05 reached only lambda ~1.3 by "
+     "phase II in 6-8 epochs, so its quantized rows trained about half float until the hard "
+     "switch. Also from #10: the Binary-Relax weight cache no longer hands a gradient-less weight "
+     "to a later forward (that zeroed the weight gradients of the TRADES loss; the madry and mix "
+     "rows here build their first cached forward with gradients, so the schedule is the change "
+     "that matters for them)."),
+    ("Evaluation (issue #13): every row also runs the strong suite of trainables.robust_eval: "
+     "AutoAttack's randomized-defense protocol (APGD-CE + APGD-DLR with EOT, from torchattacks), "
+     "the gradient-free Square attack and EOT-PGD; verdict (c) also requires little loss under "
+     "AutoAttack-rand."),
+    ("The gradient-masking guard (white-box PGD against transfer PGD, no tolerance) is replaced by "
+     "the sanity battery of Carlini et al. 2019, with tolerances from the sampling error."),
     "The generator moved from search/report.py to the `report` package (`python -m report`).",
 ]
 
@@ -76,7 +95,7 @@ def git_sha() -> str:
 def previous_findings(text: str) -> dict:
     """From an earlier findings.md: each claim's verdict and each row's clean and PGD-20 mean."""
     verdicts = {mt.group(1): mt.group(2) for mt in
-                re.finditer(r"^\*\*\((\w)\) .*?\*\* Verdict: \*\*(.+?)\*\*\.", text, re.M)}
+                re.finditer(r"^\*\*\((\w)\) .*?\*\* Verdict: \*\*(.+?)\*\*\.", text, re.MULTILINE)}
     rows: dict[str, dict[str, float]] = {}
     header = next((ln for ln in text.splitlines() if ln.startswith("| row |")), None)
     if header:
@@ -305,7 +324,7 @@ def _sanity(L: list[str], R: dict, rows: list[RowSpec], scale: Scale, st: dict, 
     for spec in rows:
         s = R[spec.id]["strong"]
 
-        def a(key: str) -> str:
+        def a(key: str, s: dict = s) -> str:
             v = s.get(key)
             return "–" if v is None else f"{100 * v:.1f}"
 

@@ -16,8 +16,15 @@ from torch import nn
 
 from trainables.config import AttackConfig, TrainConfig
 from trainables.loop import Run
-from trainables.robust_eval import (FLAGS, StrongEvalConfig, autoattack_rand, sanity_flags, strong_eval,
-                                    suite_attacks, tolerance)
+from trainables.robust_eval import (
+    FLAGS,
+    StrongEvalConfig,
+    autoattack_rand,
+    sanity_flags,
+    strong_eval,
+    suite_attacks,
+    tolerance,
+)
 
 # small but real settings: fewer steps/draws/queries than the defaults, same code paths
 QUICK = StrongEvalConfig(aa_steps=5, aa_eot=4, square_queries=300, eot_samples=4, eot_steps=10,
@@ -62,7 +69,7 @@ def test_attacks_stay_in_the_ball_and_the_box(trained):
     model = run.model.eval()
     eps_of = {"large_eps": cfg.large_eps, **{f"pgd_eps{f:g}": cfg.eps * f for f in cfg.sanity_eps_factors}}
     with run.br.quantized():
-        attacks = suite_attacks(model, cfg, 10)
+        attacks = suite_attacks(model, cfg)
         assert {"pgd", "eot_pgd", "aa", "square", "large_eps"} <= set(attacks)
         for name, atk in attacks.items():
             xa = atk(x, y)
@@ -97,7 +104,7 @@ def test_autoattack_is_the_library_rand_protocol():
     import torchattacks
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
-    ours = autoattack_rand(model, StrongEvalConfig(), 3)
+    ours = autoattack_rand(model, StrongEvalConfig())
     lib = torchattacks.AutoAttack(model, norm="Linf", eps=8 / 255, version="rand", n_classes=3)
     a, b = ours.attacks, lib._autoattack.attacks
     assert [type(t) for t in a] == [type(t) for t in b]

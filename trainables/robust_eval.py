@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from .attacks import pgd
 from .config import ConfigError
@@ -119,15 +121,15 @@ def eot_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step
     return x_adv.detach()
 
 
-def autoattack_rand(model: nn.Module, cfg: StrongEvalConfig, n_classes: int):
+def autoattack_rand(model: nn.Module, cfg: StrongEvalConfig):
     """AutoAttack's randomized-defense protocol from torchattacks: APGD-CE then APGD-DLR (each on
     the points the previous one did not break), with EOT. With the defaults this is exactly the
     attack list of `torchattacks.AutoAttack(model, eps=eps, version='rand')` (a test checks it);
     building it here exposes steps and restarts."""
     import torchattacks
 
-    kw = dict(norm="Linf", eps=cfg.eps, steps=cfg.aa_steps, n_restarts=cfg.aa_restarts,
-              eot_iter=cfg.aa_eot, seed=cfg.seed)
+    kw = {"norm": "Linf", "eps": cfg.eps, "steps": cfg.aa_steps, "n_restarts": cfg.aa_restarts,
+          "eot_iter": cfg.aa_eot, "seed": cfg.seed}
     return torchattacks.MultiAttack([torchattacks.APGD(model, loss="ce", **kw),
                                      torchattacks.APGD(model, loss="dlr", **kw)])
 
@@ -139,7 +141,7 @@ def square_attack(model: nn.Module, cfg: StrongEvalConfig):
                                n_restarts=1, p_init=cfg.square_p_init, loss="margin", seed=cfg.seed)
 
 
-def suite_attacks(model: nn.Module, cfg: StrongEvalConfig, n_classes: int
+def suite_attacks(model: nn.Module, cfg: StrongEvalConfig
                   ) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
     """name -> attack(x, y) for every attack the suite runs (the sanity variants included)."""
     e, s, k = cfg.eps, cfg.pgd_step, cfg.pgd_steps
@@ -148,20 +150,22 @@ def suite_attacks(model: nn.Module, cfg: StrongEvalConfig, n_classes: int
     if cfg.eot_pgd:
         A["eot_pgd"] = lambda x, y: eot_pgd(model, x, y, e, s, cfg.eot_steps, cfg.eot_samples)
     if cfg.aa:
-        aa = autoattack_rand(model, cfg, n_classes)
+        aa = autoattack_rand(model, cfg)
         A["aa"] = lambda x, y: aa(x, y).detach()
     if cfg.square:
         sq = square_attack(model, cfg)
         A["square"] = lambda x, y: sq(x, y).detach()
     if cfg.sanity:
+        def pgd_at(eps: float, step: float, steps: int, loss: str = "ce"):
+            return lambda x, y: pgd(model, x, y, eps, step, steps, True, loss)
+
         for n in cfg.sanity_steps:
             if n != k:
-                A[f"pgd_steps{n}"] = (lambda n: lambda x, y: pgd(model, x, y, e, s, n, True, "ce"))(n)
+                A[f"pgd_steps{n}"] = pgd_at(e, s, n)
         for f in cfg.sanity_eps_factors:
             if f != 1:
-                A[f"pgd_eps{f:g}"] = (lambda f: lambda x, y: pgd(model, x, y, min(1.0, e * f), s * f, k, True, "ce"))(f)
-        L = cfg.large_eps
-        A["large_eps"] = lambda x, y: pgd(model, x, y, L, 2.5 * L / k, k, True, "cw")
+                A[f"pgd_eps{f:g}"] = pgd_at(min(1.0, e * f), s * f, k)
+        A["large_eps"] = pgd_at(cfg.large_eps, 2.5 * cfg.large_eps / k, k, "cw")
     return A
 
 
@@ -181,16 +185,13 @@ def strong_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: StrongE
     x, y = x.to(device), y.to(device)
     was = model.training
     model.eval()
-    n_classes = int(y.max()) + 1 if len(y) else 10
-    with torch.no_grad():
-        n_classes = max(n_classes, int(model(x[:2]).shape[1]))
     correct: dict[str, int] = {}
     seconds: dict[str, float] = {}
     quant = br.quantized() if br is not None else contextlib.nullcontext()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), quant:
             torch.manual_seed(cfg.seed)
-            attacks = suite_attacks(model, cfg, n_classes)
+            attacks = suite_attacks(model, cfg)
             for i in range(0, len(x), cfg.batch_size):
                 xb, yb = x[i: i + cfg.batch_size], y[i: i + cfg.batch_size]
                 batch = {"clean": xb}
@@ -238,7 +239,7 @@ def sanity_flags(acc: dict[str, float], n: int, cfg: StrongEvalConfig) -> dict[s
         keys = [k for k in keys if k in acc]
         if len(keys) < 2:
             return None
-        return any(worse(b, a) for a, b in zip(keys, keys[1:]))
+        return any(worse(b, a) for a, b in itertools.pairwise(keys))
 
     k = cfg.pgd_steps
     steps = sorted({*cfg.sanity_steps, k})
