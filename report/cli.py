@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset-train", type=int, help=f"training images drawn (default {d.subset_train}; 0 = all)")
     p.add_argument("--subset-test", type=int, help=f"test images (default {d.subset_test}; 0 = all)")
     p.add_argument("--strong-subset", type=int,
-                   help="test images the strong suite runs on, the first N of the test subset (default: all)")
+                   help=f"test images the strong suite runs on, the first N of the test subset (default "
+                        f"{d.strong_subset}; 0 = all)")
     p.add_argument("--width", type=int, help=f"base width (default {d.width})")
     p.add_argument("--depth", type=int, help=f"depth 6n+2 (default {d.depth})")
     p.add_argument("--attack-steps", type=int, help=f"PGD steps of the training attack (default {d.attack_steps})")

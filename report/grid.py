@@ -37,9 +37,11 @@ class Scale:
 
 # Sized from measurements on 2 CPU cores (docs/findings.md, "Scale"): ResNet20 at width 8 costs
 # ~13 ms per image for a PGD-3 training step and ~2.5 ms per image for an attack step on one
-# thread, so this grid with 1,000 test images takes under an hour of two otherwise idle cores.
+# thread, so this grid with 1,000 test images took 32 min of two otherwise idle cores before the
+# strong suite; the suite costs ~0.8 s per image and row there (docs/training.md), so it runs on
+# the first 500 test images: about half an hour more.
 DEFAULT_SCALE = Scale(subset_train=2000, subset_test=1000, width=8, depth=20, epochs=8,
-                      attack_steps=3, batch_size=32)
+                      attack_steps=3, batch_size=32, strong_subset=500)
 FULL_SCALE = Scale(subset_train=None, subset_test=None, width=16, depth=20, epochs=200,
                    attack_steps=10, val_fraction=0.1, ifgsm=True)
 
