@@ -1,0 +1,326 @@
+"""`python -m search.evaluate --name NAME`: the strong evaluation of a finished sweep's front.
+
+It loads each chosen trial's deployed (quantized) model from its final Tune checkpoint
+(`trial_<id>/checkpoint_*/model.pt`, with the run's config from `state.pt`), evaluates it on the
+test split with the strong suite of trainables.robust_eval (AutoAttack-rand, Square, EOT-PGD and
+the sanity flags), and then
+
+* adds `test_aa_acc`, `test_square_acc`, `test_eot_pgd_acc`, `test_strong_pgd_acc`, the
+  `flag_*` columns and `sanity_flags` to trials.parquet and pareto.parquet (and their CSVs);
+* logs them as metrics and tags on each trial's MLflow child run (found by its `ray_trial_id` tag
+  under the sweep's parent run) and a summary on the parent run;
+* prints the front again with them.
+
+Each finished trial is recorded at once in <sweep>/brsearch/strong_eval.json, keyed by the suite's
+settings, so an interrupted run resumes where it stopped and a second run evaluates nothing again
+and logs nothing twice. Cost per model: docs/training.md, "Strong evaluation".
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from trainables.cliutil import OneLineParser, fail
+from trainables.config import ConfigError
+from trainables.fileio import atomic_write_text
+from trainables.robust_eval import FLAGS, StrongEvalConfig
+
+STATE_DIR = "brsearch"  # as search.pareto
+RESULTS_FILE = "strong_eval.json"
+ACC_COLUMNS = {"test_aa_acc": "aa_acc", "test_square_acc": "square_acc", "test_eot_pgd_acc": "eot_pgd_acc",
+               "test_strong_pgd_acc": "pgd_acc"}
+COLUMNS = (*ACC_COLUMNS, "test_strong_n", *FLAGS, "sanity_flags")
+SUITE_FLAGS = {"aa_steps": int, "aa_eot": int, "aa_restarts": int, "square_queries": int,
+               "eot_steps": int, "eot_samples": int, "pgd_steps": int, "batch_size": int}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="python -m search.evaluate", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = StrongEvalConfig()
+    p.add_argument("--name", required=True, help="the sweep (as given to search.pareto --name)")
+    p.add_argument("--storage-path", default="./brsearch_results")
+    p.add_argument("--tracking-uri", help="MLflow store (default: the sweep's, from its sweep.json)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--trials", help="comma-separated trial ids (default: the Pareto front)")
+    g.add_argument("--all", action="store_true", help="every completed trial")
+    p.add_argument("--subset-test", type=int, help="evaluate on the first N test images only (quick runs)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    for k, t in SUITE_FLAGS.items():
+        p.add_argument("--" + k.replace("_", "-"), type=t, help=f"default {getattr(d, k)}")
+    p.add_argument("--no-mlflow", action="store_true", help="update the tables only")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+@dataclasses.dataclass
+class Target:
+    exp_dir: Path
+    state_dir: Path
+    sweep: dict[str, Any]
+    trials: pd.DataFrame
+    front: pd.DataFrame
+
+
+def locate(args: argparse.Namespace) -> Target:
+    storage = args.storage_path
+    if "://" in storage and not storage.startswith("file://"):
+        raise ConfigError(f"--storage-path {storage}: remote storage is not supported by search.evaluate yet; "
+                          "accepted: a local directory (copy the sweep folder down first)")
+    exp_dir = Path(os.path.expanduser(storage.replace("file://", "", 1))).resolve() / args.name
+    state = exp_dir / STATE_DIR
+    if not (exp_dir / "trials.parquet").is_file():
+        raise ConfigError(f"--name {args.name}: no finished sweep under {exp_dir.parent} (no trials.parquet); "
+                          "accepted: the --name and --storage-path of a sweep that has ended")
+    try:
+        sweep = json.loads((state / "sweep.json").read_text())
+    except (OSError, ValueError):
+        sweep = {}
+    trials = pd.read_parquet(exp_dir / "trials.parquet")
+    front = pd.read_parquet(exp_dir / "pareto.parquet")
+    return Target(exp_dir, state, sweep, trials, front)
+
+
+def choose(t: Target, args: argparse.Namespace) -> list[str]:
+    if args.trials:
+        ids = [s.strip() for s in args.trials.split(",") if s.strip()]
+        known = set(t.trials["trial_id"])
+        bad = [i for i in ids if i not in known]
+        if bad:
+            raise ConfigError(f"--trials: unknown trial {bad[0]!r}; accepted: ids of {args.name}'s trials.parquet")
+        return ids
+    if args.all:
+        return list(t.trials[t.trials["status"] == "completed"]["trial_id"])
+    return list(t.front["trial_id"])
+
+
+def model_files(exp_dir: Path, trial_id: str) -> tuple[Path, Path]:
+    """(model.pt, state.pt) of the trial's final checkpoint: the last one holding a model."""
+    tdir = exp_dir / f"trial_{trial_id}"
+    for ck in sorted(tdir.glob("checkpoint_*"), reverse=True):
+        if (ck / "model.pt").is_file():
+            return ck / "model.pt", ck / "state.pt"
+    raise FileNotFoundError(f"trial {trial_id}: no checkpoint with model.pt under {tdir}")
+
+
+def suite_config(args: argparse.Namespace) -> StrongEvalConfig:
+    over = {k: getattr(args, k) for k in SUITE_FLAGS if getattr(args, k) is not None}
+    for k, v in over.items():
+        if v < 1:
+            raise ConfigError(f"--{k.replace('_', '-')}={v}; accepted: an integer >= 1")
+    if args.subset_test is not None and args.subset_test < 1:
+        raise ConfigError(f"--subset-test={args.subset_test}; accepted: an integer >= 1")
+    cfg = dataclasses.replace(StrongEvalConfig(), **over)
+    cfg.validate()
+    return cfg
+
+
+def settings_key(cfg: StrongEvalConfig, subset_test: int | None) -> str:
+    blob = json.dumps({"suite": dataclasses.asdict(cfg), "subset_test": subset_test}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+_DATA_CACHE: dict[str, Any] = {}
+
+
+def evaluate_trial(exp_dir: Path, trial_id: str, suite: StrongEvalConfig, subset_test: int | None,
+                   device: str, log) -> dict[str, Any]:
+    """Load the trial's deployed model and run the strong suite on its test split."""
+    import torch
+
+    from trainables.config import TrainConfig
+    from trainables.data import load_data
+    from trainables.loop import pick_device
+    from trainables.models import build_model
+    from trainables.robust_eval import strong_eval
+
+    model_pt, state_pt = model_files(exp_dir, trial_id)
+    state = torch.load(state_pt, map_location="cpu", weights_only=False)
+    cfg = TrainConfig.from_flat(state["config"])
+    cfg.device = device
+    key = json.dumps({k: v for k, v in cfg.to_flat().items()
+                      if k in ("dataset", "data_root", "subset_train", "subset_test", "val_fraction", "seed")},
+                     sort_keys=True, default=str)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE.clear()
+        _DATA_CACHE[key] = load_data(cfg)
+    data = _DATA_CACHE[key]
+    dev = pick_device(device)
+    model = build_model(cfg.depth, cfg.width, data.in_channels, data.num_classes, cfg.ensemble, cfg.noise)
+    model.load_state_dict(torch.load(model_pt, map_location="cpu", weights_only=True))
+    model.to(dev)
+    x, y = data.test.to_float(dev)
+    if subset_test:
+        x, y = x[:subset_test], y[:subset_test]
+    s = dataclasses.replace(suite, seed=cfg.eval_seed)
+    t0 = time.perf_counter()
+    res = strong_eval(model, x, y, s)
+    res["wall_s"] = time.perf_counter() - t0
+    res["device"] = str(dev)
+    log(f"trial {trial_id}: AA-rand {res.get('aa_acc', float('nan')):.4f}, Square "
+        f"{res.get('square_acc', float('nan')):.4f}, EOT-PGD {res.get('eot_pgd_acc', float('nan')):.4f} on "
+        f"{len(y)} images in {res['wall_s']:.0f}s; flags: {res['sanity_flags'] or 'none'}")
+    return res
+
+
+def row_values(res: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {col: res.get(key) for col, key in ACC_COLUMNS.items()}
+    out["test_strong_n"] = res.get("n_images")
+    for f in FLAGS:
+        out[f] = res.get(f)
+    out["sanity_flags"] = res.get("sanity_flags", "")
+    return out
+
+
+def update_tables(t: Target, results: dict[str, dict[str, Any]]) -> list[Path]:
+    """Set the strong columns of every evaluated trial in both tables (columns, not rows: a
+    rerun overwrites the same cells)."""
+    from .results import write_tables
+
+    def fill(df: pd.DataFrame) -> pd.DataFrame:
+        df = df.copy()
+        for col in COLUMNS:
+            vals = [row_values(results[tid])[col] if tid in results else None for tid in df["trial_id"]]
+            df[col] = pd.Series(vals, index=df.index, dtype="object")
+        for col in (*ACC_COLUMNS, "test_strong_n"):
+            df[col] = pd.to_numeric(df[col], errors="coerce")
+        return df
+
+    t.trials, t.front = fill(t.trials), fill(t.front)
+    return write_tables(t.exp_dir, t.trials, t.front)
+
+
+def log_mlflow(t: Target, tracking_uri: str, results: dict[str, dict[str, Any]], files: list[Path], log) -> int:
+    """Metrics and tags on each child run, a summary on the parent; returns how many child runs
+    got new metrics. A metric whose latest value on the run is already this one is not logged
+    again; a changed value (other suite settings) is logged at the next step."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    parent = t.sweep.get("parent_run_id")
+    exp = t.sweep.get("experiment_id")
+    if not parent or not exp:
+        log("no parent run recorded in sweep.json: MLflow not updated")
+        return 0
+    children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=50000)
+    by_trial = {r.data.tags.get("ray_trial_id"): r for r in children}
+    ts = int(time.time() * 1000)
+    logged = 0
+    for tid, res in results.items():
+        run = by_trial.get(tid)
+        if run is None:
+            log(f"trial {tid}: no MLflow child run under parent {parent}; skipped")
+            continue
+        vals = row_values(res)
+        metrics = []
+        for k in (*ACC_COLUMNS, "test_strong_n"):
+            if vals[k] is None:
+                continue
+            if k in run.data.metrics:  # logged before: again only if other settings changed it
+                if math.isclose(run.data.metrics[k], float(vals[k])):
+                    continue
+                step = len(client.get_metric_history(run.info.run_id, k))
+            else:
+                step = 0
+            metrics.append(Metric(k, float(vals[k]), ts, step))
+        if metrics:
+            client.log_batch(run.info.run_id, metrics=metrics)
+            logged += 1
+        for f in FLAGS:
+            client.set_tag(run.info.run_id, f"sanity.{f}", "n/a" if vals[f] is None else str(bool(vals[f])).lower())
+        client.set_tag(run.info.run_id, "sanity_flags", vals["sanity_flags"] or "none")
+    front_ids = [tid for tid in t.front["trial_id"] if tid in results]
+    summary = {"strong_n_evaluated": float(len(results)),
+               "strong_n_flagged": float(sum(bool(r.get("sanity_flags")) for r in results.values()))}
+    aa = [results[tid]["aa_acc"] for tid in front_ids if results[tid].get("aa_acc") is not None]
+    if aa:
+        summary["front_max_test_aa_acc"] = float(max(aa))
+        summary["front_mean_test_aa_acc"] = float(sum(aa) / len(aa))
+    prun = client.get_run(parent)
+    new = [Metric(k, v, ts, 0) for k, v in summary.items()
+           if not (k in prun.data.metrics and math.isclose(prun.data.metrics[k], v))]
+    if new:
+        client.log_batch(parent, metrics=new)
+    for f in files:
+        client.log_artifact(parent, str(f), "results")
+    return logged
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+    try:
+        suite = suite_config(args)
+        t = locate(args)
+        ids = choose(t, args)
+        if args.threads < 0:
+            raise ConfigError(f"--threads={args.threads}; accepted: an integer >= 0 (0 = torch's default)")
+    except ConfigError as e:
+        fail(str(e))
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    key = settings_key(suite, args.subset_test)
+    store = t.state_dir / RESULTS_FILE
+    try:
+        saved = json.loads(store.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    results: dict[str, dict[str, Any]] = saved.get(key, {}).get("trials", {})
+    todo = [i for i in ids if i not in results]
+    log(f"search.evaluate {args.name}: {len(ids)} trial(s), {len(ids) - len(todo)} already evaluated with "
+        f"these settings (key {key}), {len(todo)} to go")
+    interrupted = False
+    try:
+        for i, tid in enumerate(todo, 1):
+            try:
+                res = evaluate_trial(t.exp_dir, tid, suite, args.subset_test, args.device, log)
+            except FileNotFoundError as e:
+                print(f"warning: {e}", file=sys.stderr)
+                continue
+            res.pop("seconds", None)
+            results[tid] = res
+            saved[key] = {"settings": {"suite": dataclasses.asdict(suite), "subset_test": args.subset_test},
+                          "trials": results}
+            t.state_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(json.dumps(saved, indent=1, default=str) + "\n", store)
+            log(f"[{i}/{len(todo)}] recorded {tid}")
+    except KeyboardInterrupt:
+        interrupted = True
+        print("interrupted: finished trials are recorded; run the same command again to continue", file=sys.stderr)
+    chosen = {tid: results[tid] for tid in ids if tid in results}
+    files = update_tables(t, chosen)
+    if not args.no_mlflow:
+        uri = args.tracking_uri or t.sweep.get("tracking_uri")
+        if not uri or "***" in str(uri):
+            print("warning: no usable tracking URI (pass --tracking-uri); MLflow not updated", file=sys.stderr)
+        else:
+            n = log_mlflow(t, uri, chosen, files, log)
+            log(f"MLflow: new metrics on {n} child run(s)")
+    from .results import format_front
+
+    cols = ["trial_id", "clean_acc", "robust_acc", "channel_sparsity"]
+    cols += [c for c in ("test_clean_acc", "test_robust_acc") if c in t.front]
+    cols += ["test_aa_acc", "test_square_acc", "test_eot_pgd_acc", "sanity_flags"]
+    print(f"\nPareto front of {args.name!r} with the strong evaluation:")
+    print(t.front[[c for c in cols if c in t.front]].to_string(index=False, float_format=lambda v: f"{v:.4g}")
+          if len(t.front) else format_front(t.front))
+    print(f"\nwrote {', '.join(str(f) for f in files)}")
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
