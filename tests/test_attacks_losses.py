@@ -103,11 +103,13 @@ def test_mix_loss_is_the_convex_combination(model_and_batch):
     torch.manual_seed(0)
     model = build_model(8, 8, 3, 10, ensemble=1, noise=0.0).eval()
     atk = AttackConfig("pgd", 0.05, 0.02, 3, True)
+    # attack_bn="eval": with "train" (madry/mix's default) the attack's forwards move BatchNorm's
+    # running statistics, so the second call would see another model
     torch.manual_seed(5)
-    madry = tradeoff_loss(model, x, y, "madry", atk)
+    madry = tradeoff_loss(model, x, y, "madry", atk, attack_bn="eval")
     natural = F.cross_entropy(model(x), y)
     torch.manual_seed(5)
-    mix = tradeoff_loss(model, x, y, "mix", atk, alpha=0.3)
+    mix = tradeoff_loss(model, x, y, "mix", atk, alpha=0.3, attack_bn="eval")
     assert mix.item() == pytest.approx(0.7 * madry.item() + 0.3 * natural.item(), rel=1e-5)
     assert madry.item() > natural.item()  # the attack raised the loss
 
