@@ -15,8 +15,9 @@ def trial_outcome(trial: Any) -> tuple[str, str]:
     """(status, reason): completed | stopped (early, by the scheduler) | failed.
 
     Called from Tune's trial-complete callbacks too, where the trial's status is still RUNNING
-    (Tune sets TERMINATED after the callbacks), so the status alone does not decide."""
-    last = trial.last_result or {}
+    (Tune sets TERMINATED after the callbacks), so the status alone does not decide. A trial that
+    never reported still has a last_result holding its trial_id: that is no result."""
+    last = {k: v for k, v in (trial.last_result or {}).items() if k != "trial_id"}
     if last.get("diverged"):  # trainables.tune: non-finite loss or weights (ERROR, or stopped on it)
         return "failed", str(last.get("failure_reason") or "DivergedError")[:500]
     if trial.status == "ERROR":
