@@ -5,8 +5,31 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from trainables.data import extract_tar
+
+# property tests (tests/test_properties.py): no per-example deadline (a loaded 2-core machine
+# stalls for seconds); `--hypothesis-profile=mutmut` makes them deterministic and cheaper, so a
+# mutant is killed or not for the same reason on every run
+settings.register_profile("default", max_examples=60, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("mutmut", max_examples=25, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("default")
+
+# End-to-end tests are marked `slow` (pytest -m "not slow" is the fast layer, docs/testing.md).
+# Modules that are end to end throughout are marked here, so a test added to them later is too;
+# a test elsewhere that starts Ray, a subprocess or a sweep carries @pytest.mark.slow itself,
+# and so does any test that uses one of these fixtures.
+E2E_MODULES = {"test_train_cli.py", "test_reliability.py", "test_step_overhead.py"}
+E2E_FIXTURES = {"sweep", "sweep4", "diverged_sweep", "ternary_run", "cli_results", "cifar10_folder", "ray_session"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in E2E_MODULES or E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 # CI clones the repository into its own folder with shared/ beside it
 CIFAR10_JPEG = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10-jpeg.tar.gz"
