@@ -262,6 +262,8 @@ RANGES: dict[str, tuple[list, list]] = {
     "quant.bits": ([0, 9, 16, 31, 33], [1, 8, 32]),
     "quant.lloyd_iters": ([0, -1], [1]),
     "quant.lambda0": ([0.0, -1e-12, math.nan], [1e-12, 1.0]),
+    "quant.lambda_final": ([_down(1.0), math.nan], [1.0, 100.0]),  # >= lambda0 (1.0 by default)
+    "quant.lambda_schedule": (["linear", ""], ["final", "rho"]),
     "quant.rho": ([_down(1.0), 0.0, math.nan], [1.0, 1.05]),
     "quant.phase2_start": ([_down(0.0), _up(1.0), math.nan], [0.0, 1.0]),
     "quant.ternary_mode": (["twn", ""], ["twn0.7", "exact"]),
