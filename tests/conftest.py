@@ -22,7 +22,7 @@ settings.load_profile("default")
 # Modules that are end to end throughout are marked here, so a test added to them later is too;
 # a test elsewhere that starts Ray, a subprocess or a sweep carries @pytest.mark.slow itself,
 # and so does any test that uses one of these fixtures.
-E2E_MODULES = {"test_train_cli.py", "test_reliability.py", "test_step_overhead.py"}
+E2E_MODULES = {"test_reliability.py", "test_step_overhead.py"}
 E2E_FIXTURES = {"sweep", "sweep4", "diverged_sweep", "ternary_run", "cli_results", "cifar10_folder", "ray_session"}
 
 

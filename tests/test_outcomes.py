@@ -184,6 +184,7 @@ def test_callback_logs_one_child_per_trial_with_outcome(store):
     cb.on_trial_complete(0, [], done)
     cb.on_trial_complete(0, [], stopped)
     cb.on_trial_error(0, [], failed)
+    assert cb.logger.close(patience_s=60) == 0  # the writes run on a background thread: all sent
 
     runs = _children(client, exp, parent)
     assert set(runs) == {"done", "stopped", "failed"}
@@ -213,24 +214,28 @@ def test_callback_state_survives_a_restore_without_duplicate_runs(store):
     t = _trial("t", results=[{**FULL, "final": False, "epoch": 1}])
     cb.on_trial_start(0, [], t)
     cb.on_trial_result(0, [], t, t.last_result)
-    state = cb.get_state()
+    logger = cb.logger
+    assert logger.close(patience_s=60) == 0
+    state = cb.get_state() | {"runs": dict(logger.runs)}  # what Tune checkpointed, the run map included
+    first_run = logger.runs["t"]
 
-    # a restored driver: the state from Tune's callback checkpoint
+    # a restored driver: a new process (a new logger) with the state from Tune's checkpoint
     again = MLflowSweepCallback(cb.tracking_uri, exp, parent, "cb2")
     again.set_state(state)
-    assert again.run_for(t) == cb.run_for(t)
+    assert again.logger._run_id("t") == first_run
+    assert again.logger.close(patience_s=60) == 0
     # a driver whose snapshot predates the trial: found by its ray_trial_id tag, not created twice
     fresh = MLflowSweepCallback(cb.tracking_uri, exp, parent, "cb2")
-    assert fresh.run_for(t) == cb.run_for(t)
     fresh.on_trial_result(0, [], t, t.last_result)  # epoch 1 again: already logged, skipped
     t.update_last_result(dict(FULL))
     fresh.on_trial_result(0, [], t, t.last_result)
     fresh.on_trial_complete(0, [], t)
+    assert fresh.logger.close(patience_s=60) == 0
     runs = _children(client, exp, parent)
-    assert list(runs) == ["t"]
-    assert [m.step for m in client.get_metric_history(runs["t"].info.run_id, "epoch")] == [1, 3]
+    assert list(runs) == ["t"] and runs["t"].info.run_id == first_run
+    assert [m.step for m in client.get_metric_history(first_run, "epoch")] == [1, 3]
     assert runs["t"].data.tags["brsearch.status"] == "completed"
-    # the callback pickles without its client (Tune stores it in tuner.pkl)
+    # the callback pickles (Tune stores it in tuner.pkl): the logger and its thread stay out
     import pickle
 
-    assert pickle.loads(pickle.dumps(fresh))._client is None
+    assert pickle.loads(pickle.dumps(fresh)).points == fresh.points

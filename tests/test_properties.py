@@ -290,7 +290,9 @@ RANGES: dict[str, tuple[list, list]] = {
     "group_lasso": ([_down(0.0), math.nan], [0.0]),
     "group_axis": (["both"], ["out", "in"]),
     "group_mode": (["l1"], ["penalty", "prox"]),
-    "val_fraction": ([_down(0.0), 1.0], [0.0, _down(1.0)]),
+    "val_fraction": ([0.0, _down(0.0), 1.0], [_up(0.0), _down(1.0)]),  # the objectives' split: never empty
+    "attack_bn": (["nope", ""], ["auto", "train", "eval"]),
+    "proxy_bn_batches": ([-1], [0, 4]),
     "device": (["gpu", "tpu"], ["auto", "cpu", "cuda", "cuda:1"]),
     "dataset": (["nope", "folder:"], ["digits", "folder:/x"]),
 }
@@ -344,7 +346,7 @@ def test_fraction_fields_accept_exactly_their_interval(v):
                                    ("val_fraction", 0, 1, True)):
         cfg = TrainConfig()
         _set(cfg, field, v)
-        inside = lo <= v < hi if hi_open else lo <= v <= hi
+        inside = lo < v < hi if hi_open else lo <= v <= hi
         if inside:
             cfg.validate()
         else:
