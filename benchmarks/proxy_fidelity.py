@@ -30,7 +30,7 @@ import torch
 from scipy.stats import spearmanr
 
 from spaces.paper import SPACE
-from trainables.config import TrainConfig, set_field
+from trainables.config import TrainConfig
 from trainables.data import load_data
 from trainables.loop import Run
 from trainables.metrics import accuracy, bn_recalibrated

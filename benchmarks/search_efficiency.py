@@ -132,8 +132,8 @@ def _budget_tools(budget: int, floors: Any) -> tuple[Any, Any]:
     from ray.tune.stopper import Stopper
 
     from search.front import hypervolume
-    from search.searcher import OBJECTIVES
     from search.outcomes import trial_outcome
+    from search.searcher import OBJECTIVES
 
     class EpochBudget(Callback):
         def __init__(self) -> None:

@@ -30,7 +30,7 @@ measures the trade-off the sweep is for.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import moocore
 import numpy as np

@@ -72,7 +72,8 @@ from __future__ import annotations
 import logging
 import math
 import pickle
-from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import moocore
 import numpy as np
@@ -218,7 +219,7 @@ class MOASHAScheduler(FIFOScheduler):
     def __init__(
         self,
         metrics: Sequence[str],
-        modes: Union[Sequence[str], str],
+        modes: Sequence[str] | str,
         time_attr: str = "epoch",
         grace_period: int = 1,
         reduction_factor: float = 3,
@@ -259,7 +260,7 @@ class MOASHAScheduler(FIFOScheduler):
         self._reduction_factor = float(reduction_factor)
         self._max_t = max_t
 
-        milestones: list[Union[int, float]] = []
+        milestones: list[int | float] = []
         j = 0
         while grace_period * self._reduction_factor**j < max_t:
             m = grace_period * self._reduction_factor**j
@@ -273,7 +274,7 @@ class MOASHAScheduler(FIFOScheduler):
                 max_t,
             )
         # Ascending milestones; each maps trial_id -> raw metric values (tuple, not sign-flipped).
-        self._rungs: list[tuple[Union[int, float], dict[str, tuple[float, ...]]]] = [
+        self._rungs: list[tuple[int | float, dict[str, tuple[float, ...]]]] = [
             (m, {}) for m in milestones
         ]
         self.stopped_trials: set[str] = set()
@@ -299,7 +300,7 @@ class MOASHAScheduler(FIFOScheduler):
 
     # ------------------------------------------------------------------ Tune hooks
     def set_search_properties(
-        self, metric: Optional[str], mode: Optional[str], **spec
+        self, metric: str | None, mode: str | None, **spec
     ) -> bool:
         """Accept Tune's properties without overriding our objective lists.
 
@@ -313,7 +314,7 @@ class MOASHAScheduler(FIFOScheduler):
             return True
         names = [metric] if isinstance(metric, str) else list(metric)
         if mode is None:
-            mode_list: list[Optional[str]] = [None] * len(names)
+            mode_list: list[str | None] = [None] * len(names)
         else:
             mode_list = [mode] * len(names) if isinstance(mode, str) else list(mode)
         for name, md in zip(names, mode_list):
@@ -323,7 +324,7 @@ class MOASHAScheduler(FIFOScheduler):
                 return False
         return True
 
-    def on_trial_result(self, tune_controller, trial: "Trial", result: Dict) -> str:
+    def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
         trial_id = trial.trial_id
         if trial_id in self.stopped_trials:
             return TrialScheduler.STOP
@@ -370,7 +371,7 @@ class MOASHAScheduler(FIFOScheduler):
             )
         return decision
 
-    def on_trial_complete(self, tune_controller, trial: "Trial", result: Dict):
+    def on_trial_complete(self, tune_controller, trial: Trial, result: dict):
         # Every result already went through on_trial_result (Tune also replays the final
         # result there with done=True), so nothing is left to record here. Trials keep their
         # rung records after they finish, as in ASHA.
@@ -423,12 +424,12 @@ class MOASHAScheduler(FIFOScheduler):
         with open(checkpoint_path, "rb") as f:
             self.set_state(pickle.load(f))
 
-    def state_callback(self) -> "MOASHAStateCallback":
+    def state_callback(self) -> MOASHAStateCallback:
         """A ``tune.Callback`` that checkpoints and restores this scheduler's rung state."""
         return MOASHAStateCallback(self)
 
     # ------------------------------------------------------------------ helpers
-    def _extract(self, result: Dict) -> Optional[tuple[float, ...]]:
+    def _extract(self, result: dict) -> tuple[float, ...] | None:
         values = []
         for m in self._metrics:
             v = result.get(m)
@@ -463,8 +464,8 @@ class MOASHAStateCallback(Callback):
     def __init__(self, scheduler: MOASHAScheduler):
         self.scheduler = scheduler
 
-    def get_state(self) -> Optional[Dict]:
+    def get_state(self) -> dict | None:
         return self.scheduler.get_state()
 
-    def set_state(self, state: Dict):
+    def set_state(self, state: dict):
         self.scheduler.set_state(state)

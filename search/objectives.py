@@ -44,7 +44,7 @@ class Floors:
 
     @classmethod
     def for_sweep(cls, dataset: str, min_clean_acc: float | None = None,
-                  min_robust_acc: float | None = None) -> "Floors":
+                  min_robust_acc: float | None = None) -> Floors:
         n = num_classes(dataset)
         chance = 1.0 / n if n else None
         clean = max(v for v in (chance, min_clean_acc, 0.0) if v is not None)

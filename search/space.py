@@ -26,9 +26,10 @@ import json
 import math
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from trainables.config import ConfigError, TrainConfig, known_keys, set_field
 
@@ -54,7 +55,7 @@ class Space:
                 "define_by_run": self.source if self.func else None}
 
     # --- pinning --------------------------------------------------------------------------
-    def pin(self, values: dict[str, Any]) -> "Space":
+    def pin(self, values: dict[str, Any]) -> Space:
         """--set key=value: the key leaves the searched set and every trial gets the value."""
         params = {k: v for k, v in self.params.items() if k not in values}
         fixed = {**self.fixed, **values}

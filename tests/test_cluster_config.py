@@ -18,9 +18,8 @@ from pathlib import Path
 import click
 import jsonschema
 import pytest
-import yaml
-
 import ray.autoscaler
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 AWS_YAML = REPO / "cluster.yaml"

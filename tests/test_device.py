@@ -16,7 +16,6 @@ from trainables.config import ConfigError
 from trainables.data import EpochPlan, Split, augment_batch, crop_flip
 from trainables.device import check_device, rng_state, set_rng_state
 
-
 # --- --device -------------------------------------------------------------------------------
 
 def test_check_device_accepts_and_refuses():

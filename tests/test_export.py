@@ -198,7 +198,7 @@ def test_onnx_matches_pytorch_and_keeps_the_noise(tmp_path):
     assert ops.count("DequantizeLinear") == len(packed.header["quantized"]) * cfg.ensemble == len(qdq)
     assert ops.count("BatchNormalization") == 7 * cfg.ensemble
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-    for name, (codes, scale) in qdq.items():
+    for name, (_codes, scale) in qdq.items():
         assert name not in inits and inits[f"{name}.codes"].dtype == np.int8
         assert np.array_equal(inits[f"{name}.codes"] * np.float32(scale), packed.model.get_parameter(name).detach().numpy())
     got = ox.ort_logits(tmp_path / "qdq.onnx", x)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-
 from test_sweep import TINY, _cmd, _env, _explain, mlflow_runs, run_cli, split_runs
 
 

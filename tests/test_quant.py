@@ -5,8 +5,8 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from trainables.config import QuantConfig
 from trainables.models import build_model

@@ -539,7 +539,7 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, diverged_sweep):
             [sys.executable, "-m", "search.pareto", *argv], cwd=cwd, env=_env(**env),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     problems, timings, messages = [], {}, {}
-    for case, (argv, env, words) in _bad_cases(tmp_path, stored).items():
+    for case, (_argv, _extra, words) in _bad_cases(tmp_path, stored).items():
         cwd, t0, p = procs[case]
         try:
             out, err = p.communicate(timeout=240)

@@ -524,7 +524,7 @@ def test_conditional_params_define_by_run():
 def test_set_pins_remove_params_from_search():
     import optuna
 
-    from search.space import load_space, parse_sets
+    from search.space import parse_sets
 
     pins = parse_sets(["bits=2", "loss=trades", "lr=0.05"])
     assert pins == {"bits": 2, "loss": "trades", "lr": 0.05}

@@ -7,8 +7,8 @@ chooses, and `evaluate` puts the model in eval mode first. EnResNet noise stays 
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from .config import AttackConfig
 

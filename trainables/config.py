@@ -216,7 +216,7 @@ class TrainConfig:
         return out
 
     @classmethod
-    def from_flat(cls, flat: dict[str, Any]) -> "TrainConfig":
+    def from_flat(cls, flat: dict[str, Any]) -> TrainConfig:
         """Build from flat keys. Short aliases (bits, lambda0, lambda_final, rho, phase2_start, eps, ...)
         map to nested fields so search spaces read naturally. Unknown keys are an error."""
         cfg = cls()

@@ -42,14 +42,14 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
-    def take(self, idx: torch.Tensor | slice) -> "Split":
+    def take(self, idx: torch.Tensor | slice) -> Split:
         return Split(self.x[idx], self.y[idx])
 
     def to_float(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         x = self.x.to(device)
         return as_float(x), self.y.to(device)
 
-    def to(self, device: torch.device | str) -> "Split":
+    def to(self, device: torch.device | str) -> Split:
         """The same split on `device`, still uint8 (a quarter of the float size): done once per
         run, so no training step copies images from the host."""
         return Split(self.x.to(device), self.y.to(device))
@@ -243,7 +243,7 @@ class EpochPlan:
 
     @classmethod
     def draw(cls, n: int, batch_size: int, generator: torch.Generator, augment: bool,
-             device: torch.device | str, pad: int = 4) -> "EpochPlan":
+             device: torch.device | str, pad: int = 4) -> EpochPlan:
         order = torch.randperm(n, generator=generator)
         shifts = flips = None
         if augment:

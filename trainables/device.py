@@ -10,12 +10,14 @@ import contextlib
 import os
 import random
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from .config import PRECISIONS, ConfigError
+
 _CUDA_RE = re.compile(r"^cuda(?::(\d+))?$")
 
 

@@ -9,15 +9,24 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from .attacks import perturb  # noqa: F401  (re-exported for callers building custom evaluations)
 from .config import AttackConfig, TrainConfig
 from .data import DataBundle, EpochPlan, Split, as_float, load_data
-from .device import (autocast, check_device, check_precision, pick_device, rng_state,  # noqa: F401
-                     seed_everything, set_deterministic, set_rng_state)
+from .device import (  # noqa: F401
+    autocast,
+    check_device,
+    check_precision,
+    pick_device,
+    rng_state,
+    seed_everything,
+    set_deterministic,
+    set_rng_state,
+)
 from .losses import group_penalty, group_prox_, tradeoff_loss
 from .metrics import accuracy, bn_recalibrated, recalibrate_bn_, structure_metrics
 from .models import Ensemble, build_model

@@ -6,8 +6,8 @@ gradient reaches w directly while the data loss reaches w straight-through.
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from .attacks import perturb
 from .config import AttackConfig

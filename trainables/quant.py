@@ -13,8 +13,8 @@ Evaluation, metrics and exported models always use proj(w) (see `BinaryRelax.qua
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
