@@ -85,7 +85,23 @@ def non_dominated_mask(points) -> np.ndarray:
     pts = _as_points(points)
     if pts.shape[0] == 0:
         return np.zeros(0, dtype=bool)
-    return np.asarray(moocore.is_nondominated(pts, maximise=True, keep_weakly=True), dtype=bool)
+    return np.asarray(moocore.is_nondominated(_finite(pts), maximise=True, keep_weakly=True), dtype=bool)
+
+
+def _finite(pts: np.ndarray) -> np.ndarray:
+    """Replace -inf / +inf by values just outside each column's finite range: every comparison
+    is kept, and moocore (which ranks [-inf, -inf, 0] and [-inf, 0, -inf] as if one dominated
+    the other) only sees finite numbers."""
+    if np.isfinite(pts).all():
+        return pts
+    out = pts.copy()
+    for j in range(out.shape[1]):
+        col = out[:, j]
+        finite = col[np.isfinite(col)]
+        lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+        col[col == -np.inf] = lo - 1.0
+        col[col == np.inf] = hi + 1.0
+    return out
 
 
 def non_dominated_sort(points) -> list[np.ndarray]:
@@ -97,7 +113,7 @@ def non_dominated_sort(points) -> list[np.ndarray]:
     pts = _as_points(points)
     if pts.shape[0] == 0:
         return []
-    ranks = np.asarray(moocore.pareto_rank(pts, maximise=True))
+    ranks = np.asarray(moocore.pareto_rank(_finite(pts), maximise=True))
     return [np.flatnonzero(ranks == r) for r in range(int(ranks.max()) + 1)]
 
 

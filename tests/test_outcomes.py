@@ -11,7 +11,7 @@ import pytest
 from optuna.trial import TrialState
 from ray.tune.experiment import Trial
 
-from search.front import SWEEP_REFERENCE, hypervolume
+from search.front import DEFAULT_REFERENCE, hypervolume
 from search.outcomes import trial_outcome
 from search.searcher import OBJECTIVES, ParetoSearch
 from search.space import load_space
@@ -203,7 +203,7 @@ def test_callback_logs_one_child_per_trial_with_outcome(store):
     # the parent: hypervolume of the completed trials only (the stopped one is not a point)
     p = client.get_run(parent)
     assert p.data.metrics["n_completed"] == 1
-    assert p.data.metrics["hypervolume"] == pytest.approx(hypervolume([[0.8, 0.4, 0.1]], SWEEP_REFERENCE))
+    assert p.data.metrics["hypervolume"] == pytest.approx(hypervolume([[0.8, 0.4, 0.1]], DEFAULT_REFERENCE))
     assert "tracking_token" not in p.data.params
     assert cb.epochs_consumed == 4
 
