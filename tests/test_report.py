@@ -46,6 +46,7 @@ def _check_markdown(text: str, rows: list[str]) -> None:
         assert field in text
 
 
+@pytest.mark.slow
 def test_report_tiny_cifar(tmp_path):
     if not CIFAR10_JPEG.is_file():
         pytest.skip(f"{CIFAR10_JPEG} not found")
@@ -59,6 +60,7 @@ def test_report_tiny_cifar(tmp_path):
     assert "Verdict: **holds" in text.split("**(a)")[1].split("**(b)")[0]  # ternary is sparse
 
 
+@pytest.mark.slow
 def test_report_digits_with_en2_json_and_previous(tmp_path):
     out, js, prev = tmp_path / "f.md", tmp_path / "f.json", tmp_path / "old.md"
     prev.write_text("| row | model | clean | PGD-20 |\n|---|---|---|---|\n| `float-madry` | En1 | 50.0 ± 1.0 | 30.0 ± 1.0 |\n\n"
