@@ -292,13 +292,15 @@ RANGES: dict[str, tuple[list, list]] = {
     "val_fraction": ([0.0, _down(0.0), 1.0], [_up(0.0), _down(1.0)]),  # the objectives' split: never empty
     "attack_bn": (["nope", ""], ["auto", "train", "eval"]),
     "proxy_bn_batches": ([-1], [0, 4]),
+    "precision": (["fp64", ""], ["fp32", "bf16", "fp16"]),
+    "eval_batch_size": ([0], [1]),
     "device": (["gpu", "tpu"], ["auto", "cpu", "cuda", "cuda:1"]),
     "dataset": (["nope", "folder:"], ["digits", "folder:/x"]),
 }
 # fields any value of their type is fine for (no range to check)
 UNCHECKED = {"data_root", "download", "augment", "momentum", "weight_decay", "lr_milestones",
              "proxy_eval_size", "proxy_attack_steps", "cw", "seed", "eval_seed", "max_grad_norm",
-             "quant.quantize_stem", "quant.quantize_shortcut", "quant.quantize_fc",
+             "quant.quantize_stem", "channels_last", "compile", "deterministic", "quant.quantize_shortcut", "quant.quantize_fc",
              "train_attack.random_start", "eval_attack.random_start"}
 
 
