@@ -18,12 +18,12 @@ import json
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trainables.cliutil import OneLineParser, fail
+from trainables.fileio import unwritable
 
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")
 
@@ -58,22 +58,6 @@ class Source:
 
 class BadInput(Exception):
     pass
-
-
-def _unwritable(path: Path) -> str | None:
-    """None if directory `path` (there or not) can be created and written into, else why not."""
-    p = Path(os.path.abspath(os.path.expanduser(str(path))))
-    if p.exists() and not p.is_dir():
-        return f"{p} is a file, not a directory"
-    while not os.path.lexists(p):
-        p = p.parent
-    if not p.is_dir():
-        return f"{p} is a file, not a directory"
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".brsearch-probe-", dir=p))
-    except OSError as e:
-        return f"cannot create anything in {p} ({e.strerror or e})"
-    return None
 
 
 def _load(path: Path) -> Any:
@@ -168,7 +152,7 @@ def locate(args: argparse.Namespace) -> Source:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(os.path.abspath(Path(args.out).expanduser()))
-    why = _unwritable(out)
+    why = unwritable(out)
     if why:
         fail(f"--out {args.out}: not writable: {why}; accepted: a writable directory")
     if args.image_size is not None and args.image_size < 1:

@@ -85,10 +85,10 @@ def non_dominated_mask(points) -> np.ndarray:
     pts = _as_points(points)
     if pts.shape[0] == 0:
         return np.zeros(0, dtype=bool)
-    return np.asarray(moocore.is_nondominated(_finite(pts), maximise=True, keep_weakly=True), dtype=bool)
+    return np.asarray(moocore.is_nondominated(finite_order(pts), maximise=True, keep_weakly=True), dtype=bool)
 
 
-def _finite(pts: np.ndarray) -> np.ndarray:
+def finite_order(pts: np.ndarray) -> np.ndarray:
     """Replace -inf / +inf by values just outside each column's finite range: every comparison
     is kept, and moocore (which ranks [-inf, -inf, 0] and [-inf, 0, -inf] as if one dominated
     the other) only sees finite numbers."""
@@ -113,7 +113,7 @@ def non_dominated_sort(points) -> list[np.ndarray]:
     pts = _as_points(points)
     if pts.shape[0] == 0:
         return []
-    ranks = np.asarray(moocore.pareto_rank(_finite(pts), maximise=True))
+    ranks = np.asarray(moocore.pareto_rank(finite_order(pts), maximise=True))
     return [np.flatnonzero(ranks == r) for r in range(int(ranks.max()) + 1)]
 
 

@@ -80,7 +80,7 @@ import numpy as np
 from ray.tune.callback import Callback
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from search.front import crowding_distance
+from search.front import crowding_distance, finite_order
 from search.objectives import TIE_BREAKS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -101,14 +101,7 @@ def _order_preserving_finite(points: np.ndarray) -> np.ndarray:
     """
     pts = np.array(points, dtype=float, copy=True)
     pts[np.isnan(pts)] = -np.inf
-    if not np.isfinite(pts).all():
-        for j in range(pts.shape[1]):
-            col = pts[:, j]
-            finite = col[np.isfinite(col)]
-            lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
-            col[col == -np.inf] = lo - 1.0
-            col[col == np.inf] = hi + 1.0
-    return pts
+    return finite_order(pts)
 
 
 # hand-written: Syne Tune is not a dependency (and its MOASHA has the searchsorted bug); stops at

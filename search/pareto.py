@@ -14,7 +14,6 @@ import re
 import shlex
 import socket
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 from trainables.cliutil import OneLineParser, fail
 from trainables.config import ConfigError, TrainConfig
+from trainables.fileio import unwritable
 
 # not .searcher: it imports Ray and Optuna
 from .objectives import DEFAULT_MOASHA_SAMPLER, DEFAULT_SAMPLER, OBJECTIVES, SAMPLERS, TIE_BREAKS, Floors
@@ -132,25 +132,8 @@ class Plan:
         }
 
 
-def _unwritable(path: Path) -> str | None:
-    """None if the directory `path` (there or not yet) can be created and written, else why not.
-    The nearest existing ancestor must be a directory (not a file), and a scratch directory is
-    created in it and removed again: os.access says yes to root everywhere, /proc and read-only
-    mounts included."""
-    p = Path(os.path.abspath(os.path.expanduser(str(path))))
-    while not os.path.lexists(p):
-        p = p.parent
-    if not p.is_dir():
-        return f"{p} is a file, not a directory"
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".brsearch-probe-", dir=p))
-    except OSError as e:
-        return f"cannot create anything in {p} ({e.strerror or e})"
-    return None
-
-
 def _writable(path: Path) -> bool:
-    return _unwritable(path) is None
+    return unwritable(path) is None
 
 
 def _host_port(address: str, default_port: int | None = None) -> tuple[str, int] | None:
@@ -253,7 +236,7 @@ def prepare(args: argparse.Namespace) -> Plan:
     local = not is_remote(storage)
     if local:
         storage = str(Path(os.path.expanduser(storage.replace("file://", "", 1))).resolve())
-        why = _unwritable(Path(storage))
+        why = unwritable(Path(storage))
         if why:
             raise ConfigError(f"--storage-path {args.storage_path}: not writable: {why}; accepted: a writable directory or an s3://, gs:// URI")
     else:
@@ -271,7 +254,7 @@ def prepare(args: argparse.Namespace) -> Plan:
     tracking_uri = absolute_tracking_uri(args.tracking_uri)
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri[len("sqlite:///"):])
-        why = _unwritable(db.parent) or (None if not db.exists() or os.access(db, os.W_OK) else "read-only file")
+        why = unwritable(db.parent) or (None if not db.exists() or os.access(db, os.W_OK) else "read-only file")
         if why:
             raise ConfigError(f"--tracking-uri {args.tracking_uri}: {db} is not writable: {why}; accepted: a writable sqlite path or an http(s):// server")
     elif not tracking_uri.startswith(("http://", "https://", "databricks", "postgresql", "mysql")):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -73,3 +74,20 @@ def node_lock(root: str, name: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def unwritable(path: str | os.PathLike) -> str | None:
+    """None if the directory `path` (there or not yet) can be created and written, else why not.
+    The nearest existing ancestor must be a directory (not a file), and a scratch directory is
+    created in it and removed again: os.access says yes to root everywhere, /proc and read-only
+    mounts included. Checked before anything is written, so bad input leaves nothing behind."""
+    p = Path(os.path.abspath(os.path.expanduser(str(path))))
+    while not os.path.lexists(p):
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is a file, not a directory"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".brsearch-probe-", dir=p))
+    except OSError as e:
+        return f"cannot create anything in {p} ({e.strerror or e})"
+    return None
