@@ -132,10 +132,6 @@ class Plan:
         }
 
 
-def _writable(path: Path) -> bool:
-    return unwritable(path) is None
-
-
 def _host_port(address: str, default_port: int | None = None) -> tuple[str, int] | None:
     """host, port of HOST:PORT, ray://HOST:PORT or http(s)://[user@]HOST[:PORT]/...; None if none."""
     rest = address.split("://", 1)[1] if "://" in address else address
