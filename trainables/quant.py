@@ -116,7 +116,6 @@ class _StraightThrough(torch.autograd.Function):
 class _State:
     lam: float
     mode: str = "relaxed"  # relaxed | quantized
-    cache_depth: int = 0  # > 0 inside `cached()`: targets are reused while w is unchanged
 
 
 class _BRWeight(nn.Module):
@@ -146,7 +145,7 @@ class _BRWeight(nn.Module):
         return p
 
     def target(self, w: torch.Tensor) -> torch.Tensor:
-        if self.state.cache_depth <= 0 and _GLOBAL_CACHE[0] <= 0:
+        if _GLOBAL_CACHE[0] <= 0:
             self._key = self._target = None
             return self._compute_target(w)
         key = (_GLOBAL_CACHE[1], w.data_ptr(), w.device, w.dtype, self.state.mode, self.state.lam)
@@ -238,14 +237,10 @@ class BinaryRelax:
     @contextlib.contextmanager
     def cached(self) -> Iterator[None]:
         """Compute each layer's relaxed/projected weights once while w is unchanged (the attack
-        runs several forwards per step); gradients still flow to w on every forward."""
-        self.state.cache_depth += 1
-        _GLOBAL_CACHE[1] += 1
-        try:
+        runs several forwards per step); gradients still flow to w on every forward. The same
+        block as the module-level `cached()`: one mechanism, one set of rules."""
+        with cached():
             yield
-        finally:
-            self.state.cache_depth -= 1
-            _GLOBAL_CACHE[1] += 1
 
     def state_dict(self) -> dict:
         return {"lam": self.state.lam, "mode": self.state.mode}
