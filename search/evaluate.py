@@ -13,7 +13,9 @@ the sanity flags), and then
 
 Each finished trial is recorded at once in <sweep>/brsearch/strong_eval.json, keyed by the suite's
 settings, so an interrupted run resumes where it stopped and a second run evaluates nothing again
-and logs nothing twice. Cost per model: docs/training.md, "Strong evaluation".
+and logs nothing twice. A sweep on s3:// or gs:// is read through a local copy of just the files
+used (search.sweep_files) and the changed files are written back to the storage. Cost per model:
+docs/training.md, "Strong evaluation".
 """
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,8 @@ from trainables.cliutil import OneLineParser, fail
 from trainables.config import ConfigError
 from trainables.fileio import atomic_write_text
 from trainables.robust_eval import FLAGS, StrongEvalConfig
+
+from .sweep_files import SweepFiles
 
 STATE_DIR = "brsearch"  # as search.pareto
 RESULTS_FILE = "strong_eval.json"
@@ -49,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     d = StrongEvalConfig()
     p.add_argument("--name", required=True, help="the sweep (as given to search.pareto --name)")
-    p.add_argument("--storage-path", default="./brsearch_results")
+    p.add_argument("--storage-path", default="./brsearch_results",
+                   help="where the sweep lives, as given to search.pareto (a directory, s3://..., gs://...)")
     p.add_argument("--tracking-uri", help="MLflow store (default: the sweep's, from its sweep.json)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--trials", help="comma-separated trial ids (default: the Pareto front)")
@@ -66,30 +70,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 @dataclasses.dataclass
 class Target:
-    exp_dir: Path
-    state_dir: Path
+    files: SweepFiles
     sweep: dict[str, Any]
     trials: pd.DataFrame
     front: pd.DataFrame
 
+    @property
+    def exp_dir(self) -> Path:
+        return self.files.dir
+
+    @property
+    def state_dir(self) -> Path:
+        return self.files.dir / STATE_DIR
+
 
 def locate(args: argparse.Namespace) -> Target:
-    storage = args.storage_path
-    if "://" in storage and not storage.startswith("file://"):
-        raise ConfigError(f"--storage-path {storage}: remote storage is not supported by search.evaluate yet; "
-                          "accepted: a local directory (copy the sweep folder down first)")
-    exp_dir = Path(os.path.expanduser(storage.replace("file://", "", 1))).resolve() / args.name
-    state = exp_dir / STATE_DIR
-    if not (exp_dir / "trials.parquet").is_file():
-        raise ConfigError(f"--name {args.name}: no finished sweep under {exp_dir.parent} (no trials.parquet); "
+    files = SweepFiles(args.storage_path, args.name)
+    try:
+        got = {p.name for p in files.fetch("trials.parquet", "pareto.parquet", f"{STATE_DIR}/sweep.json",
+                                           f"{STATE_DIR}/{RESULTS_FILE}")}
+    except (OSError, ValueError) as e:  # unreachable storage, bad credentials, unknown bucket or scheme
+        raise ConfigError(f"--storage-path {args.storage_path}: cannot read it: {str(e).splitlines()[0]}") from None
+    if not {"trials.parquet", "pareto.parquet"} <= got:
+        raise ConfigError(f"--name {args.name}: no finished sweep under {args.storage_path} (no trials.parquet); "
                           "accepted: the --name and --storage-path of a sweep that has ended")
     try:
-        sweep = json.loads((state / "sweep.json").read_text())
+        sweep = json.loads((files.dir / STATE_DIR / "sweep.json").read_text())
     except (OSError, ValueError):
         sweep = {}
-    trials = pd.read_parquet(exp_dir / "trials.parquet")
-    front = pd.read_parquet(exp_dir / "pareto.parquet")
-    return Target(exp_dir, state, sweep, trials, front)
+    trials = pd.read_parquet(files.dir / "trials.parquet")
+    front = pd.read_parquet(files.dir / "pareto.parquet")
+    return Target(files, sweep, trials, front)
 
 
 def choose(t: Target, args: argparse.Namespace) -> list[str]:
@@ -105,13 +116,12 @@ def choose(t: Target, args: argparse.Namespace) -> list[str]:
     return list(t.front["trial_id"])
 
 
-def model_files(exp_dir: Path, trial_id: str) -> tuple[Path, Path]:
+def model_files(files: SweepFiles, trial_id: str) -> tuple[Path, Path]:
     """(model.pt, state.pt) of the trial's final checkpoint: the last one holding a model."""
-    tdir = exp_dir / f"trial_{trial_id}"
-    for ck in sorted(tdir.glob("checkpoint_*"), reverse=True):
-        if (ck / "model.pt").is_file():
-            return ck / "model.pt", ck / "state.pt"
-    raise FileNotFoundError(f"trial {trial_id}: no checkpoint with model.pt under {tdir}")
+    ck = files.final_checkpoint(trial_id)
+    if ck is None:
+        raise FileNotFoundError(f"trial {trial_id}: no checkpoint with model.pt under {files.uri}/trial_{trial_id}")
+    return ck / "model.pt", ck / "state.pt"
 
 
 def suite_config(args: argparse.Namespace) -> StrongEvalConfig:
@@ -134,7 +144,7 @@ def settings_key(cfg: StrongEvalConfig, subset_test: int | None) -> str:
 _DATA_CACHE: dict[str, Any] = {}
 
 
-def evaluate_trial(exp_dir: Path, trial_id: str, suite: StrongEvalConfig, subset_test: int | None,
+def evaluate_trial(files: SweepFiles, trial_id: str, suite: StrongEvalConfig, subset_test: int | None,
                    device: str, log) -> dict[str, Any]:
     """Load the trial's deployed model and run the strong suite on its test split."""
     import torch
@@ -145,7 +155,7 @@ def evaluate_trial(exp_dir: Path, trial_id: str, suite: StrongEvalConfig, subset
     from trainables.models import build_model
     from trainables.robust_eval import strong_eval
 
-    model_pt, state_pt = model_files(exp_dir, trial_id)
+    model_pt, state_pt = model_files(files, trial_id)
     state = torch.load(state_pt, map_location="cpu", weights_only=False)
     cfg = TrainConfig.from_flat(state["config"])
     cfg.device = device
@@ -287,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for i, tid in enumerate(todo, 1):
             try:
-                res = evaluate_trial(t.exp_dir, tid, suite, args.subset_test, args.device, log)
+                res = evaluate_trial(t.files, tid, suite, args.subset_test, args.device, log)
             except FileNotFoundError as e:
                 print(f"warning: {e}", file=sys.stderr)
                 continue
@@ -297,12 +307,14 @@ def main(argv: list[str] | None = None) -> int:
                           "trials": results}
             t.state_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(json.dumps(saved, indent=1, default=str) + "\n", store)
+            t.files.push([store])  # on s3://, gs://: recorded where a rerun from any machine finds it
             log(f"[{i}/{len(todo)}] recorded {tid}")
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted: finished trials are recorded; run the same command again to continue", file=sys.stderr)
     chosen = {tid: results[tid] for tid in ids if tid in results}
     files = update_tables(t, chosen)
+    shown = t.files.push(files)
     if not args.no_mlflow:
         uri = args.tracking_uri or t.sweep.get("tracking_uri")
         if not uri or "***" in str(uri):
@@ -318,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nPareto front of {args.name!r} with the strong evaluation:")
     print(t.front[[c for c in cols if c in t.front]].to_string(index=False, float_format=lambda v: f"{v:.4g}")
           if len(t.front) else format_front(t.front))
-    print(f"\nwrote {', '.join(str(f) for f in files)}")
+    print(f"\nwrote {', '.join(shown)}")
     return 130 if interrupted else 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 from trainables.cliutil import OneLineParser, fail
 from trainables.fileio import unwritable
 
-CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")
+from .sweep_files import SweepFiles
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx-weights", choices=("qdq", "float"), default="qdq",
                    help="qdq (default): quantized weights as int8 codes + DequantizeLinear; float: dequantized constants")
     p.add_argument("--image-size", type=int, help="input side for the checks (default: the dataset's; 32 for folders)")
-    p.add_argument("--storage-path", default="./brsearch_results", help="where the sweep lives (as search.pareto)")
+    p.add_argument("--storage-path", default="./brsearch_results", help="where the sweep lives, as given to search.pareto (a directory, s3://..., gs://...)")
     return p
 
 
@@ -82,20 +81,17 @@ def _from_checkpoint(d: Path, label: str, meta: dict[str, Any], state_file: str)
     return Source(label, _load(model), st["config"], {**meta, "checkpoint": str(d), "metrics": metrics})
 
 
-def _trial_ids(exp_dir: Path) -> dict[str, str]:
+def _trial_ids(files: SweepFiles) -> dict[str, str]:
     """trial id -> status from trials.parquet (written at the end of a sweep), else the trial dirs."""
-    table = exp_dir / "trials.parquet"
-    if table.exists():
+    table = files.fetch("trials.parquet")
+    if table:
         import pyarrow.parquet as pq
 
-        t = pq.read_table(table, columns=["trial_id", "status"]).to_pylist()
+        t = pq.read_table(table[0], columns=["trial_id", "status"]).to_pylist()
         return {r["trial_id"]: r["status"] for r in t}
-    return {p.name[len("trial_"):]: "?" for p in exp_dir.glob("trial_*") if p.is_dir()}
-
-
-def _latest_checkpoint(trial_dir: Path) -> Path | None:
-    cks = [(int(m.group(1)), p) for p in trial_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
-    return max(cks)[1] if cks else None
+    if files.remote:
+        return {}
+    return {p.name[len("trial_"):]: "?" for p in files.dir.glob("trial_*") if p.is_dir()}
 
 
 def _checkpoint_via_tune(exp_dir: Path, trial_id: str) -> Path | None:
@@ -123,29 +119,29 @@ def locate(args: argparse.Namespace) -> Source:
         return _from_checkpoint(d, d.resolve().name, {"run": str(d.resolve())}, "checkpoint.pt")
     if not args.name or not args.trial:
         raise BadInput("give --name SWEEP and --trial ID (or --run DIR)")
-    storage = args.storage_path
-    if "://" in storage and not storage.startswith("file://"):
-        raise BadInput(f"--storage-path {storage}: remote storage is not supported by the exporter; accepted: a local "
-                       f"directory (copy the experiment with `aws s3 sync` or similar first)")
-    storage_dir = Path(storage.replace("file://", "", 1)).expanduser().resolve()
-    exp_dir = storage_dir / args.name
-    if not exp_dir.is_dir() or not any(exp_dir.glob("experiment_state-*.json")):
-        known = sorted(p.name for p in storage_dir.glob("*/") if any(p.glob("experiment_state-*.json"))) \
-            if storage_dir.is_dir() else []
-        raise BadInput(f"--name {args.name}: no sweep of that name under {storage_dir}; accepted: "
+    files = SweepFiles(args.storage_path, args.name)
+    try:
+        is_sweep = files.exists("trials.parquet") if files.remote else \
+            files.dir.is_dir() and any(files.dir.glob("experiment_state-*.json"))
+    except (OSError, ValueError) as e:  # unreachable storage, bad credentials, unknown bucket or scheme
+        raise BadInput(f"--storage-path {args.storage_path}: cannot read it: {str(e).splitlines()[0]}") from None
+    if not is_sweep:
+        parent = files.dir.parent
+        known = sorted(p.name for p in parent.glob("*/") if any(p.glob("experiment_state-*.json"))) \
+            if not files.remote and parent.is_dir() else []
+        raise BadInput(f"--name {args.name}: no sweep of that name under {args.storage_path}; accepted: "
                        f"{', '.join(known) if known else 'the --name and --storage-path of a sweep'}")
     trial = args.trial.removeprefix("trial_")
-    ids = _trial_ids(exp_dir)
+    ids = _trial_ids(files)
     if trial not in ids:
         raise BadInput(f"--trial {args.trial}: sweep {args.name!r} has no such trial; accepted: {', '.join(sorted(ids)) or '(none)'}")
     if ids[trial] not in ("completed", "?"):
         raise BadInput(f"--trial {trial} is {ids[trial]}; accepted: a completed trial ({', '.join(i for i, s in sorted(ids.items()) if s == 'completed') or 'none'})")
-    trial_dir = exp_dir / f"trial_{trial}"
-    ck = _latest_checkpoint(trial_dir) if trial_dir.is_dir() else None
+    ck = files.final_checkpoint(trial)
+    if ck is None and not files.remote:
+        ck = _checkpoint_via_tune(files.dir, trial)
     if ck is None:
-        ck = _checkpoint_via_tune(exp_dir, trial)
-    if ck is None:
-        raise BadInput(f"--trial {trial}: no checkpoint found in {exp_dir}")
+        raise BadInput(f"--trial {trial}: no checkpoint with a final model found in {files.uri}")
     return _from_checkpoint(ck, f"{args.name}-{trial}", {"sweep": args.name, "trial_id": trial}, "state.pt")
 
 

@@ -302,7 +302,7 @@ def test_cli_bad_input_writes_nothing(sweep, capsys, monkeypatch):
         (["--run", "results"], "no final model"),
         (["--run", "nowhere"], "--run nowhere: no such directory"),
         (["--name", "exp"], "--trial"),
-        (["--name", "exp", "--trial", trial["trial_id"], "--storage-path", "s3://b/x"], "remote storage"),
+        (["--name", "exp", "--trial", trial["trial_id"], "--storage-path", "nosuch://b/x"], "--storage-path nosuch://b/x: cannot read it"),
         (["--name", "exp", "--trial", trial["trial_id"], "--image-size", "0"], "--image-size 0"),
     ]
     for args, msg in cases:

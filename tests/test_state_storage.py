@@ -76,7 +76,7 @@ def _read(fs, path: str) -> bytes:
 
 
 @pytest.mark.slow
-def test_s3_sweep_resumes_from_elsewhere_after_local_state_is_gone(s3, tmp_path):
+def test_s3_sweep_resumes_from_elsewhere_after_local_state_is_gone(s3, tmp_path, monkeypatch):
     import optuna
     import pandas as pd
     from mlflow.tracking import MlflowClient
@@ -149,6 +149,30 @@ def test_s3_sweep_resumes_from_elsewhere_after_local_state_is_gone(s3, tmp_path)
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(runs) - len(children) == 1
     assert sorted(r.data.tags["ray_trial_id"] for r in children) == sorted(trials["trial_id"])
+
+    # the post-sweep tools read the sweep from S3 too, on a machine with nothing cached: the
+    # strong evaluation writes its columns and its record back to S3, and a rerun from yet another
+    # machine finds the record there and evaluates nothing again; the exporter takes a trial
+    from search import evaluate, export
+
+    quick = ["--subset-test", "16", "--aa-steps", "1", "--aa-eot", "1", "--square-queries", "5",
+             "--eot-samples", "1", "--eot-steps", "1", "--pgd-steps", "2", "--threads", "1", "--quiet"]
+    tid = trials["trial_id"].iloc[0]
+    for machine in ("eval-a", "eval-b"):
+        monkeypatch.setenv("BRSEARCH_STATE_CACHE", str(tmp_path / machine))
+        assert evaluate.main(["--name", name, "--storage-path", storage, "--trials", tid, *quick]) == 0
+    after = pd.read_parquet(io.BytesIO(_read(fs, f"{exp}/trials.parquet")))
+    assert after.set_index("trial_id").loc[tid, "test_strong_n"] == 16
+    assert after["test_aa_acc"].notna().sum() == 1 and len(after) == 3
+    saved = json.loads(_read(fs, f"{exp}/brsearch/strong_eval.json"))
+    assert [list(v["trials"]) for v in saved.values()] == [[tid]]
+    hist = client.get_metric_history(next(r.info.run_id for r in children if r.data.tags["ray_trial_id"] == tid),
+                                     "test_aa_acc")
+    assert len(hist) == 1  # two evaluate runs, logged once
+    monkeypatch.setenv("BRSEARCH_STATE_CACHE", str(tmp_path / "export"))
+    assert export.main(["--name", name, "--trial", tid, "--storage-path", storage,
+                        "--out", str(tmp_path / "exported")]) == 0
+    assert (tmp_path / "exported" / f"{name}-{tid}.brpk").stat().st_size > 0
 
 
 # --- fast unit tests ---------------------------------------------------------------------------------
