@@ -51,7 +51,7 @@ HELP = {
     "compile": "torch.compile the model for the training and evaluation passes. Meant for GPUs "
                "(unmeasured there); on a CPU it compiles for minutes before the first step, needs a "
                "C++ compiler, and is not recommended (figures: docs/benchmarks.md)",
-    "channels-last": "NHWC weights and batches (faster convolutions on recent GPUs)",
+    "channels-last": "NHWC weights and batches: for recent GPUs; slower on a CPU (0.84-0.96x, docs/benchmarks.md)",
 }
 # keys that may differ between a run and its resumption
 RESUMABLE_CHANGES = {"data_root", "device", "download", "compile", "channels_last", "deterministic"}
