@@ -2,6 +2,7 @@
 rejection of bad input."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -140,7 +141,11 @@ BAD = {
     "lambda-final": (["--lambda-final", "0.5"], ["lambda_final=0.5", ">= lambda0"]),
     "cifar10-missing": (["--dataset", "cifar10", "--data-root", "{empty}"],
                         ["cifar10", "{empty}", "--download"]),
+    # run with CXX=/bin/false (BAD_ENV): torch.compile on a CPU without a C++ compiler
+    "compile-no-cxx": (["--dataset", "digits", "--device", "cpu", "--compile"],
+                       ["--compile", "C++ compiler", "/bin/false"]),
 }
+BAD_ENV = {"compile-no-cxx": {"CXX": "/bin/false"}}
 BITS3 = SMALL[:2] + ["--subset-train", "120", "--subset-test", "40", "--depth", "8", "--width", "4",
                      "--epochs", "1", "--bits", "3", "--attack-steps", "2", "--eval-steps", "2",
                      "--no-cw"]
@@ -157,8 +162,9 @@ def cli_results(tmp_path_factory):
     for name, (args, _) in {**BAD, "bits3": (BITS3, None)}.items():
         out = base / name / "out"
         args = [a.replace("{empty}", str(empty)) for a in args]
+        env = {**os.environ, **BAD_ENV.get(name, {})}
         jobs[name] = (out, subprocess.Popen(cli(*args, "--out", str(out)), stdout=subprocess.PIPE,
-                                            stderr=subprocess.PIPE, text=True, cwd=base))
+                                            stderr=subprocess.PIPE, text=True, cwd=base, env=env))
     results = {}
     for name, (out, proc) in jobs.items():
         stdout, stderr = proc.communicate(timeout=600)

@@ -153,7 +153,7 @@ class TrainConfig:
     # except precision, which changes the arithmetic of the forward/backward passes
     precision: str = "fp32"  # bf16 / fp16: autocast of the model's passes (projections stay fp32)
     channels_last: bool = False  # NHWC weights and batches (faster convolutions on recent GPUs)
-    compile: bool = False  # torch.compile the model (measure: benchmarks/gpu_throughput.py)
+    compile: bool = False  # torch.compile the model: for GPUs; slower on a CPU (docs/benchmarks.md)
     deterministic: bool = False  # cuDNN deterministic algorithms, no autotuning (exact resume on CUDA)
     eval_batch_size: int = 256
 

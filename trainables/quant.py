@@ -144,7 +144,12 @@ class _BRWeight(nn.Module):
                 p = (w.detach() + lam * p) / (1.0 + lam)
         return p
 
+    @torch.compiler.disable
     def target(self, w: torch.Tensor) -> torch.Tensor:
+        """Left out of torch.compile (--compile): the key reads Python state that changes every
+        step (lam, the cache generation, the weight's address) and each layer has its own shape,
+        so a traced target recompiled each step until dynamo's recompile limit (measured on CPU,
+        docs/benchmarks.md); it runs once per layer per cached block, eager costs little."""
         if _GLOBAL_CACHE[0] <= 0:
             self._key = self._target = None
             return self._compute_target(w)

@@ -42,6 +42,17 @@ FLAGS: dict[str, tuple[str, type]] = {
 SWITCHES = {"download": "download", "quantize-shortcut": "quantize_shortcut",
             "quantize-fc": "quantize_fc", "no-cw": "cw", "channels-last": "channels_last",
             "compile": "compile", "deterministic": "deterministic"}
+# help for the throughput options (docs/gpu.md; CPU figures in docs/benchmarks.md)
+HELP = {
+    "precision": "fp32 (default), bf16 or fp16: autocast of the model's passes; the BR projections, "
+                 "penalty and attack steps stay fp32. Meant for GPUs; on a CPU with AVX512-BF16 bf16 measured "
+                 "1.5x faster on CIFAR-10 images, no gain on 8x8 digits; unmeasured on CPUs without it "
+                 "(docs/benchmarks.md)",
+    "compile": "torch.compile the model for the training and evaluation passes. Meant for GPUs "
+               "(unmeasured there); on a CPU it compiles for minutes before the first step, needs a "
+               "C++ compiler, and is not recommended (figures: docs/benchmarks.md)",
+    "channels-last": "NHWC weights and batches: for recent GPUs; slower on a CPU (0.84-0.96x, docs/benchmarks.md)",
+}
 # keys that may differ between a run and its resumption
 RESUMABLE_CHANGES = {"data_root", "device", "download", "compile", "channels_last", "deterministic"}
 
@@ -50,10 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m trainables.train", description=__doc__,
                       argument_default=argparse.SUPPRESS)
     for flag, (key, typ) in FLAGS.items():
-        p.add_argument(f"--{flag}", dest=key, type=typ, metavar=typ.__name__.upper())
+        p.add_argument(f"--{flag}", dest=key, type=typ, metavar=typ.__name__.upper(), help=HELP.get(flag))
     for flag, key in SWITCHES.items():
         p.add_argument(f"--{flag}", dest=key, action="store_const",
-                       const=not flag.startswith("no-"))
+                       const=not flag.startswith("no-"), help=HELP.get(flag))
     p.add_argument("--out", default="runs/train", help="directory for checkpoint.pt, model.pt, metrics.json")
     p.add_argument("--resume", action="store_true", default=False,
                    help="continue the run in --out from its last checkpoint")
@@ -93,7 +104,40 @@ def config_from_args(ns: argparse.Namespace, stored: dict[str, Any] | None) -> T
     cfg.validate()
     check_device(cfg.device)  # cuda on a machine without one, cuda:N out of range: exit 2 here
     check_precision(cfg.precision, pick_device(cfg.device))
+    check_compile(cfg)
     return cfg
+
+
+def check_compile(cfg: TrainConfig) -> None:
+    """--compile on a CPU generates C++: without a working compiler the first step fails after
+    seconds of tracing with pages of traceback, so refuse it here, before --out is created."""
+    if not cfg.compile or pick_device(cfg.device).type != "cpu":
+        return
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"--compile on the CPU needs a working C++ compiler ({type(e).__name__}: {first}); "
+                          f"accepted: the run without --compile, or CXX set to a C++ compiler") from None
+
+
+def compile_failure(e: BaseException) -> str | None:
+    """The root cause of a torch.compile failure in one line (its traceback runs to pages), or
+    None when `e` did not come from torch.compile."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    if not isinstance(e, TorchDynamoException):
+        return None
+    root: BaseException = e
+    while True:
+        inner = getattr(root, "inner_exception", None) or root.__cause__
+        if inner is None or inner is root:
+            break
+        root = inner
+    lines = [ln.strip() for ln in str(root).splitlines() if ln.strip()]
+    return f"{type(root).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     except DivergedError as e:
         print(f"error: training diverged: {e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        if cfg.compile and compile_failure(e):
+            fail(f"--compile: torch.compile failed ({compile_failure(e)}); accepted: the same run "
+                 f"without --compile (checkpoints from before the failure resume without it)")
+        raise
     final = {k: metrics[k] for k in FINAL_KEYS}
     final.update({k: metrics[k] for k in ("test_cw_acc",) if k in metrics})
     print(json.dumps(final), flush=True)
