@@ -38,7 +38,8 @@ from trainables.metrics import accuracy, bn_recalibrated
 
 def sample(rng: random.Random) -> dict:
     """One random configuration of a search-space dict (uniform / log-uniform / categorical,
-    `when` conditions, `allow_zero` as a fair coin)."""
+    `when` conditions, `allow_zero` as a fair coin, values under `zero_below` trained as 0, as
+    the sweep's trainable does)."""
     out: dict = {}
     params = SPACE["params"]
     for name, p in params.items():
@@ -54,6 +55,8 @@ def sample(rng: random.Random) -> dict:
             continue
         lo, hi = p["low"], p["high"]
         out[name] = math.exp(rng.uniform(math.log(lo), math.log(hi))) if p.get("log") else rng.uniform(lo, hi)
+        if out[name] < p.get("zero_below", float("-inf")):
+            out[name] = 0.0
     return {**SPACE.get("fixed", {}), **out}
 
 
@@ -93,6 +96,9 @@ def main() -> None:
     ap.add_argument("--configs", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--subset-train", type=int, default=None,
+                    help="training images drawn (default: 600 for digits, 1000 otherwise)")
+    ap.add_argument("--width", type=int, default=None, help="base width (default: 4 for digits, 8 otherwise)")
     ap.add_argument("--out", default=None, help="also write every record as JSON here")
     ap.add_argument("--runs", default=None,
                     help='JSON list of configurations to run instead of random ones, on the default '
@@ -103,6 +109,9 @@ def main() -> None:
     else:
         base = dict(dataset=args.dataset, data_root=args.data_root, subset_train=1000, subset_test=300,
                     depth=8, width=8)
+    for k in ("subset_train", "width"):
+        if getattr(args, k) is not None:
+            base[k] = getattr(args, k)
     base.update(attack_steps=2, attack_step=4 / 255, cw=False, proxy_eval_size=64)
     fixed_runs = json.loads(args.runs) if args.runs else None
     if fixed_runs:
