@@ -94,7 +94,15 @@ def run_sweep(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
            "--max-concurrent", str(args.concurrent), "--quiet"]
     plan = prepare(build_parser().parse_args(cli))
     plan.state_dir.mkdir(parents=True, exist_ok=True)
-    ray.init(address="local", num_cpus=args.concurrent, include_dashboard=False, log_to_driver=False)
+    for attempt in range(3):  # Ray gives its raylet 30 s to register: too little on a loaded 2-core machine
+        try:
+            ray.init(address="local", num_cpus=args.concurrent, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception as e:  # noqa: BLE001 - "The current node timed out during startup"
+            ray.shutdown()
+            if attempt == 2 or "timed out during startup" not in str(e):
+                raise
+            print(f"ray.init: {e}; again", file=sys.stderr, flush=True)
     try:
         client = MlflowClient(plan.tracking_uri)
         exp_id = get_or_create_experiment(client, "brsearch", plan.tracking_uri)
