@@ -94,13 +94,13 @@ def run_sweep(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
            "--max-concurrent", str(args.concurrent), "--quiet"]
     plan = prepare(build_parser().parse_args(cli))
     plan.state_dir.mkdir(parents=True, exist_ok=True)
-    for attempt in range(3):  # Ray gives its raylet 30 s to register: too little on a loaded 2-core machine
+    for attempt in range(8):  # Ray gives its raylet 30 s to register: too little on a loaded 2-core machine
         try:
             ray.init(address="local", num_cpus=args.concurrent, include_dashboard=False, log_to_driver=False)
             break
         except Exception as e:  # noqa: BLE001 - "The current node timed out during startup"
             ray.shutdown()
-            if attempt == 2 or "timed out during startup" not in str(e):
+            if attempt == 7 or "timed out during startup" not in str(e):
                 raise
             print(f"ray.init: {e}; again", file=sys.stderr, flush=True)
     try:
@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ["BRSEARCH_SYNTHETIC_SLEEP"] = str(args.sleep)  # read by the trial processes
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # the raylet gives Ray's dashboard agent a few seconds to start, and dies when it is late: it
+    # often is on a loaded 2-core machine under nice (read by the raylet from its environment)
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
     os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH", "")) if x)
     tmp = Path(tempfile.mkdtemp(prefix="driver-scale-"))
     # imports the bookkeeping needs (pandas, pyarrow, matplotlib...) happen once per process: done
