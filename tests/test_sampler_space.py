@@ -111,3 +111,47 @@ def test_reconcile_orphans_uses_public_tell():
     states = {t.number: t.state for t in s.study.trials}
     assert states[orphan.number] == TrialState.FAIL
     assert list(states.values()).count(TrialState.RUNNING) == 1  # the live trial is untouched
+
+
+def _handed(s, tid, timeout=30.0):
+    """Tune's side of `suggest`: None means "ask again"."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        params = s.suggest(tid)
+        if params is not None:
+            return params
+        time.sleep(0.01)
+    raise AssertionError(f"no configuration for {tid} within {timeout} s")
+
+
+def test_ask_ahead_asks_exactly_total_and_survives_a_save(tmp_path):
+    """With `total`, configurations are sampled on a background thread one ahead: never more
+    Optuna trials than `total`; a sample ready at a save is handed out after the restore, not
+    orphaned."""
+    import time
+
+    space = load_space("paper").pin({"dataset": "digits"})
+
+    def searcher():
+        return ParetoSearch(space, make_sampler("tpe", 0, 2), "a", optuna.storages.InMemoryStorage(), total=3)
+
+    s = searcher()
+    first = _handed(s, "t0")
+    assert set(first) >= {"bits", "lr"}
+    for _ in range(300):  # the next one is being sampled: wait until it is ready
+        if s._ahead().peek() is not None:
+            break
+        time.sleep(0.01)
+    assert len(s.study.trials) == 2  # t0's and the one ahead
+    s.save(str(tmp_path / "searcher.pkl"))
+    again = searcher()
+    again.restore(str(tmp_path / "searcher.pkl"))
+    assert again.reconcile_orphans() == 0  # the sample ahead is not an orphan
+    _handed(again, "t1")
+    _handed(again, "t2")
+    time.sleep(0.2)
+    assert again.suggest("t3") is None  # total reached: nothing more is asked
+    trials = again.study.trials
+    assert len(trials) == 3 and [t.user_attrs["ray_trial_id"] for t in trials] == ["t0", "t1", "t2"]
