@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SETS = {"depth": "8", "width": "4", "attack_steps": "2", "proxy_eval_size": "64", "cw": "false",
         "eval_attack.steps": "2", "batch_size": "32"}
 QUICK = ["--subset-test", "60", "--aa-steps", "3", "--aa-eot", "2", "--square-queries", "60",
-         "--eot-samples", "2", "--eot-steps", "5", "--pgd-steps", "5", "--threads", "1"]
+         "--eot-samples", "2", "--eot-steps", "5", "--pgd-steps", "5"]  # in-process: no --threads (it is global)
 
 
 def _env() -> dict[str, str]:
@@ -39,8 +39,15 @@ def _run(tmp: Path, module: str, *args: str, timeout: float = 600) -> subprocess
 
 
 @pytest.mark.slow
-def test_evaluate_adds_columns_and_mlflow_metrics_once(tmp_path):
+def test_evaluate_adds_columns_and_mlflow_metrics_once(tmp_path, capsys):
     from mlflow.tracking import MlflowClient
+
+    from search import evaluate
+
+    def run_evaluate(*args: str) -> str:  # in-process: a subprocess would only add torch's import
+        capsys.readouterr()
+        assert evaluate.main(["--name", "ev", "--storage-path", str(tmp_path / "results"), *args, *QUICK]) == 0
+        return capsys.readouterr().out
 
     sets = [a for k, v in SETS.items() for a in ("--set", f"{k}={v}")]
     _run(tmp_path, "search.pareto", "--name", "ev", "--trials", "3", "--epochs", "2", "--subset-train", "300",
@@ -51,13 +58,13 @@ def test_evaluate_adds_columns_and_mlflow_metrics_once(tmp_path):
     assert len(front) >= 1
     first = front["trial_id"].iloc[0]
     # first run: one trial only; second run: the whole front (resumes, re-evaluates nothing)
-    p1 = _run(tmp_path, "search.evaluate", "--name", "ev", "--trials", first, *QUICK)
-    assert "1 to go" in p1.stdout
-    p2 = _run(tmp_path, "search.evaluate", "--name", "ev", *QUICK)
-    assert "1 already evaluated" in p2.stdout and f"{len(front) - 1} to go" in p2.stdout, p2.stdout
-    p3 = _run(tmp_path, "search.evaluate", "--name", "ev", *QUICK)
-    assert "0 to go" in p3.stdout and "new metrics on 0 child run(s)" in p3.stdout, p3.stdout
-    assert "test_aa_acc" in p3.stdout  # the front is printed again with the new columns
+    p1 = run_evaluate("--trials", first)
+    assert "1 to go" in p1
+    p2 = run_evaluate()
+    assert "1 already evaluated" in p2 and f"{len(front) - 1} to go" in p2, p2
+    p3 = run_evaluate()
+    assert "0 to go" in p3 and "new metrics on 0 child run(s)" in p3, p3
+    assert "test_aa_acc" in p3  # the front is printed again with the new columns
 
     front = pd.read_parquet(exp / "pareto.parquet")
     trials = pd.read_parquet(exp / "trials.parquet")
