@@ -356,3 +356,50 @@ def test_binary_size_counts_the_zero_mask_a_deployed_file_stores():
     q[0] = 1.0
     for bits in (2, 4):  # zero is an ordinary level at 2+ bits
         assert layer_bits(q, bits) == bits * q.numel() + 32
+
+
+def test_export_state_dict_holds_the_projected_weights_under_plain_keys():
+    from trainables.quant import distinct_values, export_state_dict
+
+    model, br = _quantized_model(2, quantize_fc=True)
+    br.start_epoch(0, 4)  # relaxed: the export is still proj(w)
+    sd = export_state_dict(model, br)
+    assert not any("parametrizations" in k for k in sd)
+    plain = build_model(8, 4, 3, 10, 1, 0.0)
+    assert set(sd) == set(plain.state_dict())  # loads into an unquantized model as is
+    project = projector(br.config)
+    for name, m in br.modules:
+        w = m.parametrizations.weight.original.detach()
+        assert torch.equal(sd[f"{name}.weight"], project(w))
+        assert distinct_values(sd[f"{name}.weight"]) <= 3
+    for name, p in model.named_parameters():  # everything else is copied as it is
+        if "parametrizations" not in name:
+            assert torch.equal(sd[name], p.detach())
+    for name, b in model.named_buffers():
+        assert torch.equal(sd[name], b)
+    plain.load_state_dict(sd)
+    model.eval()
+    plain.eval()
+    x = torch.rand(2, 3, 8, 8)
+    with br.quantized(), torch.no_grad():
+        assert torch.allclose(plain(x), model(x), atol=1e-6)
+    conv = nn.Conv2d(2, 3, 3)  # a model that is itself the quantized layer: keys without a prefix
+    cbr = quantize_(conv, QuantConfig(bits=1))
+    csd = export_state_dict(conv, cbr)
+    assert set(csd) == {"weight", "bias"}
+    assert torch.equal(csd["weight"], project_binary(cbr.float_weights()[0].detach()))
+    assert distinct_values(torch.tensor([0.0, 1.0, 1.0, -1.0])) == 3
+
+
+def test_schedule_state_round_trips():
+    _, br = _quantized_model(2, phase2_start=0.5)
+    br.start_epoch(3, 4, 5)
+    br.start_step(2)
+    state = br.state_dict()
+    assert state == {"lam": br.lam, "mode": "quantized"}
+    _, other = _quantized_model(2, phase2_start=0.5)
+    assert other.state.mode == "relaxed" and other.lam != br.lam
+    other.load_state_dict({"lam": 7, "mode": "quantized"})
+    assert other.lam == 7.0 and isinstance(other.lam, float) and other.state.mode == "quantized"
+    other.load_state_dict(state)
+    assert other.state_dict() == state
