@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from _stats import allowed_failures
-from trainables.attacks import margin_loss, perturb
+from trainables.attacks import margin_loss, perturb, trades_kl
 from trainables.config import AttackConfig, TrainConfig
 from trainables.loop import Run
 from trainables.losses import tradeoff_loss
@@ -199,3 +199,63 @@ def test_attack_bn_mode_decides_which_forwards_update_bn(kind, attack_bn, update
                          attack_bn=attack_bn)
     assert int(bn.num_batches_tracked) - before == updates
     assert model.training and loss.requires_grad
+
+
+def _kl_sum(model, x, x_adv):
+    """KL(p(x) || p(x_adv)) summed over the batch, written out: sum p (log p - log p_adv)."""
+    with torch.no_grad():
+        p = F.softmax(model(x), 1)
+        return float((p * (torch.log(p) - F.log_softmax(model(x_adv), 1))).sum())
+
+
+def test_trades_kl_attack_starts_near_x_and_ascends_the_kl(model_and_batch):
+    """The TRADES attack starts at x + 0.001 N(0, 1) and takes sign steps up KL(p(x) || p(x')),
+    p(x) fixed; through `perturb` it is the same attack."""
+    _, x, y = model_and_batch
+    eps = 0.03
+    torch.manual_seed(0)
+    quiet = build_model(8, 8, 3, 10, ensemble=1, noise=0.0).eval()
+    inner = (x > eps) & (x < 1 - eps)
+    torch.manual_seed(3)
+    start = trades_kl(quiet, x, eps, 0.01, 0)
+    d = (start - x)[inner]
+    assert 0.0009 < float(d.std()) < 0.0011 and abs(float(d.mean())) < 1e-4
+    torch.manual_seed(3)
+    one = trades_kl(quiet, x, eps, eps, 1)
+    x0 = start.clone().requires_grad_(True)
+    p_nat = F.softmax(quiet(x), 1).detach()
+    (g,) = torch.autograd.grad((p_nat * (torch.log(p_nat) - F.log_softmax(quiet(x0), 1))).sum(), x0)
+    expected = torch.min(torch.max(start + eps * g.sign(), x - eps), x + eps).clamp(0, 1)
+    assert torch.allclose(one, expected, atol=TOL)
+    torch.manual_seed(3)
+    many = trades_kl(quiet, x, eps, eps / 4, 6)
+    _check_in_ball(many, x, eps)
+    assert _kl_sum(quiet, x, many) > 10 * _kl_sum(quiet, x, start)
+    torch.manual_seed(3)
+    assert torch.equal(perturb(quiet, x, y, AttackConfig("trades", eps, eps / 4, 6, True)), many)
+
+
+def test_trades_loss_is_natural_ce_plus_beta_kl(model_and_batch):
+    """trades: CE(f(x), y) + beta KL(p(x) || p(x_adv)) with x_adv from the KL attack (the TRADES
+    objective; a reversed KL or a CE on x_adv fails here)."""
+    _, x, y = model_and_batch
+    torch.manual_seed(0)
+    model = build_model(8, 8, 3, 10, ensemble=1, noise=0.0).eval()
+    atk = AttackConfig("pgd", 0.05, 0.02, 3, True)
+    torch.manual_seed(5)
+    loss = tradeoff_loss(model, x, y, "trades", atk, beta=2.5)
+    torch.manual_seed(5)
+    x_adv = trades_kl(model, x, 0.05, 0.02, 3)
+    kl = _kl_sum(model, x, x_adv) / len(x)
+    assert kl > 1e-4
+    natural = F.cross_entropy(model(x), y).item()
+    assert loss.item() == pytest.approx(natural + 2.5 * kl, rel=1e-4)
+    assert loss.requires_grad
+
+
+def test_unknown_loss_and_attack_are_refused(model_and_batch):
+    model, x, y = model_and_batch
+    with pytest.raises(ValueError, match="unknown loss 'nope'"):
+        tradeoff_loss(model, x, y, "nope", AttackConfig("pgd", 0.05, 0.02, 1, True))
+    with pytest.raises(ValueError, match="unknown attack 'nope'"):
+        perturb(model, x, y, AttackConfig("nope", 0.05, 0.02, 1, True))
