@@ -218,8 +218,11 @@ def test_trades_kl_attack_starts_near_x_and_ascends_the_kl(model_and_batch):
     inner = (x > eps) & (x < 1 - eps)
     torch.manual_seed(3)
     start = trades_kl(quiet, x, eps, 0.01, 0)
+    torch.manual_seed(3)
+    assert torch.equal(start, (x + 0.001 * torch.randn_like(x)).clamp(0, 1))
     d = (start - x)[inner]
     assert 0.0009 < float(d.std()) < 0.0011 and abs(float(d.mean())) < 1e-4
+    assert float(start.min()) == 0.0 and float(start.max()) == 1.0  # saturated pixels: clamped
     torch.manual_seed(3)
     one = trades_kl(quiet, x, eps, eps, 1)
     x0 = start.clone().requires_grad_(True)
@@ -227,6 +230,16 @@ def test_trades_kl_attack_starts_near_x_and_ascends_the_kl(model_and_batch):
     (g,) = torch.autograd.grad((p_nat * (torch.log(p_nat) - F.log_softmax(quiet(x0), 1))).sum(), x0)
     expected = torch.min(torch.max(start + eps * g.sign(), x - eps), x + eps).clamp(0, 1)
     assert torch.allclose(one, expected, atol=TOL)
+    moved = (one - start).abs()
+    assert bool((moved[inner & (g == 0)] == 0).all())  # no gradient, no step
+    # a net blind to channels 1 and 2: the attack leaves them where they started
+    blind = torch.nn.Sequential(torch.nn.Conv2d(1, 10, 16), torch.nn.Flatten())
+    torch.manual_seed(3)
+    start = trades_kl(lambda z: blind(z[:, :1]), x, eps, 0.0, 0)
+    torch.manual_seed(3)
+    stepped = trades_kl(lambda z: blind(z[:, :1]), x, eps, eps, 2)
+    assert torch.equal(stepped[:, 1:], start[:, 1:])
+    assert not torch.equal(stepped[:, :1], start[:, :1])
     torch.manual_seed(3)
     many = trades_kl(quiet, x, eps, eps / 4, 6)
     _check_in_ball(many, x, eps)

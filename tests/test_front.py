@@ -182,6 +182,11 @@ def test_feasible_mask_and_optuna_constraints_agree():
                     [0.9, 0.05, 0.2]])  # at the robust floor: feasible
     mask = feasible_mask(pts, f)
     assert mask.tolist() == [False, True, False, True]
+    assert feasible_mask(pts[1:2], f).tolist() == [True]  # one row is a set like any other
+    empty = feasible_mask([], f)
+    assert empty.dtype == bool and empty.shape == (0,)
+    # the sparsity floor counts too (>=): 0 for sweeps, but a floor is a floor
+    assert feasible_mask(pts, Floors(0.1, 0.05, 0.3)).tolist() == [False, False, False, False]
     for (c, r, _), ok in zip(pts, mask):
         assert all(v <= 0 for v in f.constraints(c, r).values()) == ok == f.feasible(c, r)
 

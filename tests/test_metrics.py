@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainables.config import QuantConfig
-from trainables.losses import GROUP_EPS, group_penalty, group_prox_
+from trainables.losses import GROUP_EPS, group_norms, group_penalty, group_prox_
 from trainables.metrics import channel_sparsity, structure_metrics, weight_sparsity
 from trainables.models import build_model
 from trainables.quant import model_bits, quantize_
@@ -35,6 +35,11 @@ def test_group_penalty_gradient(axis):
         norm = torch.sqrt((w.detach() ** 2).sum(DIMS[axis], keepdim=True) + 1e-8)
         assert torch.allclose(w.grad, w.detach() / norm, rtol=1e-10, atol=1e-12)
     assert fc.grad is None
+    # a single layer, and the default axis: groups are output filters
+    one = ws[0].detach()
+    assert group_penalty([one]).item() == pytest.approx(
+        torch.sqrt((one * one).sum((1, 2, 3)) + GROUP_EPS).sum().item(), rel=1e-12)
+    assert torch.equal(group_norms(one), group_norms(one, "out"))
     # the dead group gets a zero (not NaN) gradient thanks to the 1e-8
     assert torch.isfinite(ws[0].grad).all()
 
