@@ -123,9 +123,13 @@ def test_hypervolume_ignores_points_not_strictly_dominating_reference():
 
 
 def test_hypervolume_input_validation():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError) as err:
         hypervolume([[0.5, 0.5]], reference=(0.0, 0.0, 0.0))
-    with pytest.raises(ValueError):
+    assert str(err.value) == "reference has 3 coordinates, points have 2 objectives"
+    with pytest.raises(ValueError) as err:
+        hypervolume([[0.5, 0.5, 0.5]], reference=(0.0, np.nan, 0.0))
+    assert str(err.value) == "reference contains NaN"
+    with pytest.raises(ValueError, match="points contains NaN"):
         hypervolume([[0.5, np.nan, 0.5]])
 
 
