@@ -99,6 +99,15 @@ def test_channel_sparsity_out_and_in_are_count_weighted():
     # a filter with one surviving weight is alive
     a[1, 0, 0, 0] = 0.1
     assert channel_sparsity([a], "out") == pytest.approx(0.25)
+    assert channel_sparsity([a]) == channel_sparsity([a], "out")  # groups are filters by default
+    # a 2-D (fully connected) weight has rows and columns too; 1-D tensors (biases) have none
+    fc = torch.randn(5, 6)
+    fc[2] = 0
+    fc[:, 4] = 0
+    bias = torch.zeros(7)
+    assert channel_sparsity([bias, fc], "out") == pytest.approx(1 / 5)
+    assert channel_sparsity([bias, fc], "in") == pytest.approx(1 / 6)
+    assert channel_sparsity([bias]) == 0.0 and channel_sparsity([]) == 0.0
 
 
 # ------------------------------------------------------------------------------------------
@@ -147,7 +156,16 @@ def test_structure_metrics_use_quantized_weights():
     with torch.no_grad():
         br.float_weights()[len(br.modules) // 2][3].mul_(1e-3)
     n_filters = sum(w.shape[0] for w in br.quantized_weights())
-    assert structure_metrics(model, br)["channel_sparsity"] == pytest.approx(1 / n_filters)
+    n_inputs = sum(w.shape[1] for w in br.quantized_weights())
+    s = structure_metrics(model, br)
+    assert s["channel_sparsity"] == pytest.approx(1 / n_filters)
+    assert s["channel_sparsity_in"] == 0.0
+    # and one input channel of a 3x3 conv (group_axis=in)
+    with torch.no_grad():
+        br.float_weights()[1][:, 2].mul_(1e-3)
+    s = structure_metrics(model, br)
+    assert s["channel_sparsity"] == pytest.approx(1 / n_filters)
+    assert s["channel_sparsity_in"] == pytest.approx(1 / n_inputs)
 
 
 # ------------------------------------------------------------------------------------------

@@ -352,6 +352,12 @@ def test_binary_size_counts_the_zero_mask_a_deployed_file_stores():
         w.normal_()
         w[0, 0, 0, 0] = 0  # a scattered zero: a mask bit per entry (the ternary cost)
     assert model_bits(conv, br)[0] == 2 * n + 32
+    fc = torch.ones(5, 8)  # a binary fully connected layer (quantize_fc) with one zeroed row
+    fc[3] = 0
+    assert layer_bits(fc, 1) == 40 + 32 + 5
+    fc[:, 1] = 0  # zeros in a row and a column: one mask bit per entry
+    assert layer_bits(fc, 1) == 2 * 40 + 32
+    assert layer_bits(torch.tensor([1.0, 0.0, -1.0]), 1) == 3 + 32  # 1-D: no groups, signs only
     q = torch.zeros(6, 4, 3, 3)
     q[0] = 1.0
     for bits in (2, 4):  # zero is an ordinary level at 2+ bits
