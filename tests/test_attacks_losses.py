@@ -178,6 +178,9 @@ def test_mix_loss_is_the_convex_combination(model_and_batch):
     torch.manual_seed(5)
     mix = tradeoff_loss(model, x, y, "mix", atk, alpha=0.3, attack_bn="eval")
     assert mix.item() == pytest.approx(0.7 * madry.item() + 0.3 * natural.item(), rel=1e-5)
+    torch.manual_seed(5)
+    default = tradeoff_loss(model, x, y, "mix", atk, attack_bn="eval")  # alpha defaults to 0: madry
+    assert default.item() == pytest.approx(madry.item(), rel=1e-6)
     assert madry.item() > natural.item()  # the attack raised the loss
 
 
@@ -186,6 +189,8 @@ def test_mix_loss_is_the_convex_combination(model_and_batch):
     ("mix", "eval", 2), ("mix", "train", 2 + 3), ("mix", "auto", 2 + 3),
     ("trades", "eval", 2), ("trades", "train", 2 + 1 + 3),  # + the natural forward of the KL attack
     ("trades", "auto", 2),
+    ("madry", None, 1 + 3), ("trades", None, 2),  # None: the default, "auto"
+    ("mix-alpha0", "eval", 1),  # alpha = 0 runs no natural forward
 ])
 def test_attack_bn_mode_decides_which_forwards_update_bn(kind, attack_bn, updates):
     """attack_bn=eval: only the loss forwards move the running BN statistics; train: the attack's
@@ -195,8 +200,10 @@ def test_attack_bn_mode_decides_which_forwards_update_bn(kind, attack_bn, update
     x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 10, (8,))
     bn = model.members[0].bn
     before = int(bn.num_batches_tracked)
-    loss = tradeoff_loss(model, x, y, kind, AttackConfig("pgd", 0.03, 0.01, 3, True), alpha=0.3,
-                         attack_bn=attack_bn)
+    alpha = 0.0 if kind == "mix-alpha0" else 0.3
+    kw = {} if attack_bn is None else {"attack_bn": attack_bn}
+    loss = tradeoff_loss(model, x, y, kind.split("-")[0], AttackConfig("pgd", 0.03, 0.01, 3, True),
+                         alpha=alpha, **kw)
     assert int(bn.num_batches_tracked) - before == updates
     assert model.training and loss.requires_grad
 
@@ -264,6 +271,9 @@ def test_trades_loss_is_natural_ce_plus_beta_kl(model_and_batch):
     natural = F.cross_entropy(model(x), y).item()
     assert loss.item() == pytest.approx(natural + 2.5 * kl, rel=1e-4)
     assert loss.requires_grad
+    torch.manual_seed(5)
+    default = tradeoff_loss(model, x, y, "trades", atk)  # beta = 6, TRADES' default
+    assert default.item() == pytest.approx(natural + 6.0 * kl, rel=1e-4)
 
 
 def test_unknown_loss_and_attack_are_refused(model_and_batch):

@@ -42,6 +42,7 @@ def test_non_dominated_mask_duplicates_all_kept():
 
 def test_non_dominated_mask_edge_cases():
     assert non_dominated_mask(np.zeros((0, 3))).shape == (0,)
+    assert non_dominated_mask([]).dtype == bool and non_dominated_mask([]).shape == (0,)
     np.testing.assert_array_equal(non_dominated_mask([[1.0, 2.0]]), [True])
     with pytest.raises(ValueError):
         non_dominated_mask([[np.nan, 1.0]])

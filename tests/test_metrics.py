@@ -79,6 +79,7 @@ def test_weight_sparsity_counts_entries_over_all_layers():
     assert weight_sparsity([a, b]) == pytest.approx(19 / 80)
     assert weight_sparsity([torch.zeros(3, 3, 3, 3)]) == 1.0
     assert weight_sparsity([torch.ones(3, 3, 3, 3)]) == 0.0
+    assert weight_sparsity([]) == 0.0  # nothing quantized: no sparsity, not a division by zero
 
 
 def test_channel_sparsity_out_and_in_are_count_weighted():
