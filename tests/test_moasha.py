@@ -364,6 +364,14 @@ def test_constructor_refuses_bad_arguments_with_one_clear_line(kw, message):
     assert str(err.value) == message
 
 
+def test_defaults_and_the_smallest_budget():
+    s = MOASHAScheduler(OBJ, "max", max_t=30)  # epoch, grace 1, eta 3
+    assert s.milestones == [1, 3, 9, 27]
+    tr = make_trial()
+    assert report(s, tr, 1, [0.5, 0.5, 0.5]) == CONTINUE and tr.trial_id in s.rung_records()[1]
+    assert MOASHAScheduler(OBJ, "max", max_t=1).milestones == []  # max_t = 1 is a budget
+
+
 def test_single_metric_and_mode_strings_are_accepted():
     s = MOASHAScheduler("clean_acc", "min", max_t=8)
     assert s.metrics == ["clean_acc"] and s.modes == ["min"] and s.metric == "clean_acc"
@@ -392,6 +400,35 @@ def test_debug_string_counts_records_per_rung():
     assert s.decisions[-1] == {"trial_id": a.trial_id, "milestone": 3, "time": 3.5,
                                "values": {"acc": 0.9, "loss": 0.1}, "position": 0, "n": 1,
                                "n_keep": 1, "decision": CONTINUE}
+    # positions 0 .. n_keep - 1 continue: floor(n / eta) + 1 of n, exactly 2 of 3 at eta = 3
+    s.on_trial_result(None, make_trial(), {"epoch": 1, "acc": 0.5, "loss": 0.5})
+    assert [d["n_keep"] for d in s.decisions] == [1, 1, 1, 2]
+    assert [d["n"] for d in s.decisions] == [1, 2, 1, 3]
+
+
+def test_a_stop_is_logged_with_its_reasons(caplog):
+    s = make_sched(reduction_factor=2)
+    a, b = make_trial(), make_trial()
+    with caplog.at_level("INFO", logger="search.moasha"):
+        report(s, a, 1.5, [0.9, 0.9, 0.9])
+        report(s, make_trial(), 1, [0.8, 0.8, 0.8])
+        assert report(s, b, 1.5, [0.1, 0.1, 0.1]) == STOP
+    assert caplog.messages == [f"MOASHAScheduler: stopping trial {b.trial_id} at epoch=1.5 (rung 1, "
+                               "position 2, keep 2 of 3)"]
+
+
+def test_min_objectives_are_negated_not_rescaled():
+    """The eps-net measures Euclidean distances, so a 'min' objective must enter as -value, at
+    the scale of the 'max' ones (a rung found by search where a rescaled column decides otherwise)."""
+    prev = [[0.4, 0.1, 0.1], [0.6, 1.0, 0.3], [0.2, 0.6, 0.3], [0.0, 0.1, 0.9]]
+    new = [0.1, 0.6, 0.4]
+    signs = np.array([1.0, -1.0, 1.0])
+    expected = decide(np.array(prev) * signs, np.array(new) * signs, 2, "epsnet")
+    assert expected is False
+    s = make_sched(modes=["max", "min", "max"], tie_break="epsnet")
+    for vec in prev:
+        report(s, make_trial(), 1, vec)
+    assert report(s, make_trial(), 1, new) == STOP
 
 
 def test_missing_time_or_metric_is_warned_once_per_key(caplog):
