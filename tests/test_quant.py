@@ -11,6 +11,8 @@ from torch import nn
 from trainables.config import QuantConfig
 from trainables.models import build_model
 from trainables.quant import (
+    BinaryRelax,
+    _State,
     cached,
     project_binary,
     project_multibit,
@@ -258,10 +260,15 @@ def test_straight_through_gradient_single_conv():
     assert torch.allclose(conv.parametrizations.weight.original.grad, u.grad, atol=1e-6)
 
 
+def _schedule(**kw):
+    """A schedule handle without a model: the phase and lambda rules read only the config."""
+    return BinaryRelax(QuantConfig(bits=2, **kw), [], _State(lam=QuantConfig(**kw).lambda0))
+
+
 def test_phase2_epoch_rules():
     for epochs in range(1, 12):
         for start in (0.0, 0.1, 0.5, 0.6, 0.75, 0.9, 0.99):
-            _, br = _quantized_model(2, phase2_start=start)
+            br = _schedule(phase2_start=start)
             m = br.phase2_epoch(epochs)
             assert 0 <= m <= epochs - 1  # at least the last epoch is hard-quantized
             modes = []
@@ -269,7 +276,7 @@ def test_phase2_epoch_rules():
                 br.start_epoch(e, epochs)
                 modes.append(br.state.mode)
             assert modes == ["relaxed"] * m + ["quantized"] * (epochs - m)
-        _, br = _quantized_model(2, phase2_start=1.0)
+        br = _schedule(phase2_start=1.0)
         assert br.phase2_epoch(epochs) == epochs
         for e in range(epochs):
             br.start_epoch(e, epochs)
