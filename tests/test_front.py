@@ -72,6 +72,15 @@ def test_crowding_distance():
     assert crowding_distance(np.zeros((0, 2))).shape == (0,)
 
 
+def test_crowding_distance_skips_objectives_without_a_finite_spread():
+    """An objective whose spread is zero or infinite adds nothing; the others still count."""
+    expected = [np.inf, 0.75, 0.75, np.inf]  # the second objective alone: (3 - 0) / 4, (4 - 1) / 4
+    np.testing.assert_array_equal(crowding_distance([[-np.inf, 0.0], [0.0, 1.0], [1.0, 3.0], [2.0, 4.0]]),
+                                  expected)
+    np.testing.assert_array_equal(crowding_distance([[0.0, 1.0], [0.0, 2.0], [0.0, 4.0], [0.0, 5.0]]),
+                                  [np.inf, 0.75, 0.75, np.inf])  # (4 - 1) / 4, (5 - 2) / 4
+
+
 def test_hypervolume_one_point_3d():
     assert hypervolume([[0.5, 0.5, 0.5]]) == pytest.approx(0.125)
     assert hypervolume([[0.5, 0.5, 0.5]], reference=(0.1, 0.2, 0.0)) == pytest.approx(

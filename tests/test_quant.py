@@ -118,6 +118,22 @@ def test_lloyd_iterations_never_raise_the_error(bits):
     assert strictly_lower > 0  # the iterations do something
 
 
+def test_one_lloyd_step_by_default_and_the_second_one_refits():
+    """Default: one step (the reference's max-based grid and a least-squares scale); a second
+    step re-assigns to the nearest level of that scale and, on heavy-tailed weights, lowers the
+    error. A weight with a single non-zero entry is in the set at every width: it projects to itself."""
+    for seed in range(2):
+        w = torch.randn(4096, generator=_gen(seed), dtype=torch.float64) ** 3
+        one = project_multibit(w, 4)
+        assert torch.equal(one, project_multibit(w, 4, 1))
+        e1 = float(((one - w) ** 2).sum())
+        e2 = float(((project_multibit(w, 4, 2) - w) ** 2).sum())
+        assert e2 < e1 * (1 - 1e-3)
+    w = torch.tensor([0.0, -0.7, 0.0, 0.0], dtype=torch.float64)
+    for bits in range(2, 9):  # K = 1 at two bits: the level-1 entry must keep its scale
+        assert torch.allclose(project_multibit(w, bits), w, rtol=1e-12, atol=0), bits
+
+
 @pytest.mark.parametrize("config", [QuantConfig(bits=b) for b in (1, 2, 3, 4, 5, 6, 7, 8)]
                          + [QuantConfig(bits=2, ternary_mode="exact"), QuantConfig(bits=4, lloyd_iters=5)],
                          ids=lambda c: f"b{c.bits}-{c.ternary_mode}-{c.lloyd_iters}")
