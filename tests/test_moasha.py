@@ -492,3 +492,18 @@ def test_set_state_checks_version_and_objectives_and_warns_on_other_rungs(caplog
                                "with [1, 2, 4]; adopting the saved rungs."]
     assert other.milestones == [1, 3] and other.rung_records() == s.rung_records()
     assert other.stopped_trials == {trials[1].trial_id}
+
+
+def test_rung_position_and_decide_refuse_bad_shapes_with_one_line():
+    cases = [
+        (lambda: rung_position([[0.1, 0.2]], tie_break="random"), "tie_break 'random'; accepted: crowding, epsnet"),
+        (lambda: rung_position([]), "points must have shape (n, k), n >= 1; got (0,)"),
+        (lambda: rung_position([0.1, 0.2]), "points must have shape (n, k), n >= 1; got (2,)"),
+        (lambda: decide([[0.1, 0.2], [0.3, 0.4]], [0.1, 0.2, 0.3], 3),
+         "rung vectors of shape (2, 2) do not match a new vector of length 3"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value) == message
+    assert rung_position([[0.1, 0.2], [0.3, 0.4]], index=0) == 1  # index counts from the front too

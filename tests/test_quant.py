@@ -432,3 +432,20 @@ def test_schedule_state_round_trips():
     assert other.lam == 7.0 and isinstance(other.lam, float) and other.state.mode == "quantized"
     other.load_state_dict(state)
     assert other.state_dict() == state
+
+
+def test_layer_selection_follows_the_flags():
+    """depth 8: a stem, three blocks of two 3x3 convolutions, two 1x1 shortcuts (the widening
+    blocks) and a classifier, per ensemble member."""
+    def chosen(**kw):
+        torch.manual_seed(0)
+        model = build_model(8, 4, 3, 10, 2, 0.0)
+        mods = [m for _, m in quantize_(model, QuantConfig(bits=2, **kw)).modules]
+        return (sum(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) for m in mods),
+                sum(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) for m in mods),
+                sum(isinstance(m, nn.Linear) for m in mods), len(mods))
+
+    assert chosen() == (14, 0, 0, 14)
+    assert chosen(quantize_stem=False) == (12, 0, 0, 12)
+    assert chosen(quantize_shortcut=True) == (14, 4, 0, 18)
+    assert chosen(quantize_fc=True) == (14, 0, 2, 16)
