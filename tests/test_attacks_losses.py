@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from _stats import allowed_failures
-from trainables.attacks import margin_loss, perturb
+from trainables.attacks import margin_loss, perturb, trades_kl
 from trainables.config import AttackConfig, TrainConfig
 from trainables.loop import Run
 from trainables.losses import tradeoff_loss
@@ -178,6 +178,9 @@ def test_mix_loss_is_the_convex_combination(model_and_batch):
     torch.manual_seed(5)
     mix = tradeoff_loss(model, x, y, "mix", atk, alpha=0.3, attack_bn="eval")
     assert mix.item() == pytest.approx(0.7 * madry.item() + 0.3 * natural.item(), rel=1e-5)
+    torch.manual_seed(5)
+    default = tradeoff_loss(model, x, y, "mix", atk, attack_bn="eval")  # alpha defaults to 0: madry
+    assert default.item() == pytest.approx(madry.item(), rel=1e-6)
     assert madry.item() > natural.item()  # the attack raised the loss
 
 
@@ -186,6 +189,8 @@ def test_mix_loss_is_the_convex_combination(model_and_batch):
     ("mix", "eval", 2), ("mix", "train", 2 + 3), ("mix", "auto", 2 + 3),
     ("trades", "eval", 2), ("trades", "train", 2 + 1 + 3),  # + the natural forward of the KL attack
     ("trades", "auto", 2),
+    ("madry", None, 1 + 3), ("trades", None, 2),  # None: the default, "auto"
+    ("mix-alpha0", "eval", 1),  # alpha = 0 runs no natural forward
 ])
 def test_attack_bn_mode_decides_which_forwards_update_bn(kind, attack_bn, updates):
     """attack_bn=eval: only the loss forwards move the running BN statistics; train: the attack's
@@ -195,7 +200,85 @@ def test_attack_bn_mode_decides_which_forwards_update_bn(kind, attack_bn, update
     x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 10, (8,))
     bn = model.members[0].bn
     before = int(bn.num_batches_tracked)
-    loss = tradeoff_loss(model, x, y, kind, AttackConfig("pgd", 0.03, 0.01, 3, True), alpha=0.3,
-                         attack_bn=attack_bn)
+    alpha = 0.0 if kind == "mix-alpha0" else 0.3
+    kw = {} if attack_bn is None else {"attack_bn": attack_bn}
+    loss = tradeoff_loss(model, x, y, kind.split("-")[0], AttackConfig("pgd", 0.03, 0.01, 3, True),
+                         alpha=alpha, **kw)
     assert int(bn.num_batches_tracked) - before == updates
     assert model.training and loss.requires_grad
+
+
+def _kl_sum(model, x, x_adv):
+    """KL(p(x) || p(x_adv)) summed over the batch, written out: sum p (log p - log p_adv)."""
+    with torch.no_grad():
+        p = F.softmax(model(x), 1)
+        return float((p * (torch.log(p) - F.log_softmax(model(x_adv), 1))).sum())
+
+
+def test_trades_kl_attack_starts_near_x_and_ascends_the_kl(model_and_batch):
+    """The TRADES attack starts at x + 0.001 N(0, 1) and takes sign steps up KL(p(x) || p(x')),
+    p(x) fixed; through `perturb` it is the same attack."""
+    _, x, y = model_and_batch
+    eps = 0.03
+    torch.manual_seed(0)
+    quiet = build_model(8, 8, 3, 10, ensemble=1, noise=0.0).eval()
+    inner = (x > eps) & (x < 1 - eps)
+    torch.manual_seed(3)
+    start = trades_kl(quiet, x, eps, 0.01, 0)
+    torch.manual_seed(3)
+    assert torch.equal(start, (x + 0.001 * torch.randn_like(x)).clamp(0, 1))
+    d = (start - x)[inner]
+    assert 0.0009 < float(d.std()) < 0.0011 and abs(float(d.mean())) < 1e-4
+    assert float(start.min()) == 0.0 and float(start.max()) == 1.0  # saturated pixels: clamped
+    torch.manual_seed(3)
+    one = trades_kl(quiet, x, eps, eps, 1)
+    x0 = start.clone().requires_grad_(True)
+    p_nat = F.softmax(quiet(x), 1).detach()
+    (g,) = torch.autograd.grad((p_nat * (torch.log(p_nat) - F.log_softmax(quiet(x0), 1))).sum(), x0)
+    expected = torch.min(torch.max(start + eps * g.sign(), x - eps), x + eps).clamp(0, 1)
+    assert torch.allclose(one, expected, atol=TOL)
+    moved = (one - start).abs()
+    assert bool((moved[inner & (g == 0)] == 0).all())  # no gradient, no step
+    # a net blind to channels 1 and 2: the attack leaves them where they started
+    blind = torch.nn.Sequential(torch.nn.Conv2d(1, 10, 16), torch.nn.Flatten())
+    torch.manual_seed(3)
+    start = trades_kl(lambda z: blind(z[:, :1]), x, eps, 0.0, 0)
+    torch.manual_seed(3)
+    stepped = trades_kl(lambda z: blind(z[:, :1]), x, eps, eps, 2)
+    assert torch.equal(stepped[:, 1:], start[:, 1:])
+    assert not torch.equal(stepped[:, :1], start[:, :1])
+    torch.manual_seed(3)
+    many = trades_kl(quiet, x, eps, eps / 4, 6)
+    _check_in_ball(many, x, eps)
+    assert _kl_sum(quiet, x, many) > 10 * _kl_sum(quiet, x, start)
+    torch.manual_seed(3)
+    assert torch.equal(perturb(quiet, x, y, AttackConfig("trades", eps, eps / 4, 6, True)), many)
+
+
+def test_trades_loss_is_natural_ce_plus_beta_kl(model_and_batch):
+    """trades: CE(f(x), y) + beta KL(p(x) || p(x_adv)) with x_adv from the KL attack (the TRADES
+    objective; a reversed KL or a CE on x_adv fails here)."""
+    _, x, y = model_and_batch
+    torch.manual_seed(0)
+    model = build_model(8, 8, 3, 10, ensemble=1, noise=0.0).eval()
+    atk = AttackConfig("pgd", 0.05, 0.02, 3, True)
+    torch.manual_seed(5)
+    loss = tradeoff_loss(model, x, y, "trades", atk, beta=2.5)
+    torch.manual_seed(5)
+    x_adv = trades_kl(model, x, 0.05, 0.02, 3)
+    kl = _kl_sum(model, x, x_adv) / len(x)
+    assert kl > 1e-4
+    natural = F.cross_entropy(model(x), y).item()
+    assert loss.item() == pytest.approx(natural + 2.5 * kl, rel=1e-4)
+    assert loss.requires_grad
+    torch.manual_seed(5)
+    default = tradeoff_loss(model, x, y, "trades", atk)  # beta = 6, TRADES' default
+    assert default.item() == pytest.approx(natural + 6.0 * kl, rel=1e-4)
+
+
+def test_unknown_loss_and_attack_are_refused(model_and_batch):
+    model, x, y = model_and_batch
+    with pytest.raises(ValueError, match="unknown loss 'nope'"):
+        tradeoff_loss(model, x, y, "nope", AttackConfig("pgd", 0.05, 0.02, 1, True))
+    with pytest.raises(ValueError, match="unknown attack 'nope'"):
+        perturb(model, x, y, AttackConfig("nope", 0.05, 0.02, 1, True))

@@ -40,6 +40,7 @@ def _cli_cases() -> dict[str, list[str]]:
     return cases
 
 
+@pytest.mark.slow  # end to end (subprocess or training); docs/testing.md
 def test_cli_refuses_unusable_device_with_one_line_and_writes_nothing(tmp_path):
     procs = {}
     for name, args in _cli_cases().items():

@@ -42,6 +42,7 @@ def test_non_dominated_mask_duplicates_all_kept():
 
 def test_non_dominated_mask_edge_cases():
     assert non_dominated_mask(np.zeros((0, 3))).shape == (0,)
+    assert non_dominated_mask([]).dtype == bool and non_dominated_mask([]).shape == (0,)
     np.testing.assert_array_equal(non_dominated_mask([[1.0, 2.0]]), [True])
     with pytest.raises(ValueError):
         non_dominated_mask([[np.nan, 1.0]])
@@ -69,6 +70,15 @@ def test_crowding_distance():
     dup = crowding_distance([[0.0, 1.0], [0.5, 0.5], [0.5, 0.5], [1.0, 0.0]])
     assert dup[1] == dup[2] and np.isfinite(dup[1])
     assert crowding_distance(np.zeros((0, 2))).shape == (0,)
+
+
+def test_crowding_distance_skips_objectives_without_a_finite_spread():
+    """An objective whose spread is zero or infinite adds nothing; the others still count."""
+    expected = [np.inf, 0.75, 0.75, np.inf]  # the second objective alone: (3 - 0) / 4, (4 - 1) / 4
+    np.testing.assert_array_equal(crowding_distance([[-np.inf, 0.0], [0.0, 1.0], [1.0, 3.0], [2.0, 4.0]]),
+                                  expected)
+    np.testing.assert_array_equal(crowding_distance([[0.0, 1.0], [0.0, 2.0], [0.0, 4.0], [0.0, 5.0]]),
+                                  [np.inf, 0.75, 0.75, np.inf])  # (4 - 1) / 4, (5 - 2) / 4
 
 
 def test_hypervolume_one_point_3d():
@@ -123,9 +133,13 @@ def test_hypervolume_ignores_points_not_strictly_dominating_reference():
 
 
 def test_hypervolume_input_validation():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError) as err:
         hypervolume([[0.5, 0.5]], reference=(0.0, 0.0, 0.0))
-    with pytest.raises(ValueError):
+    assert str(err.value) == "reference has 3 coordinates, points have 2 objectives"
+    with pytest.raises(ValueError) as err:
+        hypervolume([[0.5, 0.5, 0.5]], reference=(0.0, np.nan, 0.0))
+    assert str(err.value) == "reference contains NaN"
+    with pytest.raises(ValueError, match="points contains NaN"):
         hypervolume([[0.5, np.nan, 0.5]])
 
 
@@ -182,6 +196,11 @@ def test_feasible_mask_and_optuna_constraints_agree():
                     [0.9, 0.05, 0.2]])  # at the robust floor: feasible
     mask = feasible_mask(pts, f)
     assert mask.tolist() == [False, True, False, True]
+    assert feasible_mask(pts[1:2], f).tolist() == [True]  # one row is a set like any other
+    empty = feasible_mask([], f)
+    assert empty.dtype == bool and empty.shape == (0,)
+    # the sparsity floor counts too (>=): 0 for sweeps, but a floor is a floor
+    assert feasible_mask(pts, Floors(0.1, 0.05, 0.3)).tolist() == [False, False, False, False]
     for (c, r, _), ok in zip(pts, mask):
         assert all(v <= 0 for v in f.constraints(c, r).values()) == ok == f.feasible(c, r)
 

@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_throughput.py"
 
 
+@pytest.mark.slow  # end to end (subprocess or training); docs/testing.md
 def test_gpu_throughput_quick_on_cpu_prints_the_json_last():
     out = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick"],
                          capture_output=True, text=True, timeout=900, check=True).stdout

@@ -1,10 +1,12 @@
 """Group penalty / proximal step (algorithms.md 3.3) and the structure metrics (section 5)."""
 
+import copy
+
 import pytest
 import torch
 
 from trainables.config import QuantConfig
-from trainables.losses import GROUP_EPS, group_penalty, group_prox_
+from trainables.losses import GROUP_EPS, group_norms, group_penalty, group_prox_
 from trainables.metrics import channel_sparsity, structure_metrics, weight_sparsity
 from trainables.models import build_model
 from trainables.quant import model_bits, quantize_
@@ -33,6 +35,11 @@ def test_group_penalty_gradient(axis):
         norm = torch.sqrt((w.detach() ** 2).sum(DIMS[axis], keepdim=True) + 1e-8)
         assert torch.allclose(w.grad, w.detach() / norm, rtol=1e-10, atol=1e-12)
     assert fc.grad is None
+    # a single layer, and the default axis: groups are output filters
+    one = ws[0].detach()
+    assert group_penalty([one]).item() == pytest.approx(
+        torch.sqrt((one * one).sum((1, 2, 3)) + GROUP_EPS).sum().item(), rel=1e-12)
+    assert torch.equal(group_norms(one), group_norms(one, "out"))
     # the dead group gets a zero (not NaN) gradient thanks to the 1e-8
     assert torch.isfinite(ws[0].grad).all()
 
@@ -72,6 +79,7 @@ def test_weight_sparsity_counts_entries_over_all_layers():
     assert weight_sparsity([a, b]) == pytest.approx(19 / 80)
     assert weight_sparsity([torch.zeros(3, 3, 3, 3)]) == 1.0
     assert weight_sparsity([torch.ones(3, 3, 3, 3)]) == 0.0
+    assert weight_sparsity([]) == 0.0  # nothing quantized: no sparsity, not a division by zero
 
 
 def test_channel_sparsity_out_and_in_are_count_weighted():
@@ -92,6 +100,15 @@ def test_channel_sparsity_out_and_in_are_count_weighted():
     # a filter with one surviving weight is alive
     a[1, 0, 0, 0] = 0.1
     assert channel_sparsity([a], "out") == pytest.approx(0.25)
+    assert channel_sparsity([a]) == channel_sparsity([a], "out")  # groups are filters by default
+    # a 2-D (fully connected) weight has rows and columns too; 1-D tensors (biases) have none
+    fc = torch.randn(5, 6)
+    fc[2] = 0
+    fc[:, 4] = 0
+    bias = torch.zeros(7)
+    assert channel_sparsity([bias, fc], "out") == pytest.approx(1 / 5)
+    assert channel_sparsity([bias, fc], "in") == pytest.approx(1 / 6)
+    assert channel_sparsity([bias]) == 0.0 and channel_sparsity([]) == 0.0
 
 
 # ------------------------------------------------------------------------------------------
@@ -140,4 +157,113 @@ def test_structure_metrics_use_quantized_weights():
     with torch.no_grad():
         br.float_weights()[len(br.modules) // 2][3].mul_(1e-3)
     n_filters = sum(w.shape[0] for w in br.quantized_weights())
-    assert structure_metrics(model, br)["channel_sparsity"] == pytest.approx(1 / n_filters)
+    n_inputs = sum(w.shape[1] for w in br.quantized_weights())
+    s = structure_metrics(model, br)
+    assert s["channel_sparsity"] == pytest.approx(1 / n_filters)
+    assert s["channel_sparsity_in"] == 0.0
+    # and one input channel of a 3x3 conv (group_axis=in)
+    with torch.no_grad():
+        br.float_weights()[1][:, 2].mul_(1e-3)
+    s = structure_metrics(model, br)
+    assert s["channel_sparsity"] == pytest.approx(1 / n_filters)
+    assert s["channel_sparsity_in"] == pytest.approx(1 / n_inputs)
+
+
+# ------------------------------------------------------------------------------------------
+# accuracy and BN recalibration (the fast layer's own checks; the slow layer trains models)
+
+
+def _tiny_quantized(seed=0, bits=2):
+    torch.manual_seed(seed)
+    model = build_model(8, 4, 3, 10, ensemble=1, noise=0.0)  # no noise: every forward is the same
+    br = quantize_(model, QuantConfig(bits=bits))
+    br.start_epoch(0, 4)  # relaxed training weights: accuracy must still use proj(w)
+    return model, br
+
+
+def _predict(model, br, x):
+    model.eval()
+    with br.quantized(), torch.no_grad():
+        return model(x).argmax(1)
+
+
+def test_accuracy_is_the_quantized_eval_model_on_every_image():
+    from trainables.attacks import perturb
+    from trainables.config import AttackConfig
+    from trainables.metrics import accuracy
+
+    model, br = _tiny_quantized(seed=1)  # a seed whose untrained net an attack can fool
+    x = torch.rand(11, 3, 8, 8)
+    pred = _predict(model, br, x)
+    y = pred.clone()
+    y[6:] = (pred[6:] + 1) % 10  # exactly 6 of 11 right on clean inputs
+    with torch.no_grad():  # relaxed weights, or batch statistics, predict otherwise
+        assert not torch.equal(model(x).argmax(1), pred)
+        assert not torch.equal(copy.deepcopy(model).train()(x).argmax(1), pred)
+    fgsm = AttackConfig("fgsm", 0.2, 0.2, 1, False)
+    model.eval()
+    with br.quantized():
+        expected_fgsm = int((model(perturb(model, x, y, fgsm)).argmax(1) == y).sum()) / 11
+    model.train()
+    acc = accuracy(model, br, x, y, {"clean": None, "fgsm": fgsm}, batch_size=4)  # 4 + 4 + 3
+    assert list(acc) == ["clean", "fgsm"]
+    assert acc["clean"] == 6 / 11
+    assert acc["fgsm"] == expected_fgsm
+    assert acc["fgsm"] < acc["clean"]  # the attack ran
+    assert model.training and br.state.mode == "relaxed"  # the caller's mode and phase are back
+    # uint8 images are scaled by 1/255 batch by batch
+    x8 = (x * 255).round().to(torch.uint8)
+    y8 = _predict(model, br, x8.float() / 255)
+    model.train()
+    assert accuracy(model, br, x8, y8, {"clean": None}, batch_size=5) == {"clean": 1.0}
+    model.eval()
+    assert accuracy(model, br, x[:1], y[:1], {"clean": None}) == {"clean": 1.0}
+    assert not model.training  # eval stays eval
+    assert accuracy(model, br, x[:0], y[:0], {"clean": None}) == {"clean": 0.0}
+
+
+def _bn_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4, momentum=0.3))
+    br = quantize_(model, QuantConfig(bits=2))
+    br.start_epoch(0, 4)
+    return model, br
+
+
+def test_recalibrate_bn_is_the_average_over_batches_under_projected_weights():
+    from trainables.metrics import recalibrate_bn_
+
+    model, br = _bn_model()
+    bn = model[1]
+    batches = [torch.rand(6, 3, 5, 5) + i for i in range(3)]
+    proj = br.quantized_weights()[0]
+    outs = [torch.nn.functional.conv2d(xb, proj) for xb in batches]
+    mean = torch.stack([o.mean((0, 2, 3)) for o in outs]).mean(0)
+    var = torch.stack([o.var((0, 2, 3), unbiased=True) for o in outs]).mean(0)
+    bn.running_mean.fill_(5.0)  # stale statistics are reset, not averaged in
+    model.eval()
+    recalibrate_bn_(model, br, batches)
+    assert torch.allclose(bn.running_mean, mean, atol=1e-5)
+    assert torch.allclose(bn.running_var, var, atol=1e-4)
+    assert int(bn.num_batches_tracked) == 3
+    assert bn.momentum == 0.3 and not model.training and br.state.mode == "relaxed"
+    model.train()
+    recalibrate_bn_(model, br, batches[:1])
+    assert model.training
+    assert torch.allclose(bn.running_mean, outs[0].mean((0, 2, 3)), atol=1e-5)
+
+
+def test_bn_recalibrated_restores_the_training_buffers():
+    from trainables.metrics import bn_recalibrated
+
+    model, br = _bn_model()
+    bn = model[1]
+    model.train()
+    model(torch.rand(4, 3, 5, 5))  # training statistics, off their defaults
+    saved = {k: v.clone() for k, v in bn.named_buffers()}
+    batches = [torch.rand(6, 3, 5, 5) + 2.0]
+    proj_mean = torch.nn.functional.conv2d(batches[0], br.quantized_weights()[0]).mean((0, 2, 3))
+    with bn_recalibrated(model, br, batches):
+        assert torch.allclose(bn.running_mean, proj_mean, atol=1e-5)
+    for k, v in bn.named_buffers():
+        assert torch.equal(v, saved[k]), k

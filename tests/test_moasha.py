@@ -338,3 +338,172 @@ def test_constructor_validation():
     with pytest.raises(ValueError):
         MOASHAScheduler(OBJ, "max", max_t=8, tie_break="random")
     assert MOASHAScheduler(OBJ, "max", max_t=8).modes == ["max"] * 3
+
+
+# ----------------------------------------------------------------------- messages and plumbing
+# The scheduler's warnings and errors are its interface to the user (one clear line each), and
+# its state is what a resumed sweep continues from: both are checked exactly here.
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(metrics=[]), "metrics must name at least one objective"),
+    (dict(metrics=["a", "a"]), "duplicate metric names: ['a', 'a']"),
+    (dict(modes=["max", "max"]), "2 modes for 3 metrics"),
+    (dict(modes=["max", "up", "min"]), "modes must be 'max' or 'min'; got ['up']"),
+    (dict(grace_period=0), "grace_period must be positive"),
+    (dict(reduction_factor=1), "reduction_factor must be > 1"),
+    (dict(max_t=0), "max_t must be positive"),
+    (dict(max_t=None), "max_t must be positive"),
+    (dict(tie_break="random"), "tie_break 'random'; accepted: crowding, epsnet"),
+])
+def test_constructor_refuses_bad_arguments_with_one_clear_line(kw, message):
+    args = dict(metrics=OBJ, modes="max", max_t=8)
+    args.update(kw)
+    with pytest.raises(ValueError) as err:
+        MOASHAScheduler(**args)
+    assert str(err.value) == message
+
+
+def test_defaults_and_the_smallest_budget():
+    s = MOASHAScheduler(OBJ, "max", max_t=30)  # epoch, grace 1, eta 3
+    assert s.milestones == [1, 3, 9, 27]
+    tr = make_trial()
+    assert report(s, tr, 1, [0.5, 0.5, 0.5]) == CONTINUE and tr.trial_id in s.rung_records()[1]
+    assert MOASHAScheduler(OBJ, "max", max_t=1).milestones == []  # max_t = 1 is a budget
+
+
+def test_single_metric_and_mode_strings_are_accepted():
+    s = MOASHAScheduler("clean_acc", "min", max_t=8)
+    assert s.metrics == ["clean_acc"] and s.modes == ["min"] and s.metric == "clean_acc"
+    assert s._mode == "min"
+
+
+def test_no_rungs_is_warned_and_shown(caplog):
+    with caplog.at_level("WARNING", logger="search.moasha"):
+        s = MOASHAScheduler(OBJ, "max", grace_period=4, max_t=4)
+    assert s.milestones == []
+    assert caplog.messages == ["MOASHAScheduler: grace_period=4 >= max_t=4, so there are no rungs and "
+                               "no trial will be stopped early."]
+    assert s.debug_string() == ("Using MO-ASHA (clean_acc:max, robust_acc:max, channel_sparsity:max): "
+                                "num_stopped=0; no rungs")
+    assert report(s, make_trial(), 2, [0.0, 0.0, 0.0]) == CONTINUE
+
+
+def test_debug_string_counts_records_per_rung():
+    s = MOASHAScheduler(["acc", "loss"], ["max", "min"], grace_period=1, reduction_factor=3, max_t=27)
+    a, b = make_trial(), make_trial()
+    s.on_trial_result(None, a, {"epoch": 1, "acc": 0.9, "loss": 0.1})
+    s.on_trial_result(None, b, {"epoch": 1, "acc": 0.1, "loss": 0.9})  # stopped
+    s.on_trial_result(None, a, {"epoch": 3.5, "acc": 0.9, "loss": 0.1})
+    assert s.debug_string() == ("Using MO-ASHA (acc:max, loss:min): num_stopped=1; "
+                                "t>=1: 2 recorded | t>=3: 1 recorded | t>=9: 0 recorded")
+    assert s.decisions[-1] == {"trial_id": a.trial_id, "milestone": 3, "time": 3.5,
+                               "values": {"acc": 0.9, "loss": 0.1}, "position": 0, "n": 1,
+                               "n_keep": 1, "decision": CONTINUE}
+    # positions 0 .. n_keep - 1 continue: floor(n / eta) + 1 of n, exactly 2 of 3 at eta = 3
+    s.on_trial_result(None, make_trial(), {"epoch": 1, "acc": 0.5, "loss": 0.5})
+    assert [d["n_keep"] for d in s.decisions] == [1, 1, 1, 2]
+    assert [d["n"] for d in s.decisions] == [1, 2, 1, 3]
+
+
+def test_a_stop_is_logged_with_its_reasons(caplog):
+    s = make_sched(reduction_factor=2)
+    a, b = make_trial(), make_trial()
+    with caplog.at_level("INFO", logger="search.moasha"):
+        report(s, a, 1.5, [0.9, 0.9, 0.9])
+        report(s, make_trial(), 1, [0.8, 0.8, 0.8])
+        assert report(s, b, 1.5, [0.1, 0.1, 0.1]) == STOP
+    assert caplog.messages == [f"MOASHAScheduler: stopping trial {b.trial_id} at epoch=1.5 (rung 1, "
+                               "position 2, keep 2 of 3)"]
+
+
+def test_min_objectives_are_negated_not_rescaled():
+    """The eps-net measures Euclidean distances, so a 'min' objective must enter as -value, at
+    the scale of the 'max' ones (a rung found by search where a rescaled column decides otherwise)."""
+    prev = [[0.4, 0.1, 0.1], [0.6, 1.0, 0.3], [0.2, 0.6, 0.3], [0.0, 0.1, 0.9]]
+    new = [0.1, 0.6, 0.4]
+    signs = np.array([1.0, -1.0, 1.0])
+    expected = decide(np.array(prev) * signs, np.array(new) * signs, 2, "epsnet")
+    assert expected is False
+    s = make_sched(modes=["max", "min", "max"], tie_break="epsnet")
+    for vec in prev:
+        report(s, make_trial(), 1, vec)
+    assert report(s, make_trial(), 1, new) == STOP
+
+
+def test_missing_time_or_metric_is_warned_once_per_key(caplog):
+    s = make_sched()
+    tr = make_trial()
+    with caplog.at_level("WARNING", logger="search.moasha"):
+        for _ in range(2):
+            assert s.on_trial_result(None, tr, {"clean_acc": 0.1}) == CONTINUE
+            assert s.on_trial_result(None, tr, {"epoch": 1, "clean_acc": 0.1, "robust_acc": "x"}) == CONTINUE
+            assert s.on_trial_result(None, tr, {"epoch": 1, "clean_acc": 0.1, "robust_acc": 0.1}) == CONTINUE
+    assert caplog.messages == [
+        "MOASHAScheduler: result has no 'epoch'; no rung decision made.",
+        "MOASHAScheduler: result has no numeric 'robust_acc' (got 'x'); no rung decision made.",
+        "MOASHAScheduler: result has no numeric 'channel_sparsity' (got None); no rung decision made.",
+    ]
+    assert all(len(r) == 0 for r in s.rung_records().values())
+
+
+def test_set_search_properties_with_lists():
+    s = make_sched(modes=["max", "min", "max"])
+    assert s.set_search_properties(["clean_acc", "robust_acc"], ["max", "min"]) is True
+    assert s.set_search_properties(["clean_acc", "robust_acc"], None) is True
+    assert s.set_search_properties(["clean_acc", "robust_acc"], "max") is False  # robust_acc is min
+    assert s.set_search_properties(["clean_acc", "robust_acc"], ["max", "max"]) is False
+    assert s.set_search_properties(["clean_acc", "loss"], None) is False
+    assert s.set_search_properties("robust_acc", None) is True
+
+
+def test_the_scheduler_uses_its_tie_break():
+    """A rung where crowding keeps the newcomer and the eps-net stops it (found by search)."""
+    prev = [[0.4, 0.0, 0.1], [0.7, 0.6, 0.6], [0.4, 1.0, 1.0], [0.7, 0.7, 0.7]]
+    new = [0.4, 0.1, 0.7]
+    assert decide(prev, new, 2, "crowding") and not decide(prev, new, 2, "epsnet")
+    for tie_break, expected in (("crowding", CONTINUE), ("epsnet", STOP)):
+        s = make_sched(tie_break=tie_break)
+        for vec in prev:
+            report(s, make_trial(), 1, vec)
+        assert report(s, make_trial(), 1, new) == expected
+
+
+def test_set_state_checks_version_and_objectives_and_warns_on_other_rungs(caplog):
+    s, trials = _filled_scheduler()
+    state = s.get_state()
+    fresh = make_sched(grace_period=1, reduction_factor=3, max_t=8)
+    with pytest.raises(ValueError) as err:
+        fresh.set_state({**state, "version": 0})
+    assert str(err.value) == "unsupported MOASHAScheduler state version 0"
+    modes_only = make_sched(grace_period=1, reduction_factor=3, max_t=8, modes=["max", "max", "min"])
+    with pytest.raises(ValueError) as err:
+        modes_only.set_state(state)  # same metrics, another mode
+    assert str(err.value) == (
+        "saved MO-ASHA state is for metrics ['clean_acc', 'robust_acc', 'channel_sparsity'] / modes "
+        "['max', 'max', 'max'], this scheduler has ['clean_acc', 'robust_acc', 'channel_sparsity'] / "
+        "['max', 'max', 'min']")
+    with caplog.at_level("WARNING", logger="search.moasha"):
+        fresh.set_state(state)  # same rungs: nothing to say
+        assert caplog.messages == []
+        other = make_sched(grace_period=1, reduction_factor=2, max_t=8)  # rungs 1, 2, 4
+        other.set_state(state)
+    assert caplog.messages == ["MOASHAScheduler: restoring rungs [1, 3] into a scheduler configured "
+                               "with [1, 2, 4]; adopting the saved rungs."]
+    assert other.milestones == [1, 3] and other.rung_records() == s.rung_records()
+    assert other.stopped_trials == {trials[1].trial_id}
+
+
+def test_rung_position_and_decide_refuse_bad_shapes_with_one_line():
+    cases = [
+        (lambda: rung_position([[0.1, 0.2]], tie_break="random"), "tie_break 'random'; accepted: crowding, epsnet"),
+        (lambda: rung_position([]), "points must have shape (n, k), n >= 1; got (0,)"),
+        (lambda: rung_position([0.1, 0.2]), "points must have shape (n, k), n >= 1; got (2,)"),
+        (lambda: decide([[0.1, 0.2], [0.3, 0.4]], [0.1, 0.2, 0.3], 3),
+         "rung vectors of shape (2, 2) do not match a new vector of length 3"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value) == message
+    assert rung_position([[0.1, 0.2], [0.3, 0.4]], index=0) == 1  # index counts from the front too

@@ -11,6 +11,8 @@ from torch import nn
 from trainables.config import QuantConfig
 from trainables.models import build_model
 from trainables.quant import (
+    BinaryRelax,
+    _State,
     cached,
     project_binary,
     project_multibit,
@@ -114,6 +116,22 @@ def test_lloyd_iterations_never_raise_the_error(bits):
             assert after <= before * (1 + 1e-12)
         strictly_lower += errors[-1] < errors[0] * (1 - 1e-6)
     assert strictly_lower > 0  # the iterations do something
+
+
+def test_one_lloyd_step_by_default_and_the_second_one_refits():
+    """Default: one step (the reference's max-based grid and a least-squares scale); a second
+    step re-assigns to the nearest level of that scale and, on heavy-tailed weights, lowers the
+    error. A weight with a single non-zero entry is in the set at every width: it projects to itself."""
+    for seed in range(2):
+        w = torch.randn(4096, generator=_gen(seed), dtype=torch.float64) ** 3
+        one = project_multibit(w, 4)
+        assert torch.equal(one, project_multibit(w, 4, 1))
+        e1 = float(((one - w) ** 2).sum())
+        e2 = float(((project_multibit(w, 4, 2) - w) ** 2).sum())
+        assert e2 < e1 * (1 - 1e-3)
+    w = torch.tensor([0.0, -0.7, 0.0, 0.0], dtype=torch.float64)
+    for bits in range(2, 9):  # K = 1 at two bits: the level-1 entry must keep its scale
+        assert torch.allclose(project_multibit(w, bits), w, rtol=1e-12, atol=0), bits
 
 
 @pytest.mark.parametrize("config", [QuantConfig(bits=b) for b in (1, 2, 3, 4, 5, 6, 7, 8)]
@@ -258,10 +276,15 @@ def test_straight_through_gradient_single_conv():
     assert torch.allclose(conv.parametrizations.weight.original.grad, u.grad, atol=1e-6)
 
 
+def _schedule(**kw):
+    """A schedule handle without a model: the phase and lambda rules read only the config."""
+    return BinaryRelax(QuantConfig(bits=2, **kw), [], _State(lam=QuantConfig(**kw).lambda0))
+
+
 def test_phase2_epoch_rules():
     for epochs in range(1, 12):
         for start in (0.0, 0.1, 0.5, 0.6, 0.75, 0.9, 0.99):
-            _, br = _quantized_model(2, phase2_start=start)
+            br = _schedule(phase2_start=start)
             m = br.phase2_epoch(epochs)
             assert 0 <= m <= epochs - 1  # at least the last epoch is hard-quantized
             modes = []
@@ -269,7 +292,7 @@ def test_phase2_epoch_rules():
                 br.start_epoch(e, epochs)
                 modes.append(br.state.mode)
             assert modes == ["relaxed"] * m + ["quantized"] * (epochs - m)
-        _, br = _quantized_model(2, phase2_start=1.0)
+        br = _schedule(phase2_start=1.0)
         assert br.phase2_epoch(epochs) == epochs
         for e in range(epochs):
             br.start_epoch(e, epochs)
@@ -352,7 +375,77 @@ def test_binary_size_counts_the_zero_mask_a_deployed_file_stores():
         w.normal_()
         w[0, 0, 0, 0] = 0  # a scattered zero: a mask bit per entry (the ternary cost)
     assert model_bits(conv, br)[0] == 2 * n + 32
+    fc = torch.ones(5, 8)  # a binary fully connected layer (quantize_fc) with one zeroed row
+    fc[3] = 0
+    assert layer_bits(fc, 1) == 40 + 32 + 5
+    fc[:, 1] = 0  # zeros in a row and a column: one mask bit per entry
+    assert layer_bits(fc, 1) == 2 * 40 + 32
+    assert layer_bits(torch.tensor([1.0, 0.0, -1.0]), 1) == 3 + 32  # 1-D: no groups, signs only
     q = torch.zeros(6, 4, 3, 3)
     q[0] = 1.0
     for bits in (2, 4):  # zero is an ordinary level at 2+ bits
         assert layer_bits(q, bits) == bits * q.numel() + 32
+
+
+def test_export_state_dict_holds_the_projected_weights_under_plain_keys():
+    from trainables.quant import distinct_values, export_state_dict
+
+    model, br = _quantized_model(2, quantize_fc=True)
+    br.start_epoch(0, 4)  # relaxed: the export is still proj(w)
+    sd = export_state_dict(model, br)
+    assert not any("parametrizations" in k for k in sd)
+    plain = build_model(8, 4, 3, 10, 1, 0.0)
+    assert set(sd) == set(plain.state_dict())  # loads into an unquantized model as is
+    project = projector(br.config)
+    for name, m in br.modules:
+        w = m.parametrizations.weight.original.detach()
+        assert torch.equal(sd[f"{name}.weight"], project(w))
+        assert distinct_values(sd[f"{name}.weight"]) <= 3
+    for name, p in model.named_parameters():  # everything else is copied as it is
+        if "parametrizations" not in name:
+            assert torch.equal(sd[name], p.detach())
+    for name, b in model.named_buffers():
+        assert torch.equal(sd[name], b)
+    plain.load_state_dict(sd)
+    model.eval()
+    plain.eval()
+    x = torch.rand(2, 3, 8, 8)
+    with br.quantized(), torch.no_grad():
+        assert torch.allclose(plain(x), model(x), atol=1e-6)
+    conv = nn.Conv2d(2, 3, 3)  # a model that is itself the quantized layer: keys without a prefix
+    cbr = quantize_(conv, QuantConfig(bits=1))
+    csd = export_state_dict(conv, cbr)
+    assert set(csd) == {"weight", "bias"}
+    assert torch.equal(csd["weight"], project_binary(cbr.float_weights()[0].detach()))
+    assert distinct_values(torch.tensor([0.0, 1.0, 1.0, -1.0])) == 3
+
+
+def test_schedule_state_round_trips():
+    _, br = _quantized_model(2, phase2_start=0.5)
+    br.start_epoch(3, 4, 5)
+    br.start_step(2)
+    state = br.state_dict()
+    assert state == {"lam": br.lam, "mode": "quantized"}
+    _, other = _quantized_model(2, phase2_start=0.5)
+    assert other.state.mode == "relaxed" and other.lam != br.lam
+    other.load_state_dict({"lam": 7, "mode": "quantized"})
+    assert other.lam == 7.0 and isinstance(other.lam, float) and other.state.mode == "quantized"
+    other.load_state_dict(state)
+    assert other.state_dict() == state
+
+
+def test_layer_selection_follows_the_flags():
+    """depth 8: a stem, three blocks of two 3x3 convolutions, two 1x1 shortcuts (the widening
+    blocks) and a classifier, per ensemble member."""
+    def chosen(**kw):
+        torch.manual_seed(0)
+        model = build_model(8, 4, 3, 10, 2, 0.0)
+        mods = [m for _, m in quantize_(model, QuantConfig(bits=2, **kw)).modules]
+        return (sum(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) for m in mods),
+                sum(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) for m in mods),
+                sum(isinstance(m, nn.Linear) for m in mods), len(mods))
+
+    assert chosen() == (14, 0, 0, 14)
+    assert chosen(quantize_stem=False) == (12, 0, 0, 12)
+    assert chosen(quantize_shortcut=True) == (14, 4, 0, 18)
+    assert chosen(quantize_fc=True) == (14, 0, 2, 16)

@@ -62,6 +62,7 @@ class InputQuantizer(nn.Module):
         return self.net(torch.round(x * 4) / 4)
 
 
+@pytest.mark.slow  # end to end (subprocess or training); docs/testing.md
 def test_attacks_stay_in_the_ball_and_the_box(trained):
     run, x, y = trained
     x, y = x[:24], y[:24]
@@ -80,6 +81,7 @@ def test_attacks_stay_in_the_ball_and_the_box(trained):
             assert not xa.requires_grad
 
 
+@pytest.mark.slow  # end to end (subprocess or training); docs/testing.md
 def test_autoattack_rand_is_not_weaker_than_pgd20(trained):
     run, x, y = trained
     cfg = StrongEvalConfig(square=False, sanity=False, eot_pgd=False, seed=5)  # AA at its defaults

@@ -156,6 +156,7 @@ def _tensors(obj) -> list[torch.Tensor]:
     return [t for t in tree_leaves(obj) if isinstance(t, torch.Tensor)]
 
 
+@pytest.mark.slow  # end to end (subprocess or training); docs/testing.md
 @pytest.mark.parametrize("over", [{}, {"channels_last": True, "loss": "trades", "group_mode": "prox"}],
                          ids=["mix-penalty", "trades-prox-channels-last"])
 def test_standin_run_has_no_mismatch_and_keeps_the_sync_budget(over):

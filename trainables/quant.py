@@ -329,7 +329,7 @@ def export_state_dict(model: nn.Module, br: BinaryRelax) -> dict[str, torch.Tens
                 continue
             out[f"{name}.{pname}" if name else pname] = p.detach().cpu().clone()
         if parametrize.is_parametrized(m, "weight") or id(m) in q:
-            out[f"{name}.weight"] = q[id(m)].cpu().clone()
+            out[f"{name}.weight" if name else "weight"] = q[id(m)].cpu().clone()
     return out
 
 
