@@ -78,6 +78,17 @@ class AskAhead:
             out, self._ready = self._ready, None
             return out
 
+    def get(self) -> Any:
+        """The next result: the ready one, else the one being sampled (asked for now if need be),
+        waiting for it."""
+        with self._cv:
+            if self._ready is None and self._error is None and not self._busy:
+                self._wanted = self._busy = True
+                self._cv.notify_all()
+            while self._ready is None and self._error is None:
+                self._cv.wait()
+        return self.take()
+
     def peek(self) -> Any:
         with self._cv:
             return self._ready
@@ -102,8 +113,11 @@ class AskAhead:
 class ParetoSearch(OptunaSearch):
     """With `total` (the sweep's trial count), each trial's configuration is sampled ahead on a
     background thread (`AskAhead`) as soon as the previous one is handed to Tune, never more
-    than `total`; `suggest` returns None ("not ready, ask again": Tune does, at its next step)
-    in the rare case the sample is not done yet. Without `total`, sampling is synchronous."""
+    than `total`. When none is ready (the first trials, which Tune asks for together, or a trial
+    that ends before the next sample is done) `suggest` waits for it: returning None ("not ready")
+    instead would leave Tune below the sweep's concurrency until its next event (measured: an
+    autoscaling sweep of short trials then ran them one at a time). Without `total`, sampling is
+    synchronous."""
 
     def __init__(self, space: Space, sampler: optuna.samplers.BaseSampler, study_name: str,
                  storage: optuna.storages.BaseStorage, objectives: tuple[str, ...] = OBJECTIVES,
@@ -153,9 +167,9 @@ class ParetoSearch(OptunaSearch):
             ahead = self._ahead()
             got = ahead.take()
             if got is None:
-                if self._more_to_ask():
-                    ahead.request()
-                return None
+                if not self._more_to_ask():
+                    return None  # every trial of the sweep is asked for
+                got = ahead.get()
             self._ot_trials[trial_id], flat = got
             params = unflatten_dict(flat)
             if self._more_to_ask():

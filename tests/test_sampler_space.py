@@ -155,3 +155,15 @@ def test_ask_ahead_asks_exactly_total_and_survives_a_save(tmp_path):
     assert again.suggest("t3") is None  # total reached: nothing more is asked
     trials = again.study.trials
     assert len(trials) == 3 and [t.user_attrs["ray_trial_id"] for t in trials] == ["t0", "t1", "t2"]
+
+
+def test_ask_ahead_never_leaves_tune_waiting():
+    """Tune asks for its first trials back to back: each gets a configuration at once. A None
+    ("not ready") would keep the sweep below its concurrency until Tune's next event: an
+    autoscaling sweep of short trials then ran them one at a time."""
+    space = load_space("paper").pin({"dataset": "digits"})
+    s = ParetoSearch(space, make_sampler("tpe", 0, 4), "b", optuna.storages.InMemoryStorage(), total=4)
+    got = [s.suggest(f"t{i}") for i in range(4)]
+    assert all(g is not None for g in got), got
+    assert s.suggest("t4") is None  # total reached
+    assert [t.user_attrs["ray_trial_id"] for t in s.study.trials] == ["t0", "t1", "t2", "t3"]

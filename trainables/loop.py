@@ -78,6 +78,10 @@ class Run:
         ).to(self.device, memory_format=self.memory_format)
         self.br: BinaryRelax = quantize_(self.model, cfg.quant)
         # what the passes call; the state (checkpoints, export) stays with self.model
+        if cfg.compile:
+            from .quant import exclude_from_compile
+
+            exclude_from_compile()
         self.net: torch.nn.Module = torch.compile(self.model) if cfg.compile else self.model
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,

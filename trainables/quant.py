@@ -118,6 +118,15 @@ class _State:
     mode: str = "relaxed"  # relaxed | quantized
 
 
+def exclude_from_compile() -> None:
+    """Keep the BR target eager under torch.compile. Done when --compile is used, not at import:
+    `torch.compiler.disable` at class definition imports dynamo in every process that imports
+    this module (every Ray trial), and wraps every eager call."""
+    if not getattr(_BRWeight.target, "_brs_eager", False):
+        _BRWeight.target = torch.compiler.disable(_BRWeight.target)
+        _BRWeight.target._brs_eager = True
+
+
 class _BRWeight(nn.Module):
     """u = target(w) (relaxed or projected), with a straight-through gradient to w.
 
@@ -144,12 +153,11 @@ class _BRWeight(nn.Module):
                 p = (w.detach() + lam * p) / (1.0 + lam)
         return p
 
-    @torch.compiler.disable
     def target(self, w: torch.Tensor) -> torch.Tensor:
-        """Left out of torch.compile (--compile): the key reads Python state that changes every
-        step (lam, the cache generation, the weight's address) and each layer has its own shape,
-        so a traced target recompiled each step until dynamo's recompile limit (measured on CPU,
-        docs/benchmarks.md); it runs once per layer per cached block, eager costs little."""
+        """Left out of torch.compile (--compile; see `exclude_from_compile`): the key reads Python
+        state that changes every step (lam, the cache generation, the weight's address) and each
+        layer has its own shape, so a traced target recompiled each step until dynamo's recompile
+        limit (measured on CPU, docs/benchmarks.md); it runs once per layer per cached block."""
         if _GLOBAL_CACHE[0] <= 0:
             self._key = self._target = None
             return self._compute_target(w)
