@@ -85,8 +85,12 @@ def run_sweep(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from search.callbacks import NoRetryOnDivergence, ProgressCallback
     from search.pareto import build_parser, build_tuner, prepare
     from search.results import front_frame, trials_frame, write_tables
-    from search.sweep_logging import finish_logging
-    from search.tracking import MLflowSweepCallback, get_or_create_experiment, start_parent_run
+    from search.tracking import (
+        MLflowSweepCallback,
+        finish_parent_run,
+        get_or_create_experiment,
+        start_parent_run,
+    )
 
     d = tmp / f"n{n}"
     cli = ["--name", f"scale{n}", "--trials", str(n), "--epochs", str(args.epochs), "--scheduler", "moasha",
@@ -94,20 +98,12 @@ def run_sweep(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
            "--max-concurrent", str(args.concurrent), "--quiet"]
     plan = prepare(build_parser().parse_args(cli))
     plan.state_dir.mkdir(parents=True, exist_ok=True)
-    for attempt in range(8):  # Ray gives its raylet 30 s to register: too little on a loaded 2-core machine
-        try:
-            ray.init(address="local", num_cpus=args.concurrent, include_dashboard=False, log_to_driver=False)
-            break
-        except Exception as e:  # noqa: BLE001 - "The current node timed out during startup"
-            ray.shutdown()
-            if attempt == 7 or "timed out during startup" not in str(e):
-                raise
-            print(f"ray.init: {e}; again", file=sys.stderr, flush=True)
+    ray.init(address="local", num_cpus=args.concurrent, include_dashboard=False, log_to_driver=False)
     try:
         client = MlflowClient(plan.tracking_uri)
         exp_id = get_or_create_experiment(client, "brsearch", plan.tracking_uri)
         parent = start_parent_run(client, exp_id, plan.name, {"trials": n}, {})
-        callbacks = [MLflowSweepCallback(plan.tracking_uri, exp_id, parent, plan.name, floors=plan.floors),
+        callbacks = [MLflowSweepCallback(plan.tracking_uri, exp_id, parent, plan.name),
                      ProgressCallback(n), NoRetryOnDivergence()]
         tuner = build_tuner(plan, args.concurrent, 0.0, callbacks, reuse_actors=True,
                             trainable=tune.with_resources(synthetic_trainable, {"cpu": 1}))
@@ -117,32 +113,25 @@ def run_sweep(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             if prof:
                 prof.enable()
             tuner.fit()
-            l_fit, w_fit = loop_s(), time.perf_counter()
-            analysis = tune.ExperimentAnalysis(plan.exp_dir)  # what search.pareto.run does after fit
-            df = trials_frame(analysis.trials, plan.floors)
+            trials = tune.ExperimentAnalysis(plan.exp_dir).trials
+            l_fit = loop_s()
+            df = trials_frame(trials)
             front = front_frame(df)
             files = write_tables(Path(plan.exp_dir), df, front)
-            unsent = finish_logging(
-                tracking_uri=plan.tracking_uri, experiment_id=exp_id, parent_run_id=parent, sweep=plan.name,
-                analysis=analysis, trials_df=df, front_df=front, files=files, status="FINISHED",
-                cpus_per_trial=1.0, gpus_per_trial=0.0, floors=plan.floors, reference=plan.floors.reference,
-                register=None, patience_s=600.0, replay_first=False, resume_hint="")
+            finish_parent_run(client, parent, exp_id, df, front, files)
             if prof:
                 prof.disable()
         cpu, loop, wall, books = cpu_s() - c0, loop_s() - l0, time.perf_counter() - w0, loop_s() - l_fit
-        end_wall = time.perf_counter() - w_fit
     finally:
         ray.shutdown()
     results = sum(len(f.read_text().splitlines()) for f in Path(plan.exp_dir).glob("trial_*/result.json"))
     out = {"trials": n, "results": results, "driver_loop_cpu_s": round(loop, 2), "bookkeeping_cpu_s": round(books, 2),
-           "driver_process_cpu_s": round(cpu, 2), "wall_s": round(wall, 1), "end_wall_s": round(end_wall, 1),
+           "driver_process_cpu_s": round(cpu, 2), "wall_s": round(wall, 1),
            "driver_ms_per_result": round(1000 * loop / max(1, results), 2),
            "process_ms_per_result": round(1000 * cpu / max(1, results), 2),
-           "completed": int((df["status"] == "completed").sum()), "stopped": int((df["status"] == "stopped").sum()),
-           "mlflow_unsent": bool(unsent)}
+           "completed": int((df["status"] == "completed").sum()), "stopped": int((df["status"] == "stopped").sum())}
     print(json.dumps(out), flush=True)
-    if prof:  # where the loop thread's time goes (wall time of this thread: waits included)
-        prof.dump_stats(str(tmp.parent / f"driver-scale-n{n}.pstats"))
+    if prof:  # where the loop's time goes (cumulative, this thread only)
         pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(args.profile)
     return out
 
@@ -160,18 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ["BRSEARCH_SYNTHETIC_SLEEP"] = str(args.sleep)  # read by the trial processes
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # the raylet gives Ray's dashboard agent a few seconds to start, and dies when it is late: it
-    # often is on a loaded 2-core machine under nice (read by the raylet from its environment)
-    os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
     os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH", "")) if x)
     tmp = Path(tempfile.mkdtemp(prefix="driver-scale-"))
-    # imports the bookkeeping needs (pandas, pyarrow, matplotlib...) happen once per process: done
-    # here, so that neither size pays them (they would flatter the growth, paid by the first only)
-    import matplotlib.pyplot  # noqa: F401
-
-    import search.pareto  # noqa: F401
-    import search.results  # noqa: F401
-    import search.sweep_logging  # noqa: F401
     t0 = time.perf_counter()
     try:
         small = run_sweep(args.small, args, tmp)

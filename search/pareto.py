@@ -369,7 +369,7 @@ def build_tuner(plan: Plan, max_concurrent: int, gpus: float, callbacks: list[An
     args = plan.args
     storage = open_study_storage(plan.state.study_spec())
     searcher = ParetoSearch(plan.space, make_sampler(args.sampler, args.seed, max_concurrent), plan.name, storage,
-                            floors=plan.floors, total=args.trials)
+                            floors=plan.floors)
     callbacks = list(callbacks)
     scheduler = None
     if args.scheduler == "moasha":

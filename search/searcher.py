@@ -13,16 +13,11 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
-import threading
 import warnings
-from collections.abc import Callable
-from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
-from ray.tune.utils.util import unflatten_dict
 
 from .objectives import OBJECTIVES, SAMPLERS, Floors  # noqa: F401  (re-exported: the names callers know)
 from .space import Space
@@ -48,108 +43,16 @@ def make_sampler(name: str, seed: int, max_concurrent: int) -> optuna.samplers.B
     raise ValueError(f"unknown sampler {name!r}")
 
 
-class AskAhead:
-    """Runs `fn` (ask Optuna for a trial and sample its configuration) on one background thread,
-    one result ahead. Why: TPE's sampling reads every trial of the study in Python (about 35 ms
-    a trial at 1,000 trials on a 2-core machine, growing with the study), and Tune's driver
-    loop, which processes every result of every trial, would wait for it."""
-
-    def __init__(self, fn: Callable[[], Any], lock: threading.Lock, ready: Any = None) -> None:
-        self.fn, self.lock = fn, lock
-        self._cv = threading.Condition()
-        self._ready, self._error = ready, None
-        self._wanted = self._busy = False
-        self._thread = threading.Thread(target=self._loop, name="optuna-ask-ahead", daemon=True)
-        self._thread.start()
-
-    def request(self) -> None:
-        """Sample the next result, unless one is ready or being sampled."""
-        with self._cv:
-            if self._ready is None and not self._busy:
-                self._wanted = self._busy = True
-                self._cv.notify_all()
-
-    def take(self) -> Any:
-        """The ready result (then gone), or None; raises what the sampling raised."""
-        with self._cv:
-            if self._error is not None:
-                err, self._error = self._error, None
-                raise err
-            out, self._ready = self._ready, None
-            return out
-
-    def get(self) -> Any:
-        """The next result: the ready one, else the one being sampled (asked for now if need be),
-        waiting for it."""
-        with self._cv:
-            if self._ready is None and self._error is None and not self._busy:
-                self._wanted = self._busy = True
-                self._cv.notify_all()
-            while self._ready is None and self._error is None:
-                self._cv.wait()
-        return self.take()
-
-    def peek(self) -> Any:
-        with self._cv:
-            return self._ready
-
-    def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not self._wanted:
-                    self._cv.wait()
-                self._wanted = False
-            out, err = None, None
-            try:
-                with self.lock:
-                    out = self.fn()
-            except Exception as e:  # noqa: BLE001 - re-raised in the driver loop by take()
-                err = e
-            with self._cv:
-                self._ready, self._error, self._busy = out, err, False
-                self._cv.notify_all()
-
-
 class ParetoSearch(OptunaSearch):
-    """With `total` (the sweep's trial count), each trial's configuration is sampled ahead on a
-    background thread (`AskAhead`) as soon as the previous one is handed to Tune, never more
-    than `total`. When none is ready (the first trials, which Tune asks for together, or a trial
-    that ends before the next sample is done) `suggest` waits for it: returning None ("not ready")
-    instead would leave Tune below the sweep's concurrency until its next event (measured: an
-    autoscaling sweep of short trials then ran them one at a time). Without `total`, sampling is
-    synchronous."""
-
     def __init__(self, space: Space, sampler: optuna.samplers.BaseSampler, study_name: str,
                  storage: optuna.storages.BaseStorage, objectives: tuple[str, ...] = OBJECTIVES,
-                 floors: Floors | None = None, total: int | None = None) -> None:
+                 floors: Floors | None = None) -> None:
         self._brs_space = space
         self.floors = floors
-        self.total = total
         super().__init__(space=space.suggest, metric=list(objectives), mode=["max"] * len(objectives),
                          sampler=sampler, study_name=study_name, storage=storage)
         self.pruned: set[str] = set()
         self.diverged: dict[str, str] = {}  # trial id -> reason (non-finite loss or weights)
-
-    def __getstate__(self) -> dict[str, Any]:  # Tune pickles the searcher with the Tuner too
-        return {k: v for k, v in self.__dict__.items() if k not in ("_brs_ahead", "_brs_lock")}
-
-    # --- sampling ahead (the thread and its lock are not pickled; a sample ready at a save is) --
-    def _lock(self) -> threading.Lock:
-        if "_brs_lock" not in self.__dict__:
-            self._brs_lock = threading.Lock()
-        return self._brs_lock
-
-    def _ahead(self) -> AskAhead:
-        if "_brs_ahead" not in self.__dict__:
-            self._brs_ahead = AskAhead(self._ask_one, self._lock(), self.__dict__.pop("_brs_ready", None))
-        return self._brs_ahead
-
-    def _ask_one(self) -> tuple[Any, dict]:
-        ot = self._ot_study.ask()
-        return ot, self._suggest_from_define_by_run_func(self._space, ot)
-
-    def _more_to_ask(self) -> bool:
-        return getattr(self, "total", None) is not None and len(self._ot_trials) < self.total
 
     def _setup_study(self, mode: str | list) -> None:
         """Name the study's objectives, so optuna-dashboard and `optuna.load_study` show
@@ -161,19 +64,7 @@ class ParetoSearch(OptunaSearch):
                 self._ot_study.set_metric_names(list(self._metric))
 
     def suggest(self, trial_id: str) -> dict | None:
-        if getattr(self, "total", None) is None or trial_id in self._ot_trials or not callable(self._space):
-            params = super().suggest(trial_id)
-        else:
-            ahead = self._ahead()
-            got = ahead.take()
-            if got is None:
-                if not self._more_to_ask():
-                    return None  # every trial of the sweep is asked for
-                got = ahead.get()
-            self._ot_trials[trial_id], flat = got
-            params = unflatten_dict(flat)
-            if self._more_to_ask():
-                ahead.request()  # the next trial's, while this one trains
+        params = super().suggest(trial_id)
         ot = self._ot_trials.get(trial_id)
         if ot is not None:
             ot.set_user_attr("ray_trial_id", trial_id)
@@ -228,20 +119,9 @@ class ParetoSearch(OptunaSearch):
     def study(self) -> optuna.Study:
         return self._ot_study
 
-    def save(self, checkpoint_path: str) -> None:
-        """OptunaSearch's pickle, taken with no sampling in flight (the sampler and study are in
-        it), with a sample that is ready but not handed out yet (`_brs_ready`)."""
-        with self._lock():
-            state = {k: v for k, v in self.__dict__.items() if k not in ("_brs_ahead", "_brs_lock")}
-            if "_brs_ahead" in self.__dict__:
-                state["_brs_ready"] = self._brs_ahead.peek()
-            with open(checkpoint_path, "wb") as f:
-                pickle.dump(state, f)
-
     def restore(self, checkpoint_path: str) -> None:
         """`Tuner.restore` (`--resume`): reload the pickled state, then settle the Optuna trials a
         crash left RUNNING that Tune will not continue."""
-        self.__dict__.pop("_brs_ahead", None)  # a sampler thread of this object's past, if any
         super().restore(checkpoint_path)
         self.__dict__.setdefault("diverged", {})
         n = self.reconcile_orphans()
@@ -252,9 +132,6 @@ class ParetoSearch(OptunaSearch):
         """After a restore: Optuna trials left RUNNING that Tune no longer tracks become FAIL, so
         samplers (TPE's constant liar especially) stop treating them as pending forever."""
         live = {t.number for tid, t in self._ot_trials.items() if tid not in self._completed_trials}
-        ready = self.__dict__.get("_brs_ready")
-        if ready is not None:  # asked ahead before the save: handed to the next trial Tune starts
-            live.add(ready[0].number)
         n = 0
         for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t.number not in live:

@@ -3,11 +3,11 @@
 Everything lives under the storage path, so a sweep resumes from any machine that reaches it
 (after `ray down` / `ray up`, or from another working directory):
 
-* a directory, local or shared (NFS, CIFS, Lustre, a FUSE mount...):
-  `<storage>/<name>/brsearch/{sweep.json,optuna.journal}`. The study is an Optuna journal file
-  that only the driver writes (`search.study_storage.DriverJournal`): kept in memory, appended at
-  each Tune experiment checkpoint under Optuna's symlink lock, which Optuna documents as safe on
-  NFS (sqlite's file locking is not). A sweep started before the journal keeps its `optuna.db`;
+* a directory on local disk: `<storage>/<name>/brsearch/{sweep.json,optuna.db}` (sqlite: one
+  writer, the driver);
+* a shared directory (NFS, CIFS, Lustre, a FUSE mount...): the study is an Optuna
+  `JournalStorage` file, `optuna.journal`, with a symlink lock, which Optuna documents as safe
+  there; sqlite's file locking is not;
 * `s3://`, `gs://`: the driver keeps the state in a local mirror (`$BRSEARCH_STATE_CACHE`, default
   `~/.cache/brsearch`) and uploads it to `<storage>/<name>/brsearch/` at each Tune experiment
   checkpoint (`StateSync`), before Tune uploads its own; `--resume` downloads it first;
@@ -29,6 +29,8 @@ from typing import Any
 
 STATE_DIR = "brsearch"  # our own files inside the experiment directory
 RECORD = "sweep.json"
+NETWORK_FS = ("nfs", "nfs4", "cifs", "smbfs", "smb3", "lustre", "glusterfs", "ceph", "fuse", "9p", "gpfs",
+              "beegfs", "afs", "efs", "virtiofs")
 STATE_FILES = ("sweep.json", "optuna.db", "optuna.journal")
 
 
@@ -40,6 +42,28 @@ def join_uri(base: str, *parts: str) -> str:
     """base/part/... keeping a ?query (endpoint_override=... for S3-compatible servers) at the end."""
     root, q, query = base.partition("?")
     return "/".join([root.rstrip("/"), *parts]) + (q + query)
+
+
+def network_fs(path: Path, mounts: str | None = None) -> str | None:
+    """The file-system type when `path` is on a network/shared mount (by /proc/mounts, longest
+    mount point first), else None."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return None
+    p = str(Path(os.path.abspath(path)))
+    best, kind = "", None
+    for line in mounts.splitlines():
+        f = line.split()
+        if len(f) < 3:
+            continue
+        mnt = f[1].replace("\\040", " ")
+        if (p == mnt or p.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+            best, kind = mnt, f[2]
+    if kind and (kind in NETWORK_FS or kind.startswith(("fuse.", "nfs"))):
+        return kind
+    return None
 
 
 def mirror_dir(remote_state_dir: str) -> Path:
@@ -93,9 +117,9 @@ class SweepState:
             return study_spec_from_flag(self.study_storage)
         if self.remote:
             return {"mirror": self.remote_dir}
-        if (self.dir / "optuna.db").exists() and not (self.dir / "optuna.journal").exists():
-            return {"sqlite": str(self.dir / "optuna.db")}  # a sweep started before the journal
-        return {"driver_journal": str(self.dir / "optuna.journal")}
+        if network_fs(Path(self.storage)):
+            return {"journal": str(self.dir / "optuna.journal")}
+        return {"sqlite": str(self.dir / "optuna.db")}
 
     # remote file access (pyarrow) --------------------------------------------------------------
     def _fs(self, uri: str) -> tuple[Any, str]:

@@ -79,19 +79,12 @@ class SweepLogger:
         self.client = MlflowClient(tracking_uri)
         self.runs: dict[str, str] = {}  # ray trial id -> mlflow run id
         self.last_step: dict[str, int] = {}  # the last epoch in MLflow, per trial
-        # runs this logger created and has not ended: their state is known here (RUNNING, no
-        # metrics before the ones sent from here), so it is not asked for
-        self.created: set[str] = set()
-        self._tried: set[str] = set()  # trial ids whose run creation was attempted
         self.models: dict[str, str] = {}  # ray trial id -> logged model id
         self.queue = BackgroundQueue()
 
     # --- queued from the driver loop --------------------------------------------------------
-    def trial_started(self, trial_id: str, name: str, config: dict[str, Any], running: bool = True,
-                      new: bool = False) -> None:
-        """`new`: a trial id Tune made in this process for a sweep this process started, so no run
-        can exist for it yet (unless an earlier attempt of this operation made one)."""
-        self.queue.submit(self._ensure_run, trial_id, name, dict(config), running, new, label=f"start {trial_id}")
+    def trial_started(self, trial_id: str, name: str, config: dict[str, Any], running: bool = True) -> None:
+        self.queue.submit(self._ensure_run, trial_id, name, dict(config), running, label=f"start {trial_id}")
 
     def trial_result(self, trial_id: str, step: int, metrics: list[Metric]) -> None:
         self.queue.submit(self._log_result, trial_id, step, metrics, label=f"result {trial_id}/{step}")
@@ -108,10 +101,10 @@ class SweepLogger:
         self.queue.submit(fn, *args, label=label)
 
     # --- on the background thread -----------------------------------------------------------
-    def _run_id(self, trial_id: str, name: str = "", config: dict[str, Any] | None = None, new: bool = False) -> str:
+    def _run_id(self, trial_id: str, name: str = "", config: dict[str, Any] | None = None) -> str:
         rid = self.runs.get(trial_id)
         if rid is None:
-            found = [] if new and trial_id not in self._tried else self.client.search_runs(
+            found = self.client.search_runs(
                 [self.experiment_id],
                 filter_string=f"tags.ray_trial_id = '{trial_id}' and tags.mlflow.parentRunId = '{self.parent_run_id}'",
                 max_results=1,
@@ -119,23 +112,20 @@ class SweepLogger:
             if found:
                 rid = found[0].info.run_id
             else:
-                self._tried.add(trial_id)
-                run = self.client.create_run(  # RUNNING
+                run = self.client.create_run(
                     self.experiment_id, run_name=name or trial_id,
                     tags={"mlflow.parentRunId": self.parent_run_id, "ray_trial_id": trial_id,
                           "sweep": self.sweep, "brsearch.status": "running"},
                 )
                 rid = run.info.run_id
-                self.created.add(trial_id)
-                self.last_step.setdefault(trial_id, 0)
                 if config:
                     self.client.log_batch(rid, params=_flat_params(config))
             self.runs[trial_id] = rid
         return rid
 
-    def _ensure_run(self, trial_id: str, name: str, config: dict[str, Any], running: bool, new: bool = False) -> None:
-        rid = self._run_id(trial_id, name, config, new)
-        if running and trial_id not in self.created:  # (a run created here is RUNNING)
+    def _ensure_run(self, trial_id: str, name: str, config: dict[str, Any], running: bool) -> None:
+        rid = self._run_id(trial_id, name, config)
+        if running:
             self.client.update_run(rid, status="RUNNING")
 
     def _logged_step(self, trial_id: str, run_id: str) -> int:
@@ -162,9 +152,8 @@ class SweepLogger:
                                   config, checkpoint, step)
             if mid:
                 self.models[trial_id] = mid
-        if trial_id in self.created or self.client.get_run(rid).info.status in ("RUNNING", "SCHEDULED"):
+        if self.client.get_run(rid).info.status in ("RUNNING", "SCHEDULED"):
             self.client.set_terminated(rid, "FAILED" if status == "failed" else "FINISHED")
-            self.created.discard(trial_id)  # ended: a restart of the trial sets it RUNNING again
 
     def _log_parent(self, metrics: list[Metric]) -> None:
         self.client.log_batch(self.parent_run_id, metrics=metrics)
@@ -215,7 +204,6 @@ class MLflowSweepCallback(Callback):
         self.points: dict[str, list[float]] = {}  # completed trials' objective vectors
         self.epochs_consumed = 0
         self.hv_step = 0
-        self.new_sweep = True  # built by the driver of a new sweep; False once unpickled (a restore)
 
     @property
     def logger(self) -> SweepLogger:
@@ -238,13 +226,8 @@ class MLflowSweepCallback(Callback):
         d.pop("_front", None)
         return d
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.new_sweep = False  # a restored sweep: runs may exist for its trial ids
-
-
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.logger.trial_started(trial.trial_id, str(trial), trial.config, new=getattr(self, "new_sweep", False))
+        self.logger.trial_started(trial.trial_id, str(trial), trial.config)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         step = int(result.get("epoch", result.get("training_iteration", 0)))

@@ -73,11 +73,10 @@ def test_stopped_trials_in_trials_parquet(sweep):
 
 
 def test_stopped_trials_are_pruned_in_optuna(sweep):
+    import optuna
     from optuna.trial import TrialState
 
-    from search.study_storage import load_sweep_study
-
-    study = load_sweep_study(sweep["exp"] / "brsearch", NAME)
+    study = optuna.load_study(study_name=NAME, storage=f"sqlite:///{sweep['exp'] / 'brsearch' / 'optuna.db'}")
     state = {t.user_attrs["ray_trial_id"]: t for t in study.trials}
     assert set(state) == sweep["stopped"] | sweep["completed"]
     for tid in sweep["stopped"]:

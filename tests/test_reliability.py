@@ -168,20 +168,10 @@ def mlflow_runs(tracking_uri: str, parent: str):
 
 
 def optuna_trials(exp_dir: Path, name: str):
-    from search.study_storage import load_sweep_study
+    import optuna
 
-    return load_sweep_study(exp_dir / "brsearch", name).get_trials(deepcopy=False)
-
-
-def optuna_asked(exp_dir: Path, name: str) -> list[str | None] | None:
-    """The ray trial id of each trial in the stored study (None before it was set), read while
-    the driver may be appending; None while there is no study yet."""
-    if not (exp_dir / "brsearch" / "optuna.journal").exists():
-        return None
-    try:
-        return [t.user_attrs.get("ray_trial_id") for t in optuna_trials(exp_dir, name)]
-    except (KeyError, ValueError):  # the study is not in the file yet
-        return None
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{exp_dir / 'brsearch' / 'optuna.db'}")
+    return study.get_trials(deepcopy=False)
 
 
 def free_port() -> int:
@@ -201,6 +191,7 @@ def test_driver_sigkill_then_resume(tmp_path):
             "--storage-path", str(tmp_path / "results"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
             *SLOWER]
     exp_dir = tmp_path / "results" / name
+    optuna_db = exp_dir / "brsearch" / "optuna.db"
 
     first = Sweep(args, tmp_path)
     pgid = first.proc.pid
@@ -210,12 +201,11 @@ def test_driver_sigkill_then_resume(tmp_path):
         deadline, snap = time.monotonic() + 300, None
         while time.monotonic() < deadline and first.proc.poll() is None:
             snap = snapshot(exp_dir)
-            asked = optuna_asked(exp_dir, name) if snap else None
-            if snap and asked is not None:
+            if snap and optuna_db.exists():
                 done = [t for t, (s, it) in snap.items() if s == "TERMINATED" and it == epochs]
                 mid = [t for t, (s, it) in snap.items() if s == "RUNNING" and 1 <= it < epochs]
-                # (a trial asked ahead, not handed out yet, has no ray id: the restore hands it out)
-                if done and mid and {t for t in asked if t} == set(snap):
+                asked = sql(optuna_db, "select count(*) from trials")
+                if done and mid and asked and asked[0][0] == len(snap):
                     os.kill(first.proc.pid, signal.SIGKILL)
                     break
             time.sleep(0.05)
@@ -229,7 +219,8 @@ def test_driver_sigkill_then_resume(tmp_path):
         snap = snapshot(exp_dir)  # final now: nothing writes it any more
         done_before = sorted(t for t, (s, it) in snap.items() if s == "TERMINATED")
         interrupted = {t: it for t, (s, it) in snap.items() if s == "RUNNING" and it >= 1}
-        orphans = {t for t in optuna_asked(exp_dir, name) or [] if t} - set(snap)  # asked after the last snapshot
+        asked = {r[0] for r in sql(optuna_db, "select value_json from trial_user_attributes where key='ray_trial_id'")}
+        orphans = {json.loads(v) for v in asked} - set(snap)  # asked after the last snapshot
         epochs_left = trials * epochs - sum(it for _, it in snap.values())
 
         # resume while the agents of the killed instance may still linger: it must not matter

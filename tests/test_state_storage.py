@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from search.state import SweepState, join_uri, study_spec_from_flag
-from search.study_storage import load_sweep_study, open_study_storage
+from search.state import SweepState, join_uri, network_fs, study_spec_from_flag
+from search.study_storage import open_study_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--subset-train", "200", "--subset-test", "50", "--epochs", "1", "--quiet", "--num-cpus", "2",
@@ -114,7 +114,7 @@ def test_s3_sweep_resumes_from_elsewhere_after_local_state_is_gone(s3, tmp_path,
     # the state is on S3, with the resources the sweep asked for
     record = json.loads(_read(fs, f"{exp}/brsearch/sweep.json"))
     assert (record["cpus_per_trial"], record["gpus_per_trial"], record["max_concurrent"]) == (1.0, 0.0, 1)
-    assert _read(fs, f"{exp}/brsearch/optuna.journal").startswith(b'{"op_code":0,')  # the study's journal
+    assert _read(fs, f"{exp}/brsearch/optuna.db")[:16] == b"SQLite format 3\x00"
 
     # a new sweep of that name is refused, in one line, before anything runs
     again = subprocess.run(cmd, cwd=there, env=_env(tmp_path / "cache-there"), capture_output=True, text=True,
@@ -137,9 +137,9 @@ def test_s3_sweep_resumes_from_elsewhere_after_local_state_is_gone(s3, tmp_path,
     assert (trials["status"] == "completed").all(), trials[["trial_id", "status", "reason"]]
     assert set(first.loc[first["status"] == "completed", "trial_id"]) <= set(trials["trial_id"])  # not re-run
 
-    (tmp_path / "from-s3").mkdir()
-    (tmp_path / "from-s3" / "optuna.journal").write_bytes(_read(fs, f"{exp}/brsearch/optuna.journal"))
-    study = load_sweep_study(tmp_path / "from-s3", name)
+    db = tmp_path / "optuna-from-s3.db"
+    db.write_bytes(_read(fs, f"{exp}/brsearch/optuna.db"))
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
     done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.user_attrs["ray_trial_id"] for t in done) == sorted(trials["trial_id"])
     assert not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
@@ -183,12 +183,22 @@ def test_join_uri_keeps_the_query_last():
     assert join_uri("gs://b/p/", "n") == "gs://b/p/n"
 
 
+def test_network_fs_by_longest_mount_point():
+    mounts = ("/dev/sda1 / ext4 rw 0 0\n"
+              "fs-1.efs.amazonaws.com:/ /mnt/efs nfs4 rw 0 0\n"
+              "/dev/sdb1 /mnt/efs/local ext4 rw 0 0\n"
+              "s3fs /mnt/bucket fuse.s3fs rw 0 0\n")
+    assert network_fs(Path("/mnt/efs/brsearch"), mounts) == "nfs4"
+    assert network_fs(Path("/mnt/efs/local/x"), mounts) is None
+    assert network_fs(Path("/home/u/results"), mounts) is None
+    assert network_fs(Path("/mnt/bucket/r"), mounts) == "fuse.s3fs"
+
+
 def test_study_storage_choice(tmp_path, monkeypatch):
     local = SweepState(str(tmp_path), "a")
-    assert local.study_spec() == {"driver_journal": str(tmp_path / "a" / "brsearch" / "optuna.journal")}
-    (tmp_path / "a" / "brsearch").mkdir(parents=True)
-    (tmp_path / "a" / "brsearch" / "optuna.db").touch()  # a sweep started before the journal keeps sqlite
     assert local.study_spec() == {"sqlite": str(tmp_path / "a" / "brsearch" / "optuna.db")}
+    monkeypatch.setattr("search.state.network_fs", lambda p, mounts=None: "nfs4")
+    assert local.study_spec() == {"journal": str(tmp_path / "a" / "brsearch" / "optuna.journal")}
     monkeypatch.setenv("BRSEARCH_STATE_CACHE", str(tmp_path / "cache"))
     remote = SweepState("s3://b/r?endpoint_override=h:1", "a")
     assert remote.study_spec() == {"mirror": "s3://b/r/a/brsearch?endpoint_override=h:1"}
@@ -200,7 +210,7 @@ def test_study_storage_choice(tmp_path, monkeypatch):
         study_spec_from_flag("redis://x")
 
 
-@pytest.mark.parametrize("kind", ["journal", "driver_journal", "sqlite", "mirror"])
+@pytest.mark.parametrize("kind", ["journal", "sqlite", "mirror"])
 def test_study_storage_pickles_as_its_spec(tmp_path, monkeypatch, kind):
     """Tune pickles the searcher with its study: unpickled elsewhere (another cache here), the
     storage opens the state at the new place, which is where --resume restored it."""
@@ -208,7 +218,6 @@ def test_study_storage_pickles_as_its_spec(tmp_path, monkeypatch, kind):
 
     monkeypatch.setenv("BRSEARCH_STATE_CACHE", str(tmp_path / "one"))
     spec = {"journal": {"journal": str(tmp_path / "s.journal")}, "sqlite": {"sqlite": str(tmp_path / "s.db")},
-            "driver_journal": {"driver_journal": str(tmp_path / "d.journal")},
             "mirror": {"mirror": "s3://b/r/n/brsearch"}}[kind]
     study = optuna.create_study(study_name="n", storage=open_study_storage(spec), directions=["maximize"] * 2)
     study.optimize(lambda t: (t.suggest_float("x", 0, 1), 1.0), n_trials=3)
@@ -240,25 +249,3 @@ def test_resume_reuses_the_stored_resources(tmp_path):
     with pytest.raises(ConfigError, match="--max-concurrent 2 differs"):
         _adopt_stored(build_parser().parse_args(["--name", "r", "--resume", "--storage-path", str(tmp_path),
                                                  "--max-concurrent", "2"]), "r")
-
-
-def test_driver_journal_writes_at_pickling_and_refuses_a_second_writer(tmp_path):
-    """The sweep's own journal is buffered in memory: the file gets the study when Tune pickles the
-    searcher (an experiment checkpoint), readable by Optuna's own journal backend; a file someone
-    else appended to is not written over."""
-    import optuna
-
-    from search.study_storage import flush_study_storage
-
-    path = tmp_path / "brsearch" / "optuna.journal"
-    storage = open_study_storage({"driver_journal": str(path)})
-    study = optuna.create_study(study_name="n", storage=storage, directions=["maximize"] * 2)
-    study.optimize(lambda t: (t.suggest_float("x", 0, 1), 1.0), n_trials=3)
-    assert path.stat().st_size == 0  # nothing written yet
-    pickle.dumps(study)
-    assert len(load_sweep_study(path.parent, "n").trials) == 3
-    with open(path, "ab") as f:  # a second driver on the same sweep
-        f.write(b'{"op_code":8,"worker_id":"x","trial_id":0,"user_attr":{"k":1}}\n')
-    study.optimize(lambda t: (t.suggest_float("x", 0, 1), 1.0), n_trials=1)
-    with pytest.raises(RuntimeError, match="another driver"):
-        flush_study_storage(storage)

@@ -210,9 +210,7 @@ def test_sweep_mlflow_runs(sweep4):
 def test_sweep_optuna_study(sweep4):
     import optuna
 
-    from search.study_storage import load_sweep_study
-
-    study = load_sweep_study(sweep4["exp"] / "brsearch", "s4")
+    study = optuna.load_study(study_name="s4", storage=f"sqlite:///{sweep4['exp'] / 'brsearch' / 'optuna.db'}")
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 4 and len(states) == 4
     # optuna-dashboard and load_study show the objectives by name
@@ -352,8 +350,6 @@ def test_sweep_interrupted_and_resumed(tmp_path):
     import optuna
     import pandas as pd
 
-    from search.study_storage import load_sweep_study
-
     name, args = "r", ["--trials", "4", "--max-concurrent", "1", "--num-cpus", "2", "--seed", "1", *TINY]
     out, err = tmp_path / "first.out", tmp_path / "first.err"
     with open(out, "w") as fo, open(err, "w") as fe:
@@ -401,7 +397,8 @@ def test_sweep_interrupted_and_resumed(tmp_path):
     assert set(first.loc[first["status"] == "completed", "trial_id"]) <= set(trials["trial_id"])
     assert set(printed_front(proc2.stdout)) == set(trials.loc[trials["pareto"], "trial_id"])
 
-    study = load_sweep_study(tmp_path / "results" / name / "brsearch", name)
+    study = optuna.load_study(study_name=name,
+                              storage=f"sqlite:///{tmp_path / 'results' / name / 'brsearch' / 'optuna.db'}")
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 4, states
     assert optuna.trial.TrialState.RUNNING not in states, states
