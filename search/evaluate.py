@@ -36,9 +36,9 @@ from trainables.config import ConfigError
 from trainables.fileio import atomic_write_text
 from trainables.robust_eval import FLAGS, StrongEvalConfig
 
+from .state import STATE_DIR
 from .sweep_files import SweepFiles
 
-STATE_DIR = "brsearch"  # as search.pareto
 RESULTS_FILE = "strong_eval.json"
 ACC_COLUMNS = {"test_aa_acc": "aa_acc", "test_square_acc": "square_acc", "test_eot_pgd_acc": "eot_pgd_acc",
                "test_strong_pgd_acc": "pgd_acc"}

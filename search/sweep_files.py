@@ -90,11 +90,7 @@ class SweepFiles:
         """The newest checkpoint of the trial that holds `files[0]` (the deployed model), with
         `files` available locally; None if no checkpoint holds it."""
         for ck in self.checkpoints(trial_id):
-            rel = [f"trial_{trial_id}/{ck}/{f}" for f in files]
-            if self.remote:
-                got = self.fetch(*rel)
-            else:
-                got = [self.dir / r for r in rel if (self.dir / r).is_file()]
+            got = self.fetch(*(f"trial_{trial_id}/{ck}/{f}" for f in files))
             if got and got[0].name == files[0]:
                 return got[0].parent
         return None

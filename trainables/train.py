@@ -171,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: training diverged: {e}", file=sys.stderr)
         return 1
     except Exception as e:
-        if cfg.compile and compile_failure(e):
-            fail(f"--compile: torch.compile failed ({compile_failure(e)}); accepted: the same run "
+        why = compile_failure(e) if cfg.compile else None
+        if why:
+            fail(f"--compile: torch.compile failed ({why}); accepted: the same run "
                  f"without --compile (checkpoints from before the failure resume without it)")
         raise
     final = {k: metrics[k] for k in FINAL_KEYS}
