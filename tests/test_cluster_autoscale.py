@@ -109,7 +109,7 @@ def fake_cluster(tmp_path):
              "--include-dashboard=false", f"--autoscaling-config={cfg_path}", "--disable-usage-stats"],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
         assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
-        yield {"address": address, "env": env, "config": cfg_path}
+        yield {"address": address, "env": env, "config": cfg_path, "temp_dir": temp_dir}
     finally:
         stop_cluster(marks)
         import shutil
@@ -138,17 +138,13 @@ def test_sweep_on_an_autoscaling_cluster_asks_for_gpus_and_grows(fake_cluster, t
     assert len(nodes) == 2, nodes  # both workers the cluster can grow to were launched
     for t in ExperimentAnalysis(str(exp)).trials:  # every trial asked for a GPU
         assert t.placement_group_factory.required_resources == {"CPU": 1.0, "GPU": 1.0}, t.placement_group_factory
-    # as many at once as the cluster can grow to: the trials' run intervals overlap 2-deep
-    spans = []
-    for f in exp.glob("trial_*/result.json"):
-        rows = [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()]
-        spans.append((rows[0]["timestamp"] - rows[0]["time_this_iter_s"], rows[-1]["timestamp"]))
-    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    depth = peak = 0
-    for _, d in events:
-        depth += d
-        peak = max(peak, depth)
-    assert peak == 2, spans
+    # as many at once as the cluster can grow to: the autoscaler saw both trials' placement groups
+    # pending together and queued both workers in one launch. (Whether the trials' run intervals
+    # then overlap depends on how fast the fake provider brings the second node up against a
+    # 3-second trial, so that is not asserted: CI once ran them back to back on two nodes.)
+    monitor = "".join(f.read_text(errors="replace")
+                      for f in Path(fake_cluster["temp_dir"]).glob("session_*/logs/monitor.*"))
+    assert "2+ pending placement groups" in monitor or "Queue 2 new nodes" in monitor, monitor[-3000:]
     record = json.loads((exp / "brsearch" / "sweep.json").read_text())
     assert (record["cpus_per_trial"], record["gpus_per_trial"], record["max_concurrent"]) == (1.0, 1.0, 2)
     assert "fake-cluster.yaml" in record["source"]
