@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _mlflow_store import mlflow_uri
 
 from search.resources import (
     capacity,
@@ -126,7 +127,7 @@ def test_sweep_on_an_autoscaling_cluster_asks_for_gpus_and_grows(fake_cluster, t
     proc = subprocess.run(
         [sys.executable, "-m", "search.pareto", "--address", fake_cluster["address"], "--name", "auto",
          "--trials", "3", "--seed", "0", "--storage-path", str(tmp_path / "results"),
-         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *TINY],
+         "--tracking-uri", mlflow_uri(tmp_path), *TINY],
         cwd=tmp_path, env=fake_cluster["env"], capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "2 at once (1 CPU, 1 GPU each" in proc.stdout, proc.stdout[-3000:]
@@ -153,7 +154,7 @@ def test_sweep_on_an_autoscaling_cluster_asks_for_gpus_and_grows(fake_cluster, t
     nodata = subprocess.run(
         [sys.executable, "-m", "search.pareto", "--address", fake_cluster["address"], "--name", "nodata",
          "--trials", "2", "--max-failures", "0", "--dataset", "mnist", "--data-root", str(tmp_path / "no-data"),
-         "--storage-path", str(tmp_path / "results"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *TINY],
+         "--storage-path", str(tmp_path / "results"), "--tracking-uri", mlflow_uri(tmp_path), *TINY],
         check=False, cwd=tmp_path, env=fake_cluster["env"], capture_output=True, text=True, timeout=1500)
     failed = pd.read_parquet(tmp_path / "results" / "nodata" / "trials.parquet")
     assert nodata.returncode == 1 and len(failed) == 2, nodata.stdout[-3000:] + nodata.stderr[-3000:]

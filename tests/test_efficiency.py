@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _mlflow_store import mlflow_db
 
 NAME = "eff"
 EPOCHS = 3
@@ -40,7 +41,7 @@ SWEEP_ARGS = [
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("moasha-sweep")
-    storage, db = root / "results", root / "mlflow.db"
+    storage, db = root / "results", mlflow_db(root)
     cmd = [sys.executable, "-m", "search.pareto", *SWEEP_ARGS,
            "--storage-path", str(storage), "--tracking-uri", f"sqlite:///{db}"]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from _mlflow_store import mlflow_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = {"depth": "8", "width": "4", "attack_steps": "2", "proxy_eval_size": "64", "cw": "false",
@@ -52,7 +53,7 @@ def test_evaluate_adds_columns_and_mlflow_metrics_once(tmp_path, capsys):
     sets = [a for k, v in SETS.items() for a in ("--set", f"{k}={v}")]
     _run(tmp_path, "search.pareto", "--name", "ev", "--trials", "3", "--epochs", "2", "--subset-train", "300",
          "--subset-test", "100", "--num-cpus", "2", "--quiet", "--tracking-uri",
-         f"sqlite:///{tmp_path / 'mlflow.db'}", *sets)
+         mlflow_uri(tmp_path), *sets)
     exp = tmp_path / "results" / "ev"
     front = pd.read_parquet(exp / "pareto.parquet")
     assert len(front) >= 1

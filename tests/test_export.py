@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _mlflow_store import mlflow_uri
 
 from trainables import export as ex
 from trainables.config import QuantConfig, TrainConfig
@@ -247,7 +248,7 @@ def sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export-sweep")
     cmd = [sys.executable, "-m", "search.pareto", "--name", "exp", "--trials", "1", "--epochs", "1",
            "--subset-train", "200", "--subset-test", "100", "--quiet", "--num-cpus", "1",
-           "--storage-path", str(tmp / "results"), "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}"]
+           "--storage-path", str(tmp / "results"), "--tracking-uri", mlflow_uri(tmp)]
     for k, v in TINY_SETS.items():
         cmd += ["--set", f"{k}={v}"]
     p = subprocess.run(cmd, cwd=tmp, env=_env(), capture_output=True, text=True, timeout=400, check=False)

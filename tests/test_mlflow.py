@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from _mlflow_store import mlflow_uri
 
 from search.mlflow_async import BackgroundQueue, is_transient
 from search.mlflow_uri import runs_view_url, ui_command
@@ -149,7 +150,7 @@ class Server:
     def start(self, timeout: float = 300) -> None:
         with open(self.tmp / "server.log", "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.tmp / 'mlflow.db'}",
+                [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", mlflow_uri(self.tmp),
                  "--artifacts-destination", str(self.tmp / "mlartifacts"), "--host", "127.0.0.1",
                  "--port", str(self.port), "--workers", "1"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=_env())

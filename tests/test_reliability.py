@@ -26,6 +26,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from _mlflow_store import mlflow_db, mlflow_uri
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--set", "depth=8", "--set", "width=4", "--subset-train", "300", "--subset-test", "100",
@@ -188,7 +189,7 @@ def test_driver_sigkill_then_resume(tmp_path):
     continues from its checkpoint, and the sweep ends with the requested trials under one parent."""
     name, trials, epochs = "crash", 4, 3
     args = ["--name", name, "--trials", str(trials), "--epochs", str(epochs), "--max-concurrent", "2",
-            "--storage-path", str(tmp_path / "results"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--storage-path", str(tmp_path / "results"), "--tracking-uri", mlflow_uri(tmp_path),
             *SLOWER]
     exp_dir = tmp_path / "results" / name
     optuna_db = exp_dir / "brsearch" / "optuna.db"
@@ -304,7 +305,7 @@ def test_worker_node_lost_mid_trial(tmp_path):
     try:
         lost = cluster.add_node(num_cpus=2)
         cluster.wait_for_nodes()
-        db = tmp_path / "mlflow.db"
+        db = mlflow_db(tmp_path)
         args = ["--name", name, "--address", cluster.address, "--trials", str(trials), "--epochs", str(epochs),
                 "--max-concurrent", "2", "--max-failures", "2", "--storage-path", str(tmp_path / "results"),
                 "--tracking-uri", f"sqlite:///{db}", *SLOWER]
@@ -368,7 +369,7 @@ def mlflow_server(tmp_path_factory):
     d = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{d / 'server.db'}",
+                             "--backend-store-uri", mlflow_uri(d, "server.db"),
                              "--artifacts-destination", str(d / "artifacts"), "--workers", "1"],
                             cwd=d, stdout=open(d / "server.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True, env=_env())

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _mlflow_store import mlflow_uri
 
 from search.state import SweepState, join_uri, network_fs, study_spec_from_flag
 from search.study_storage import open_study_storage
@@ -85,7 +86,7 @@ def test_s3_sweep_resumes_from_elsewhere_after_local_state_is_gone(s3, tmp_path,
     name, here, there = "s3r", tmp_path / "here", tmp_path / "there"
     here.mkdir()
     there.mkdir()
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = mlflow_uri(tmp_path)
     cmd = [sys.executable, "-m", "search.pareto", "--name", name, "--trials", "3", "--max-concurrent", "1",
            "--seed", "3", "--storage-path", storage, "--tracking-uri", tracking, *TINY]
     out = here / "out.log"

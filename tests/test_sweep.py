@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _mlflow_store import mlflow_db
 
 from trainables.config import ConfigError, known_keys
 
@@ -52,6 +53,7 @@ def _cmd(tmp: Path, *args: str) -> list[str]:
 
 
 def run_cli(tmp: Path, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    mlflow_db(tmp)
     return subprocess.run(_cmd(tmp, *args), cwd=tmp, env=_env(), capture_output=True, text=True,
                           timeout=timeout)
 
@@ -352,6 +354,7 @@ def test_sweep_interrupted_and_resumed(tmp_path):
 
     name, args = "r", ["--trials", "4", "--max-concurrent", "1", "--num-cpus", "2", "--seed", "1", *TINY]
     out, err = tmp_path / "first.out", tmp_path / "first.err"
+    mlflow_db(tmp_path)
     with open(out, "w") as fo, open(err, "w") as fe:
         proc = subprocess.Popen(_cmd(tmp_path, "--name", name, *args), cwd=tmp_path, env=_env(),
                                 stdout=fo, stderr=fe, text=True)
