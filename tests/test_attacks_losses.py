@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from _stats import allowed_failures
-from trainables.attacks import margin_loss, perturb, trades_kl
+from trainables.attacks import margin_loss, perturb, pgd, trades_kl
 from trainables.config import AttackConfig, TrainConfig
 from trainables.loop import Run
 from trainables.losses import tradeoff_loss
@@ -105,6 +105,72 @@ def test_pgd_random_start_is_uniform_in_the_ball(model_and_batch):
     assert 0.45 < float((d > 0).float().mean()) < 0.55
     assert not torch.equal(a, b)
     assert torch.equal(perturb(quiet, x, y, AttackConfig("pgd", eps, 0.0, 1, False)), x)
+
+
+def test_pgd_ascends_the_cross_entropy_and_its_defaults(model_and_batch):
+    """One PGD step without random start is eps * sign(grad of the summed cross-entropy) where the
+    box does not clip it (as FGSM; CW ascends the margin instead); pgd's own defaults are a random
+    start and cross-entropy."""
+    _, x, y = model_and_batch
+    eps = 0.03
+    torch.manual_seed(0)
+    quiet = build_model(8, 8, 3, 10, ensemble=1, noise=0.0).eval()
+    x_ = x.clone().requires_grad_(True)
+    (g_ce,) = torch.autograd.grad(F.cross_entropy(quiet(x_), y, reduction="sum"), x_)
+    inner = (x > eps) & (x < 1 - eps)
+    stepped = perturb(quiet, x, y, AttackConfig("pgd", eps, eps, 1, False))
+    assert torch.allclose((stepped - x)[inner], eps * g_ce.sign()[inner], atol=TOL)
+    assert torch.equal(pgd(quiet, x, y, eps, eps, 1, False), stepped)  # loss "ce" by default
+    start = pgd(quiet, x, y, eps, 0.0, 1)  # random start by default
+    _check_in_ball(start, x, eps)
+    assert float((start - x)[inner].abs().mean()) > eps / 4
+
+
+def test_pgd_random_start_alone_stays_in_the_box(model_and_batch):
+    """With no step PGD returns its random start, already clamped to [0, 1] (the batch has
+    images saturated at 0 and 1)."""
+    model, x, y = model_and_batch
+    eps = 0.05
+    torch.manual_seed(0)
+    start = pgd(model, x, y, eps, eps, 0, random_start=True)
+    _check_in_ball(start, x, eps)
+    assert not torch.equal(start, x)
+
+
+def test_pgd_leaves_inputs_the_model_does_not_read_alone(model_and_batch):
+    """A zero input gradient means no step there (sign 0): without random start the channels the
+    model ignores come back unchanged, the ones it reads move by the step."""
+    _, x, y = model_and_batch
+    eps = 0.03
+    torch.manual_seed(0)
+    quiet = build_model(8, 8, 3, 10, ensemble=1, noise=0.0).eval()
+
+    def blind(z):  # reads channel 0 only
+        return quiet(torch.cat([z[:, :1], torch.zeros_like(z[:, 1:])], 1))
+
+    x_adv = perturb(blind, x, y, AttackConfig("pgd", eps, eps, 2, False))
+    assert torch.equal(x_adv[:, 1:], x[:, 1:])
+    assert float((x_adv - x)[:, :1].abs().max()) == pytest.approx(eps, abs=TOL)
+
+
+def test_cw_uses_its_random_start(model_and_batch):
+    _, x, y = model_and_batch
+    eps = 0.05
+    torch.manual_seed(0)
+    quiet = build_model(8, 8, 3, 10, ensemble=1, noise=0.0).eval()
+    start = perturb(quiet, x, y, AttackConfig("cw", eps, 0.0, 1, True))
+    _check_in_ball(start, x, eps)
+    inner = (x > eps) & (x < 1 - eps)
+    assert abs(float((start - x)[inner].abs().mean()) - eps / 2) < 0.05 * eps
+    assert torch.equal(perturb(quiet, x, y, AttackConfig("cw", eps, 0.0, 1, False)), x)
+
+
+def test_any_nonzero_eps_attacks(model_and_batch):
+    """Only eps = 0 returns the input unattacked; the largest ball (eps = 1) attacks too."""
+    model, x, y = model_and_batch
+    x_adv = perturb(model, x, y, AttackConfig("fgsm", 1.0, 0.0, 1, False))
+    _check_in_ball(x_adv, x, 1.0)
+    assert not torch.equal(x_adv, x)
 
 
 def test_margin_loss():

@@ -46,8 +46,10 @@ def test_non_dominated_mask_edge_cases():
     np.testing.assert_array_equal(non_dominated_mask([[1.0, 2.0]]), [True])
     with pytest.raises(ValueError):
         non_dominated_mask([[np.nan, 1.0]])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"must have shape \(n, k\); got shape \(2,\)"):
         non_dominated_mask([1.0, 2.0])  # 1-D is ambiguous
+    with pytest.raises(ValueError, match="contains NaN"):
+        non_dominated_mask([[0.5, None]])  # a metric never reported is missing, not a value
 
 
 def test_non_dominated_sort_fronts():

@@ -267,3 +267,18 @@ def test_bn_recalibrated_restores_the_training_buffers():
         assert torch.allclose(bn.running_mean, proj_mean, atol=1e-5)
     for k, v in bn.named_buffers():
         assert torch.equal(v, saved[k]), k
+
+
+def test_accuracy_runs_the_forwards_under_the_precision_asked_for():
+    """precision = (device, "bf16") runs the evaluation forwards under autocast, as training does;
+    without it they run in fp32."""
+    from trainables.metrics import accuracy
+
+    model, br = _tiny_quantized(seed=1)
+    x = torch.rand(4, 3, 8, 8)
+    y = torch.zeros(4, dtype=torch.long)
+    seen = []
+    model.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    accuracy(model, br, x, y, {"clean": None}, precision=(torch.device("cpu"), "bf16"))
+    accuracy(model, br, x, y, {"clean": None})
+    assert seen == [torch.bfloat16, torch.float32]

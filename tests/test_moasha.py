@@ -507,3 +507,14 @@ def test_rung_position_and_decide_refuse_bad_shapes_with_one_line():
             call()
         assert str(err.value) == message
     assert rung_position([[0.1, 0.2], [0.3, 0.4]], index=0) == 1  # index counts from the front too
+    with pytest.raises(ValueError, match=r"n >= 1; got \(0, 2\)"):
+        rung_position(np.zeros((0, 2)))  # no rows, even with the right number of objectives
+
+
+def test_rung_position_leaves_its_input_alone():
+    """NaN and inf are mapped on a copy: the caller's array (e.g. recorded rung vectors) keeps them."""
+    pts = np.array([[0.5, np.nan], [np.inf, 0.1], [0.2, 0.3]])
+    before = pts.copy()
+    for tie_break in ("crowding", "epsnet"):
+        rung_position(pts, 0, tie_break)
+    np.testing.assert_array_equal(pts, before)

@@ -53,6 +53,11 @@ def test_ternary_threshold_rule():
         scale = a[support].sum() / w.numel()  # reference scale: divided by n, not by |S|
         expected = torch.where(support, scale * torch.sign(w), torch.zeros_like(w))
         assert torch.allclose(project_ternary_twn(w), expected)
+    # an entry exactly at the threshold is kept (|w| >= 0.7 mean|w|, the reference's rule):
+    # mean|w| = 10, threshold 7.0 (float32 0.7 * 10 rounds to 7 exactly)
+    w = torch.tensor([7.0, -13.0, 10.0])
+    assert float(0.7 * w.abs().mean()) == 7.0
+    assert torch.equal(project_ternary_twn(w), torch.tensor([10.0, -10.0, 10.0]))
 
 
 def _brute_force_ternary_error(w: np.ndarray) -> float:
@@ -449,3 +454,62 @@ def test_layer_selection_follows_the_flags():
     assert chosen(quantize_stem=False) == (12, 0, 0, 12)
     assert chosen(quantize_shortcut=True) == (14, 4, 0, 18)
     assert chosen(quantize_fc=True) == (14, 0, 2, 16)
+
+
+def test_projector_follows_bits_and_ternary_mode():
+    w = torch.randn(64, generator=_gen(0))
+    assert torch.equal(projector(QuantConfig(bits=32))(w), w)  # float: the identity, exactly
+    w = torch.tensor([4.0, -3.0, 1.0, -0.5, 0.25])
+    assert torch.equal(projector(QuantConfig(bits=1))(w), project_binary(w))
+    exact = projector(QuantConfig(bits=2, ternary_mode="exact"))(w)
+    twn = projector(QuantConfig(bits=2, ternary_mode="twn0.7"))(w)
+    # the two ternary rules differ on this w, so each mode is seen to pick its own
+    assert torch.equal(exact, project_ternary_exact(w)) and torch.equal(twn, project_ternary_twn(w))
+    assert not torch.equal(exact, twn)
+
+
+def test_outside_a_cached_block_every_forward_sees_the_current_weights():
+    """Only a cached block reuses targets: after one has been left, a weight changed in place
+    (same storage, same lambda, as an optimizer step with the rho schedule) is seen at once."""
+    model, br = _quantized_model(2, lambda_schedule="rho")
+    br.start_epoch(0, 4)
+    x = torch.rand(2, 3, 16, 16)
+    with cached():
+        _weights_seen_in_forward(model, br.modules, x)
+    before = _weights_seen_in_forward(model, br.modules, x)
+    with torch.no_grad():
+        for w in br.float_weights():
+            w.mul_(2.0)  # relaxed u and proj are both homogeneous: u doubles
+    after = _weights_seen_in_forward(model, br.modules, x)
+    for u0, u1 in zip(before, after):
+        assert torch.allclose(u1, 2.0 * u0)
+
+
+def test_quantize_starts_at_lambda0_and_hangs_the_handle_on_the_model():
+    model, br = _quantized_model(2, lambda0=0.5)
+    assert br.lam == 0.5 and model.binary_relax is br
+
+
+def test_start_epoch_sets_the_lambda_of_the_epochs_first_step():
+    _, br = _quantized_model(2, lambda0=0.5, lambda_final=300.0)
+    br.start_epoch(1, 8, 5)
+    assert br.lam == br.lam_at(1, 0, 8, 5) != br.lam_at(1, 1, 8, 5)
+    br.start_epoch(1, 8)  # one optimizer step per epoch unless told
+    assert br.lam == br.lam_at(1, 0, 8, 1) != br.lam_at(1, 0, 8, 2)
+    br.start_step(0)
+    assert br.lam == br.lam_at(1, 0, 8, 1)
+
+
+def test_exclude_from_compile_wraps_the_target_once(monkeypatch):
+    """--compile leaves the BR target to eager mode: wrapped by torch.compiler.disable, once
+    however often it is asked (the class attribute is restored afterwards)."""
+    from trainables import quant
+
+    original = quant._BRWeight.target
+    monkeypatch.setattr(quant._BRWeight, "target", original)
+    quant.exclude_from_compile()
+    wrapped = quant._BRWeight.target
+    assert wrapped is not original and wrapped._brs_eager is True
+    assert wrapped._torchdynamo_disable and wrapped._torchdynamo_orig_callable is original
+    quant.exclude_from_compile()
+    assert quant._BRWeight.target is wrapped
