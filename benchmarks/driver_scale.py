@@ -83,7 +83,8 @@ def run_sweep(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from ray import tune
 
     from search.callbacks import NoRetryOnDivergence, ProgressCallback
-    from search.pareto import build_parser, build_tuner, prepare
+    from search.pareto import build_tuner
+    from search.plan import build_parser, prepare
     from search.results import front_frame, trials_frame, write_tables
     from search.tracking import (
         MLflowSweepCallback,

@@ -10,7 +10,7 @@ FIFO (every trial runs all its epochs) and with the MO-ASHA scheduler (search/mo
 trials hand their epochs to new ones, so it starts more trials within the budget), and
 tpe+moasha-epsnet (MO-ASHA with Syne Tune's epsilon-net tie-break instead of crowding distance).
 
-Each sweep is the sweep `python -m search.pareto` runs (`search.pareto.prepare` and
+Each sweep is the sweep `python -m search.pareto` runs (`search.plan.prepare` and
 `build_tuner`, in-process, one Ray instance for all sweeps, actors reused between trials),
 plus a callback that counts epochs and recomputes the hypervolume of the completed trials
 (`search.front.hypervolume`, reference = the sweep's floors: chance clean accuracy, robust 0,
@@ -189,7 +189,8 @@ def _budget_tools(budget: int, floors: Any) -> tuple[Any, Any]:
 
 
 def run_sweep(setting: Setting, method: str, seed: int, work: Path, concurrency: int) -> dict[str, Any]:
-    from search.pareto import build_parser, build_tuner, prepare
+    from search.pareto import build_tuner
+    from search.plan import build_parser, prepare
 
     sampler, scheduler, tie_break = METHODS[method]
     name = f"{setting.key}-{method.replace('+', '-')}-s{seed}"

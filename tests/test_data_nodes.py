@@ -55,7 +55,7 @@ def test_missing_dataset_is_one_line_naming_the_node(tmp_path):
 def test_cluster_driver_leaves_the_data_check_to_the_trials(tmp_path):
     """On a cluster the head runs no trial, so its lack of the data set is no error: the check
     passes on to the address (unreachable here, which is what fails)."""
-    from search.pareto import build_parser, prepare
+    from search.plan import build_parser, prepare
 
     args = ["--dataset", "mnist", "--data-root", str(tmp_path / "empty"), "--storage-path", str(tmp_path / "r"),
             "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]

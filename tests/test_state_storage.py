@@ -237,7 +237,7 @@ def test_study_storage_pickles_as_its_spec(tmp_path, monkeypatch, kind):
 def test_resume_reuses_the_stored_resources(tmp_path):
     """--resume takes resources and concurrency from sweep.json; the same command again (its
     --max-concurrent above --trials was stored capped) is accepted, another concurrency refused."""
-    from search.pareto import _adopt_stored, build_parser
+    from search.plan import _adopt_stored, build_parser
     from trainables.config import ConfigError
 
     state = SweepState(str(tmp_path), "r")

@@ -421,7 +421,7 @@ def test_sweep_interrupted_and_resumed(tmp_path):
     assert {c.data.tags["ray_trial_id"] for c in children if c.data.tags.get("pareto") == "true"} == front
 
     # resuming with a different pinned value is refused before anything runs
-    from search.pareto import build_parser, prepare
+    from search.plan import build_parser, prepare
 
     with pytest.raises(ConfigError, match="differ from the stored sweep"):
         prepare(build_parser().parse_args(["--name", name, "--resume", "--storage-path", str(tmp_path / "results"),
