@@ -18,7 +18,9 @@ starts would measure Ray's worker start-up on this 2-core machine, not the drive
     growth               = driver_ms_per_result at --trials / at --small      targets: <= 20 ms, <= 2x
 
     nice -n 10 python benchmarks/driver_scale.py                  # 100 then 1,000 trials
+    nice -n 10 python benchmarks/driver_scale.py --checkpoints    # a checkpoint per result, as trainables.tune
     python benchmarks/driver_scale.py --trials 200 --small 50     # quicker look
+    python benchmarks/driver_scale.py --trials 100 --small 10 --profile 60   # the loop's CPU by function
 
 The last stdout line is JSON: trials, driver_ms_per_result, growth, and per-size details.
 """
@@ -61,9 +63,17 @@ def synthetic_trainable(config: dict[str, Any]) -> None:
         clean = min(0.99, 0.3 + 0.6 * skill * frac + 0.05 * math.log10(lr / 0.02) + 0.02 * bits)
         robust = max(0.0, clean * (0.3 + 0.4 * rng.random()) * frac)
         sparsity = min(0.95, float(config.get("group_lasso", 0.0)) * 3 * frac + 0.1 * rng.random())
-        tune.report({"clean_acc": clean, "robust_acc": robust, "channel_sparsity": sparsity,
-                     "val_clean_acc": clean, "val_robust_acc": robust, "weight_sparsity": sparsity,
-                     "epoch": epoch, "max_epochs": epochs, "final": epoch == epochs, "node_id": "synthetic"})
+        metrics = {"clean_acc": clean, "robust_acc": robust, "channel_sparsity": sparsity,
+                   "val_clean_acc": clean, "val_robust_acc": robust, "weight_sparsity": sparsity,
+                   "epoch": epoch, "max_epochs": epochs, "final": epoch == epochs, "node_id": "synthetic"}
+        if os.environ.get("BRSEARCH_SYNTHETIC_CHECKPOINTS") == "1":  # as trainables.tune: one per epoch
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as d:
+                Path(d, "state.json").write_text(json.dumps({"epoch": epoch}))
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        else:
+            tune.report(metrics)
 
 
 def cpu_s() -> float:
@@ -82,16 +92,12 @@ def run_sweep(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from search.callbacks import NoRetryOnDivergence, ProgressCallback
+    from search.callbacks import NoRetryOnDivergence, NoTensorBoard, ProgressCallback
     from search.pareto import build_tuner
     from search.plan import build_parser, prepare
     from search.results import front_frame, trials_frame, write_tables
-    from search.tracking import (
-        MLflowSweepCallback,
-        finish_parent_run,
-        get_or_create_experiment,
-        start_parent_run,
-    )
+    from search.sweep_logging import finish_logging
+    from search.tracking import MLflowSweepCallback, get_or_create_experiment, start_parent_run
 
     d = tmp / f"n{n}"
     cli = ["--name", f"scale{n}", "--trials", str(n), "--epochs", str(args.epochs), "--scheduler", "moasha",
@@ -99,40 +105,56 @@ def run_sweep(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
            "--max-concurrent", str(args.concurrent), "--quiet"]
     plan = prepare(build_parser().parse_args(cli))
     plan.state_dir.mkdir(parents=True, exist_ok=True)
-    ray.init(address="local", num_cpus=args.concurrent, include_dashboard=False, log_to_driver=False)
+    for attempt in range(8):  # Ray gives its raylet 30 s to register: too little on a loaded 2-core machine
+        try:
+            ray.init(address="local", num_cpus=args.concurrent, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception as e:  # noqa: BLE001 - "The current node timed out during startup"
+            ray.shutdown()
+            if attempt == 7 or "timed out during startup" not in str(e):
+                raise
+            print(f"ray.init: {e}; again", file=sys.stderr, flush=True)
     try:
         client = MlflowClient(plan.tracking_uri)
         exp_id = get_or_create_experiment(client, "brsearch", plan.tracking_uri)
         parent = start_parent_run(client, exp_id, plan.name, {"trials": n}, {})
-        callbacks = [MLflowSweepCallback(plan.tracking_uri, exp_id, parent, plan.name),
-                     ProgressCallback(n), NoRetryOnDivergence()]
+        callbacks = [MLflowSweepCallback(plan.tracking_uri, exp_id, parent, plan.name, floors=plan.floors),
+                     ProgressCallback(n), NoRetryOnDivergence(), NoTensorBoard()]
         tuner = build_tuner(plan, args.concurrent, 0.0, callbacks, reuse_actors=True,
-                            trainable=tune.with_resources(synthetic_trainable, {"cpu": 1}))
-        prof = cProfile.Profile() if args.profile else None
+                            trainable=tune.with_resources(synthetic_trainable, {"cpu": 1}),
+                            keep_checkpoints=args.keep_checkpoints or None)
+        prof = cProfile.Profile(time.thread_time) if args.profile else None  # CPU of the loop thread
         c0, l0, w0 = cpu_s(), loop_s(), time.perf_counter()
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # 1,000 progress lines
             if prof:
                 prof.enable()
             tuner.fit()
-            trials = tune.ExperimentAnalysis(plan.exp_dir).trials
-            l_fit = loop_s()
-            df = trials_frame(trials)
+            l_fit, w_fit = loop_s(), time.perf_counter()
+            analysis = tune.ExperimentAnalysis(plan.exp_dir)  # what search.pareto.run does after fit
+            df = trials_frame(analysis.trials, plan.floors)
             front = front_frame(df)
             files = write_tables(Path(plan.exp_dir), df, front)
-            finish_parent_run(client, parent, exp_id, df, front, files)
+            unsent = finish_logging(
+                tracking_uri=plan.tracking_uri, experiment_id=exp_id, parent_run_id=parent, sweep=plan.name,
+                analysis=analysis, trials_df=df, front_df=front, files=files, status="FINISHED",
+                cpus_per_trial=1.0, gpus_per_trial=0.0, floors=plan.floors, reference=plan.floors.reference,
+                register=None, patience_s=600.0, replay_first=False, resume_hint="")
             if prof:
                 prof.disable()
         cpu, loop, wall, books = cpu_s() - c0, loop_s() - l0, time.perf_counter() - w0, loop_s() - l_fit
+        end_wall = time.perf_counter() - w_fit
     finally:
         ray.shutdown()
     results = sum(len(f.read_text().splitlines()) for f in Path(plan.exp_dir).glob("trial_*/result.json"))
     out = {"trials": n, "results": results, "driver_loop_cpu_s": round(loop, 2), "bookkeeping_cpu_s": round(books, 2),
-           "driver_process_cpu_s": round(cpu, 2), "wall_s": round(wall, 1),
+           "driver_process_cpu_s": round(cpu, 2), "wall_s": round(wall, 1), "end_wall_s": round(end_wall, 1),
            "driver_ms_per_result": round(1000 * loop / max(1, results), 2),
            "process_ms_per_result": round(1000 * cpu / max(1, results), 2),
-           "completed": int((df["status"] == "completed").sum()), "stopped": int((df["status"] == "stopped").sum())}
+           "completed": int((df["status"] == "completed").sum()), "stopped": int((df["status"] == "stopped").sum()),
+           "mlflow_unsent": bool(unsent)}
     print(json.dumps(out), flush=True)
-    if prof:  # where the loop's time goes (cumulative, this thread only)
+    if prof:  # where the loop thread's CPU goes (waits not included)
+        prof.dump_stats(str(tmp.parent / f"driver-scale-n{n}.pstats"))
         pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(args.profile)
     return out
 
@@ -144,14 +166,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--concurrent", type=int, default=16, help="logical CPUs of the local Ray = trials at once")
     p.add_argument("--sleep", type=float, default=0.02, help="the synthetic trainable's sleep per epoch (s)")
+    p.add_argument("--checkpoints", action="store_true",
+                   help="the synthetic trainable reports a (tiny) checkpoint with every result, as trainables.tune does")
+    p.add_argument("--keep-checkpoints", type=int, default=2, metavar="N",
+                   help="checkpoints Tune keeps per trial (the sweep's 2; 0 = all): Tune forces an experiment "
+                        "snapshot each time a trial has saved N since the last one")
     p.add_argument("--keep", action="store_true")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest functions of the loop")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ["BRSEARCH_SYNTHETIC_SLEEP"] = str(args.sleep)  # read by the trial processes
+    os.environ["BRSEARCH_SYNTHETIC_CHECKPOINTS"] = "1" if args.checkpoints else "0"
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # the raylet gives Ray's dashboard agent a few seconds to start, and dies when it is late: it
+    # often is on a loaded 2-core machine under nice (read by the raylet from its environment)
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
     os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH", "")) if x)
     tmp = Path(tempfile.mkdtemp(prefix="driver-scale-"))
+    # imports the bookkeeping needs (pandas, pyarrow, matplotlib...) happen once per process: done
+    # here, so that neither size pays them (they would flatter the growth, paid by the first only)
+    import matplotlib.pyplot  # noqa: F401
+
+    import search.pareto  # noqa: F401
+    import search.results  # noqa: F401
+    import search.sweep_logging  # noqa: F401
     t0 = time.perf_counter()
     try:
         small = run_sweep(args.small, args, tmp)
@@ -160,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
     growth = big["driver_ms_per_result"] / max(1e-9, small["driver_ms_per_result"])
-    summary = {"trials": args.trials, "driver_ms_per_result": big["driver_ms_per_result"], "growth": round(growth, 2),
+    summary = {"trials": args.trials, "checkpoints": args.checkpoints, "keep_checkpoints": args.keep_checkpoints, "driver_ms_per_result": big["driver_ms_per_result"], "growth": round(growth, 2),
                "target_ms": TARGET_MS, "target_growth": TARGET_GROWTH,
                "met": big["driver_ms_per_result"] <= TARGET_MS and growth <= TARGET_GROWTH,
                "total_wall_s": round(time.perf_counter() - t0, 1), "small": small, "big": big}

@@ -1,11 +1,12 @@
-"""Tune driver callbacks that are not about MLflow: one progress line per finished trial, and no
-retries for a diverged trial."""
+"""Tune driver callbacks that are not about MLflow: one progress line per finished trial, no
+retries for a diverged trial, and no TensorBoard files."""
 from __future__ import annotations
 
 import math
 from typing import Any
 
 from ray.tune import Callback
+from ray.tune.logger import TBXLoggerCallback
 
 from .objectives import OBJECTIVES
 from .outcomes import trial_outcome
@@ -48,3 +49,23 @@ class NoRetryOnDivergence(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if result.get("diverged") and hasattr(trial, "max_failures"):
             trial.max_failures = 0
+
+
+class NoTensorBoard(TBXLoggerCallback):
+    """In a sweep's callbacks, Tune adds no TensorBoard logger of its own (it adds one only when
+    none of that type is given), and this one writes nothing. Why: Tune's TensorBoard writer runs
+    in the driver loop, opens a writer per trial and flushes and fsyncs its event file at every
+    result, which held the loop up more than anything of ours (docs/benchmarks.md, "Driver
+    scale"). Results stay in result.json/progress.csv and MLflow."""
+
+    def __init__(self) -> None:  # (no tensorboardX writer: nothing is written)
+        pass
+
+    def log_trial_start(self, trial: Any) -> None:
+        pass
+
+    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+        pass
+
+    def log_trial_end(self, trial: Any, failed: bool = False) -> None:
+        pass

@@ -40,10 +40,12 @@ def trial_dirname(trial: Any) -> str:
 
 
 def build_tuner(plan: Plan, max_concurrent: int, gpus: float, callbacks: list[Any], *,
-                stop: Any = None, reuse_actors: bool = False, trainable: Any = None) -> Any:
+                stop: Any = None, reuse_actors: bool = False, trainable: Any = None,
+                keep_checkpoints: int | None = 2) -> Any:
     """The Tuner of a new sweep: ParetoSearch over the plan's space, the --scheduler, storage and
     failure policy. `run` uses it; benchmarks/search_efficiency.py too (with a `stop` for an epoch
-    budget and `reuse_actors`), so both measure the same sweep. Needs `plan.state_dir` to exist."""
+    budget and `reuse_actors`), so both measure the same sweep; benchmarks/driver_scale.py may vary
+    `keep_checkpoints` (Tune's `num_to_keep`). Needs `plan.state_dir` to exist."""
     from ray import tune
 
     if trainable is None:  # benchmarks/driver_scale.py passes a synthetic one
@@ -72,7 +74,7 @@ def build_tuner(plan: Plan, max_concurrent: int, gpus: float, callbacks: list[An
         run_config=tune.RunConfig(
             name=plan.name, storage_path=plan.storage_path, callbacks=callbacks, stop=stop,
             failure_config=tune.FailureConfig(max_failures=args.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=keep_checkpoints),
             verbose=0 if args.quiet else 1,
         ),
     )
@@ -84,7 +86,7 @@ def run(plan: Plan) -> int:
 
     from trainables.tune import trainable
 
-    from .callbacks import NoRetryOnDivergence, ProgressCallback
+    from .callbacks import NoRetryOnDivergence, NoTensorBoard, ProgressCallback
     from .redact import redact, redact_obj
     from .results import format_front, front_frame, trials_frame, upload, write_tables
     from .study_storage import StateSync
@@ -136,7 +138,7 @@ def run(plan: Plan) -> int:
                                    resume_errored=False, restart_errored=False)
     else:
         callbacks = [MLflowSweepCallback(plan.tracking_uri, experiment_id, parent, plan.name, floors=plan.floors),
-                     ProgressCallback(args.trials), NoRetryOnDivergence()]
+                     ProgressCallback(args.trials), NoRetryOnDivergence(), NoTensorBoard()]
         if state.remote:
             callbacks.append(StateSync(state))
         tuner = build_tuner(plan, max_concurrent, gpus, callbacks, reuse_actors=args.reuse_actors)

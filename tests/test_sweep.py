@@ -155,6 +155,9 @@ def test_sweep_front_matches_trials(sweep4):
         assert (merged[m] - merged[f"{m}_t"]).abs().max() < 1e-12
     # CSV copies beside the Parquet files
     assert (exp / "trials.csv").is_file() and (exp / "pareto.csv").is_file()
+    # Tune's per-trial result files, and no TensorBoard event files (search.callbacks.NoTensorBoard)
+    assert all((exp / f"trial_{t}" / "result.json").is_file() for t in trials["trial_id"])
+    assert not list(exp.glob("trial_*/events.out.tfevents*"))
     # the Tune trainable says which node ran it (one local node here)
     assert trials["node_id"].notna().all() and trials["node_id"].nunique() == 1
 
