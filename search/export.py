@@ -82,12 +82,13 @@ def _from_checkpoint(d: Path, label: str, meta: dict[str, Any], state_file: str)
 
 
 def _trial_ids(files: SweepFiles) -> dict[str, str]:
-    """trial id -> status from trials.parquet (written at the end of a sweep), else the trial dirs."""
-    table = files.fetch("trials.parquet")
-    if table:
+    """trial id -> status from trials.parquet (written at the end of a sweep; on s3/gs, the copy
+    `locate` fetched), else the trial dirs."""
+    table = files.dir / "trials.parquet"
+    if table.is_file():
         import pyarrow.parquet as pq
 
-        t = pq.read_table(table[0], columns=["trial_id", "status"]).to_pylist()
+        t = pq.read_table(table, columns=["trial_id", "status"]).to_pylist()
         return {r["trial_id"]: r["status"] for r in t}
     if files.remote:
         return {}
@@ -121,7 +122,7 @@ def locate(args: argparse.Namespace) -> Source:
         raise BadInput("give --name SWEEP and --trial ID (or --run DIR)")
     files = SweepFiles(args.storage_path, args.name)
     try:
-        is_sweep = files.exists("trials.parquet") if files.remote else \
+        is_sweep = bool(files.fetch("trials.parquet")) if files.remote else \
             files.dir.is_dir() and any(files.dir.glob("experiment_state-*.json"))
     except (OSError, ValueError) as e:  # unreachable storage, bad credentials, unknown bucket or scheme
         raise BadInput(f"--storage-path {args.storage_path}: cannot read it: {str(e).splitlines()[0]}") from None

@@ -108,11 +108,3 @@ class SweepFiles:
                 shutil.copyfileobj(src, dst)
             out.append(join_uri(self.uri, rel))
         return out
-
-    def exists(self, rel: str) -> bool:
-        if not self.remote:
-            return (self.dir / rel).exists()
-        import pyarrow.fs as pafs
-
-        fs, root = self._fs()
-        return fs.get_file_info(f"{root}/{rel}").type != pafs.FileType.NotFound

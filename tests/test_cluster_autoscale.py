@@ -144,7 +144,7 @@ def test_sweep_on_an_autoscaling_cluster_asks_for_gpus_and_grows(fake_cluster, t
     # then overlap depends on how fast the fake provider brings the second node up against a
     # 3-second trial, so that is not asserted: CI once ran them back to back on two nodes.)
     monitor = "".join(f.read_text(errors="replace")
-                      for f in Path(fake_cluster["temp_dir"]).glob("session_*/logs/monitor.*"))
+                      for f in Path(fake_cluster["temp_dir"]).glob("session_latest/logs/monitor.*"))
     assert "2+ pending placement groups" in monitor or "Queue 2 new nodes" in monitor, monitor[-3000:]
     record = json.loads((exp / "brsearch" / "sweep.json").read_text())
     assert (record["cpus_per_trial"], record["gpus_per_trial"], record["max_concurrent"]) == (1.0, 1.0, 2)
