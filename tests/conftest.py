@@ -30,6 +30,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in E2E_MODULES or E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        if _shares_a_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+
+def _shares_a_module_fixture(item) -> bool:
+    """The suite runs on two pytest-xdist workers (`--dist loadgroup`, pyproject.toml). A
+    module-scoped fixture is a sweep or a training run made once for its module: the tests that
+    use it go to one worker (one group per module) so it still runs once; every other test is
+    handed out on its own, which is what spreads the long fault tests over both workers."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    return any(defs and defs[-1].scope == "module"
+               for defs in (info.name2fixturedefs.get(n) for n in info.names_closure))
 
 # CI clones the repository into its own folder with shared/ beside it
 CIFAR10_JPEG = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10-jpeg.tar.gz"

@@ -312,30 +312,6 @@ def test_reuse_actors_gives_the_same_trials(sweep4, tmp_path):
     assert sweep_json["reuse_actors"] is True
 
 
-# --- two nodes ---------------------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_sweep_uses_both_nodes_of_a_cluster(tmp_path):
-    import pandas as pd
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    try:
-        cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        node_ids = {n.node_id for n in cluster.list_all_nodes()}
-        assert len(node_ids) == 2
-        proc = run_cli(tmp_path, "--name", "two", "--trials", "2", "--max-concurrent", "2",
-                       "--address", cluster.address, *TINY)
-    finally:
-        cluster.shutdown()
-    assert proc.returncode == 0, _explain(proc)
-    assert "2 at once" in proc.stdout
-    trials = pd.read_parquet(tmp_path / "results" / "two" / "trials.parquet")
-    assert len(trials) == 2 and (trials["status"] == "completed").all()
-    assert set(trials["node_id"]) == node_ids, (set(trials["node_id"]), node_ids)
-
-
 # --- stop and resume ---------------------------------------------------------------------------
 
 def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
