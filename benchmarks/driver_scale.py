@@ -11,10 +11,12 @@ starts would measure Ray's worker start-up on this 2-core machine, not the drive
     driver_ms_per_result = CPU time of the driver loop's thread during the sweep and its
                            bookkeeping (Tune's controller, the searcher and sampler, MO-ASHA, the
                            callbacks and whatever MLflow calls they make synchronously, the tables
-                           and parent run at the end) / reported results. The trainables run in
-                           other processes, so their sleep is not in it; neither is work moved to
-                           background threads (Ray's own, asynchronous logging), which no longer
-                           holds the loop up. The whole driver process's CPU is reported beside it.
+                           and parent run at the end), plus the wall time the loop waited for a
+                           trial sampled ahead that was still in flight (search/searcher.py),
+                           / reported results. The trainables run in other processes, so their
+                           sleep is not in it; neither is work moved to background threads (Ray's
+                           own, asynchronous logging, sampling ahead) while the loop does not
+                           wait on it. The whole driver process's CPU is reported beside it.
     growth               = driver_ms_per_result at --trials / at --small      targets: <= 20 ms, <= 2x
 
     nice -n 10 python benchmarks/driver_scale.py                  # 100 then 1,000 trials
@@ -96,6 +98,7 @@ def run_sweep(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from search.pareto import build_tuner
     from search.plan import build_parser, prepare
     from search.results import front_frame, trials_frame, write_tables
+    from search.searcher import AHEAD_STATS, settle_sampled_ahead
     from search.sweep_logging import finish_logging
     from search.tracking import MLflowSweepCallback, get_or_create_experiment, start_parent_run
 
@@ -125,10 +128,12 @@ def run_sweep(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                             keep_checkpoints=args.keep_checkpoints or None)
         prof = cProfile.Profile(time.thread_time) if args.profile else None  # CPU of the loop thread
         c0, l0, w0 = cpu_s(), loop_s(), time.perf_counter()
+        a0 = dict(AHEAD_STATS)
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # 1,000 progress lines
             if prof:
                 prof.enable()
             tuner.fit()
+            settle_sampled_ahead()
             l_fit, w_fit = loop_s(), time.perf_counter()
             analysis = tune.ExperimentAnalysis(plan.exp_dir)  # what search.pareto.run does after fit
             df = trials_frame(analysis.trials, plan.floors)
@@ -142,6 +147,8 @@ def run_sweep(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             if prof:
                 prof.disable()
         cpu, loop, wall, books = cpu_s() - c0, loop_s() - l0, time.perf_counter() - w0, loop_s() - l_fit
+        waited = AHEAD_STATS["waited_s"] - a0["waited_s"]  # the loop held up by a sample still in flight
+        loop += waited
         end_wall = time.perf_counter() - w_fit
     finally:
         ray.shutdown()
@@ -151,7 +158,8 @@ def run_sweep(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
            "driver_ms_per_result": round(1000 * loop / max(1, results), 2),
            "process_ms_per_result": round(1000 * cpu / max(1, results), 2),
            "completed": int((df["status"] == "completed").sum()), "stopped": int((df["status"] == "stopped").sum()),
-           "mlflow_unsent": bool(unsent)}
+           "mlflow_unsent": bool(unsent), "sampled_ahead": AHEAD_STATS["used"] - a0["used"],
+           "ahead_wait_s": round(waited, 2)}
     print(json.dumps(out), flush=True)
     if prof:  # where the loop thread's CPU goes (waits not included)
         prof.dump_stats(str(tmp.parent / f"driver-scale-n{n}.pstats"))

@@ -191,6 +191,7 @@ def _budget_tools(budget: int, floors: Any) -> tuple[Any, Any]:
 def run_sweep(setting: Setting, method: str, seed: int, work: Path, concurrency: int) -> dict[str, Any]:
     from search.pareto import build_tuner
     from search.plan import build_parser, prepare
+    from search.searcher import settle_sampled_ahead
 
     sampler, scheduler, tie_break = METHODS[method]
     name = f"{setting.key}-{method.replace('+', '-')}-s{seed}"
@@ -210,6 +211,7 @@ def run_sweep(setting: Setting, method: str, seed: int, work: Path, concurrency:
     tuner = build_tuner(plan, concurrency, 0.0, [rec], stop=stopper, reuse_actors=True)
     t0 = time.perf_counter()
     tuner.fit()
+    settle_sampled_ahead()
     wall = time.perf_counter() - t0
     statuses = [e["status"] for e in rec.events]
     return {

@@ -58,7 +58,7 @@ def build_tuner(plan: Plan, max_concurrent: int, gpus: float, callbacks: list[An
     args = plan.args
     storage = open_study_storage(plan.state.study_spec())
     searcher = ParetoSearch(plan.space, make_sampler(args.sampler, args.seed, max_concurrent), plan.name, storage,
-                            floors=plan.floors)
+                            floors=plan.floors, total_trials=args.trials)
     callbacks = list(callbacks)
     scheduler = None
     if args.scheduler == "moasha":
@@ -89,6 +89,7 @@ def run(plan: Plan) -> int:
     from .callbacks import NoRetryOnDivergence, NoTensorBoard, ProgressCallback
     from .redact import redact, redact_obj
     from .results import format_front, front_frame, trials_frame, upload, write_tables
+    from .searcher import settle_sampled_ahead
     from .study_storage import StateSync
     from .sweep_logging import finish_logging, link_lines
     from .tracking import (
@@ -149,6 +150,7 @@ def run(plan: Plan) -> int:
     # sweep, so the warning is noise here. Set the variable yourself to get it back.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     tuner.fit()
+    settle_sampled_ahead()
     state.push()
 
     analysis = tune.ExperimentAnalysis(plan.exp_dir)

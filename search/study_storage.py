@@ -6,6 +6,7 @@ restored it there), not at a path of the machine that started the sweep.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from ray.tune import Callback
 
-from .state import SweepState, mirror_dir
+from .state import SweepState, mirror_dir, study_file_spec
+
+log = logging.getLogger(__name__)
 
 
 class _SpecRDBStorage(RDBStorage):
@@ -29,21 +32,46 @@ class _SpecJournalStorage(JournalStorage):
 
 def open_study_storage(spec: dict[str, str]) -> optuna.storages.BaseStorage:
     """The Optuna storage a spec names: {"url": RDB URL}, {"sqlite": path}, {"journal": path} or
-    {"mirror": remote state dir} (sqlite in the driver-local mirror)."""
+    {"mirror": remote state dir} (the study file in the driver-local mirror)."""
+    named = dict(spec)  # what the storage pickles as: a mirror is looked up again where it is unpickled
+    if "mirror" in spec:
+        spec = study_file_spec(mirror_dir(spec["mirror"]))
     storage: optuna.storages.BaseStorage
     if "url" in spec:
         storage = _SpecRDBStorage(spec["url"])
     elif "journal" in spec:
         path = Path(spec["journal"])
         path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_torn_tail(path)
         storage = _SpecJournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileSymlinkLock(str(path))))
     else:
-        path = Path(spec["sqlite"]) if "sqlite" in spec else mirror_dir(spec["mirror"]) / "optuna.db"
+        path = Path(spec["sqlite"])
         path.parent.mkdir(parents=True, exist_ok=True)
         storage = _SpecRDBStorage(f"sqlite:///{path}")
-    storage.brsearch_spec = dict(spec)  # type: ignore[attr-defined]
+    storage.brsearch_spec = named  # type: ignore[attr-defined]
     return storage
 
+
+def _drop_torn_tail(path: Path) -> None:
+    """A driver killed inside an append can leave a last line without its newline; Optuna skips
+    it on reading but would append the next record onto it, which makes the journal unreadable.
+    The driver is the journal's only writer, so cutting that partial line off before opening is
+    safe (the operation it recorded did not complete)."""
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, 2)
+            if size == 0:
+                return
+            f.seek(max(0, size - 1))
+            if f.read(1) == b"\n":
+                return
+            f.seek(0)
+            data = f.read()
+            f.truncate(data.rfind(b"\n") + 1)
+            log.warning("%s: cut off a partial last record (%d bytes) left by a killed driver",
+                        path, size - data.rfind(b"\n") - 1)
+    except FileNotFoundError:
+        return
 
 
 class StateSync(Callback):

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from _mlflow_store import mlflow_db
+from _study import sweep_study
 
 NAME = "eff"
 EPOCHS = 3
@@ -75,10 +76,9 @@ def test_stopped_trials_in_trials_parquet(sweep):
 
 
 def test_stopped_trials_are_pruned_in_optuna(sweep):
-    import optuna
     from optuna.trial import TrialState
 
-    study = optuna.load_study(study_name=NAME, storage=f"sqlite:///{sweep['exp'] / 'brsearch' / 'optuna.db'}")
+    study = sweep_study(sweep["exp"], NAME)
     state = {t.user_attrs["ray_trial_id"]: t for t in study.trials}
     assert set(state) == sweep["stopped"] | sweep["completed"]
     for tid in sweep["stopped"]:

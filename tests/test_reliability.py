@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from _mlflow_store import mlflow_db, mlflow_uri
+from _study import sweep_study
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--set", "depth=8", "--set", "width=4", "--subset-train", "300", "--subset-test", "100",
@@ -169,10 +170,7 @@ def mlflow_runs(tracking_uri: str, parent: str):
 
 
 def optuna_trials(exp_dir: Path, name: str):
-    import optuna
-
-    study = optuna.load_study(study_name=name, storage=f"sqlite:///{exp_dir / 'brsearch' / 'optuna.db'}")
-    return study.get_trials(deepcopy=False)
+    return sweep_study(exp_dir, name).get_trials(deepcopy=False)
 
 
 def free_port() -> int:
@@ -192,7 +190,7 @@ def test_driver_sigkill_then_resume(tmp_path):
             "--storage-path", str(tmp_path / "results"), "--tracking-uri", mlflow_uri(tmp_path),
             *SLOWER]
     exp_dir = tmp_path / "results" / name
-    optuna_db = exp_dir / "brsearch" / "optuna.db"
+    journal = exp_dir / "brsearch" / "optuna.journal"
 
     first = Sweep(args, tmp_path)
     pgid = first.proc.pid
@@ -202,11 +200,14 @@ def test_driver_sigkill_then_resume(tmp_path):
         deadline, snap = time.monotonic() + 300, None
         while time.monotonic() < deadline and first.proc.poll() is None:
             snap = snapshot(exp_dir)
-            if snap and optuna_db.exists():
+            if snap and journal.exists():
                 done = [t for t, (s, it) in snap.items() if s == "TERMINATED" and it == epochs]
                 mid = [t for t, (s, it) in snap.items() if s == "RUNNING" and 1 <= it < epochs]
-                asked = sql(optuna_db, "select count(*) from trials")
-                if done and mid and asked and asked[0][0] == len(snap):
+                try:
+                    asked = len(optuna_trials(exp_dir, name))
+                except KeyError:  # the journal is there, the study not yet
+                    asked = None
+                if done and mid and asked == len(snap):
                     os.kill(first.proc.pid, signal.SIGKILL)
                     break
             time.sleep(0.05)
@@ -220,8 +221,8 @@ def test_driver_sigkill_then_resume(tmp_path):
         snap = snapshot(exp_dir)  # final now: nothing writes it any more
         done_before = sorted(t for t, (s, it) in snap.items() if s == "TERMINATED")
         interrupted = {t: it for t, (s, it) in snap.items() if s == "RUNNING" and it >= 1}
-        asked = {r[0] for r in sql(optuna_db, "select value_json from trial_user_attributes where key='ray_trial_id'")}
-        orphans = {json.loads(v) for v in asked} - set(snap)  # asked after the last snapshot
+        asked = {t.user_attrs["ray_trial_id"] for t in optuna_trials(exp_dir, name) if "ray_trial_id" in t.user_attrs}
+        orphans = asked - set(snap)  # asked after the last snapshot
         epochs_left = trials * epochs - sum(it for _, it in snap.values())
 
         # resume while the agents of the killed instance may still linger: it must not matter

@@ -2,6 +2,8 @@
 Optuna studies (in-memory storage) and the real `ParetoSearch` (no Ray cluster needed)."""
 from __future__ import annotations
 
+import gc
+
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -111,3 +113,88 @@ def test_reconcile_orphans_uses_public_tell():
     states = {t.number: t.state for t in s.study.trials}
     assert states[orphan.number] == TrialState.FAIL
     assert list(states.values()).count(TrialState.RUNNING) == 1  # the live trial is untouched
+
+
+def _result(i: int) -> dict:
+    return {"final": True, "epoch": 3, "max_epochs": 3, "clean_acc": 0.3 + 0.05 * (i % 9),
+            "robust_acc": 0.02 * (i % 7), "channel_sparsity": 0.1 * (i % 4)}
+
+
+def test_sampling_ahead_hands_out_each_trial_once_and_leaves_none_running(tmp_path):
+    """Past the threshold the next trial is sampled on a background thread; every Optuna trial is
+    handed out to exactly one Tune trial, with the parameters Tune got, and none stays RUNNING."""
+    from search.searcher import settle_sampled_ahead
+    from search.study_storage import open_study_storage
+
+    space = load_space("digits")
+    storage = open_study_storage({"journal": str(tmp_path / "optuna.journal")})
+    s = ParetoSearch(space, make_sampler("tpe", 0, 2), "a", storage, total_trials=12, sample_ahead_after=3)
+    configs = {}
+    for i in range(12):
+        configs[f"t{i}"] = s.suggest(f"t{i}")
+        if i >= 2:  # two running at once
+            s.on_trial_complete(f"t{i - 2}", _result(i))
+        if i == 3:
+            assert s._ahead is not None  # sampling ahead from the threshold on
+    assert s._ahead is None  # the last trial handed out: nothing sampled for a 13th
+    for i in (10, 11):
+        s.on_trial_complete(f"t{i}", _result(i))
+    settle_sampled_ahead()
+    trials = s.study.get_trials(deepcopy=False)
+    assert len(trials) == 12 and all(t.state == TrialState.COMPLETE for t in trials)
+    by = {t.user_attrs["ray_trial_id"]: t for t in trials}
+    assert set(by) == set(configs)
+    for tid, cfg in configs.items():  # what Tune ran is what Optuna recorded for that trial
+        assert all(cfg[k] == v or cfg[k] == 0.0 for k, v in by[tid].params.items()), (tid, cfg, by[tid].params)
+
+
+def test_a_sample_in_flight_is_not_saved_and_a_restore_fails_it(tmp_path):
+    """A checkpoint holds only trials handed out; the trial sampled ahead at the crash is RUNNING in
+    the study, and the restored searcher marks it FAIL and never hands it out."""
+    from search.searcher import AHEAD_REASON, settle_sampled_ahead
+    from search.study_storage import open_study_storage
+
+    space = load_space("digits")
+    spec = {"journal": str(tmp_path / "optuna.journal")}
+    s = ParetoSearch(space, make_sampler("tpe", 0, 2), "r", open_study_storage(spec), total_trials=10,
+                     sample_ahead_after=2)
+    for i in range(5):
+        s.suggest(f"t{i}")
+        s.on_trial_complete(f"t{i}", _result(i))
+    assert s._ahead is not None
+    ahead = s._ahead.result().number  # sampled for a sixth trial, not handed out
+    s.save(str(tmp_path / "searcher.pkl"))  # Tune's searcher checkpoint, then the driver dies
+    del s
+    gc.collect()
+
+    again = ParetoSearch(space, make_sampler("tpe", 0, 2), "r", open_study_storage(spec), total_trials=10,
+                         sample_ahead_after=2)
+    again.restore(str(tmp_path / "searcher.pkl"))
+    states = {t.number: t.state for t in again.study.get_trials(deepcopy=False)}
+    assert states[ahead] == TrialState.FAIL
+    for i in range(5, 10):
+        again.suggest(f"t{i}")
+        again.on_trial_complete(f"t{i}", _result(i))
+    settle_sampled_ahead()
+    trials = again.study.get_trials(deepcopy=False)
+    handed = [t.user_attrs["ray_trial_id"] for t in trials if "ray_trial_id" in t.user_attrs]
+    assert sorted(handed) == sorted(f"t{i}" for i in range(10))  # each once
+    assert ahead not in {t.number for t in trials if "ray_trial_id" in t.user_attrs}
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+    # a sweep that ends before its total (interrupted, or a budget): the sample left is FAIL, with why
+    s3 = ParetoSearch(space, make_sampler("random", 0, 2), "e", optuna.storages.InMemoryStorage(), total_trials=10,
+                      sample_ahead_after=1)
+    s3.suggest("only")
+    s3.on_trial_complete("only", _result(0))
+    settle_sampled_ahead()
+    left = [t for t in s3.study.trials if "ray_trial_id" not in t.user_attrs]
+    assert len(left) == 1 and left[0].state == TrialState.FAIL and left[0].user_attrs["brsearch_reason"] == AHEAD_REASON
+
+
+def test_below_the_threshold_every_sample_is_drawn_in_the_loop():
+    space = load_space("digits")
+    s = ParetoSearch(space, make_sampler("tpe", 0, 2), "b", optuna.storages.InMemoryStorage(), total_trials=50)
+    for i in range(6):
+        s.suggest(f"t{i}")
+    assert s._ahead is None and len(s.study.trials) == 6

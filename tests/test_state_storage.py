@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 from _mlflow_store import mlflow_uri
+from _study import sweep_study
 
-from search.state import SweepState, join_uri, network_fs, study_spec_from_flag
+from search.state import SweepState, join_uri, study_spec_from_flag
 from search.study_storage import open_study_storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,7 +116,7 @@ def test_s3_sweep_resumes_from_elsewhere_after_local_state_is_gone(s3, tmp_path,
     # the state is on S3, with the resources the sweep asked for
     record = json.loads(_read(fs, f"{exp}/brsearch/sweep.json"))
     assert (record["cpus_per_trial"], record["gpus_per_trial"], record["max_concurrent"]) == (1.0, 0.0, 1)
-    assert _read(fs, f"{exp}/brsearch/optuna.db")[:16] == b"SQLite format 3\x00"
+    assert b'"study_name"' in _read(fs, f"{exp}/brsearch/optuna.journal")  # Optuna's journal (JSON lines)
 
     # a new sweep of that name is refused, in one line, before anything runs
     again = subprocess.run(cmd, cwd=there, env=_env(tmp_path / "cache-there"), capture_output=True, text=True,
@@ -138,9 +139,9 @@ def test_s3_sweep_resumes_from_elsewhere_after_local_state_is_gone(s3, tmp_path,
     assert (trials["status"] == "completed").all(), trials[["trial_id", "status", "reason"]]
     assert set(first.loc[first["status"] == "completed", "trial_id"]) <= set(trials["trial_id"])  # not re-run
 
-    db = tmp_path / "optuna-from-s3.db"
-    db.write_bytes(_read(fs, f"{exp}/brsearch/optuna.db"))
-    study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+    journal = tmp_path / "optuna-from-s3.journal"
+    journal.write_bytes(_read(fs, f"{exp}/brsearch/optuna.journal"))
+    study = sweep_study(tmp_path, name, journal)
     done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.user_attrs["ray_trial_id"] for t in done) == sorted(trials["trial_id"])
     assert not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
@@ -184,22 +185,12 @@ def test_join_uri_keeps_the_query_last():
     assert join_uri("gs://b/p/", "n") == "gs://b/p/n"
 
 
-def test_network_fs_by_longest_mount_point():
-    mounts = ("/dev/sda1 / ext4 rw 0 0\n"
-              "fs-1.efs.amazonaws.com:/ /mnt/efs nfs4 rw 0 0\n"
-              "/dev/sdb1 /mnt/efs/local ext4 rw 0 0\n"
-              "s3fs /mnt/bucket fuse.s3fs rw 0 0\n")
-    assert network_fs(Path("/mnt/efs/brsearch"), mounts) == "nfs4"
-    assert network_fs(Path("/mnt/efs/local/x"), mounts) is None
-    assert network_fs(Path("/home/u/results"), mounts) is None
-    assert network_fs(Path("/mnt/bucket/r"), mounts) == "fuse.s3fs"
-
-
 def test_study_storage_choice(tmp_path, monkeypatch):
     local = SweepState(str(tmp_path), "a")
-    assert local.study_spec() == {"sqlite": str(tmp_path / "a" / "brsearch" / "optuna.db")}
-    monkeypatch.setattr("search.state.network_fs", lambda p, mounts=None: "nfs4")
     assert local.study_spec() == {"journal": str(tmp_path / "a" / "brsearch" / "optuna.journal")}
+    (tmp_path / "a" / "brsearch").mkdir(parents=True)
+    (tmp_path / "a" / "brsearch" / "optuna.db").touch()  # a sweep started before the journal: kept
+    assert local.study_spec() == {"sqlite": str(tmp_path / "a" / "brsearch" / "optuna.db")}
     monkeypatch.setenv("BRSEARCH_STATE_CACHE", str(tmp_path / "cache"))
     remote = SweepState("s3://b/r?endpoint_override=h:1", "a")
     assert remote.study_spec() == {"mirror": "s3://b/r/a/brsearch?endpoint_override=h:1"}
@@ -232,6 +223,22 @@ def test_study_storage_pickles_as_its_spec(tmp_path, monkeypatch, kind):
     assert len(again.get_trials(deepcopy=False)) == 3
     again.optimize(lambda t: (t.suggest_float("x", 0, 1), 1.0), n_trials=1)
     assert len(optuna.load_study(study_name="n", storage=open_study_storage(spec)).trials) == 4
+
+
+def test_a_torn_last_journal_record_is_cut_off(tmp_path):
+    """A driver killed inside an append leaves a last line without its newline: without the cut,
+    the next record is appended onto it and the journal no longer loads."""
+    import optuna
+
+    path = tmp_path / "optuna.journal"
+    study = optuna.create_study(study_name="n", storage=open_study_storage({"journal": str(path)}), directions=["maximize"] * 2)
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1), 1.0), n_trials=2)
+    whole = path.read_bytes()
+    path.write_bytes(whole + b'{"op_code":4,"worker_id":"w","study_id":0,"dat')  # killed mid-write
+    again = optuna.load_study(study_name="n", storage=open_study_storage({"journal": str(path)}))
+    again.optimize(lambda t: (t.suggest_float("x", 0, 1), 1.0), n_trials=1)
+    assert path.read_bytes().startswith(whole)
+    assert len(optuna.load_study(study_name="n", storage=open_study_storage({"journal": str(path)})).trials) == 3
 
 
 def test_resume_reuses_the_stored_resources(tmp_path):

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from _mlflow_store import mlflow_db
+from _study import sweep_study
 
 from trainables.config import ConfigError, known_keys
 
@@ -215,7 +216,7 @@ def test_sweep_mlflow_runs(sweep4):
 def test_sweep_optuna_study(sweep4):
     import optuna
 
-    study = optuna.load_study(study_name="s4", storage=f"sqlite:///{sweep4['exp'] / 'brsearch' / 'optuna.db'}")
+    study = sweep_study(sweep4["exp"], "s4")
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 4 and len(states) == 4
     # optuna-dashboard and load_study show the objectives by name
@@ -379,8 +380,7 @@ def test_sweep_interrupted_and_resumed(tmp_path):
     assert set(first.loc[first["status"] == "completed", "trial_id"]) <= set(trials["trial_id"])
     assert set(printed_front(proc2.stdout)) == set(trials.loc[trials["pareto"], "trial_id"])
 
-    study = optuna.load_study(study_name=name,
-                              storage=f"sqlite:///{tmp_path / 'results' / name / 'brsearch' / 'optuna.db'}")
+    study = sweep_study(tmp_path / "results" / name, name)
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 4, states
     assert optuna.trial.TrialState.RUNNING not in states, states
