@@ -26,6 +26,7 @@ E2E_MODULES = {"test_reliability.py", "test_step_overhead.py"}
 E2E_FIXTURES = {"sweep", "sweep4", "diverged_sweep", "ternary_run", "cli_results", "cifar10_folder", "ray_session"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads xdist_group into the node ids
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in E2E_MODULES or E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
