@@ -66,10 +66,9 @@ def _drop_torn_tail(path: Path) -> None:
             if f.read(1) == b"\n":
                 return
             f.seek(0)
-            data = f.read()
-            f.truncate(data.rfind(b"\n") + 1)
-            log.warning("%s: cut off a partial last record (%d bytes) left by a killed driver",
-                        path, size - data.rfind(b"\n") - 1)
+            keep = f.read().rfind(b"\n") + 1
+            f.truncate(keep)
+            log.warning("%s: cut off a partial last record (%d bytes) left by a killed driver", path, size - keep)
     except FileNotFoundError:
         return
 
