@@ -8,7 +8,7 @@ search (the paper space, three objectives measured on the validation split: clea
 robust accuracy, channel sparsity): each sampler (random, nsga2, tpe, gp; search.searcher) with
 FIFO (every trial runs all its epochs) and with the MO-ASHA scheduler (search/moasha.py: stopped
 trials hand their epochs to new ones, so it starts more trials within the budget), and
-tpe+moasha-epsnet (MO-ASHA with Syne Tune's epsilon-net tie-break instead of crowding distance).
+gp+moasha-epsnet (MO-ASHA with Syne Tune's epsilon-net tie-break instead of crowding distance).
 
 Each sweep is the sweep `python -m search.pareto` runs (`search.plan.prepare` and
 `build_tuner`, in-process, one Ray instance for all sweeps, actors reused between trials),
@@ -25,7 +25,8 @@ fraction of the budget at which the method first reaches random search's final h
 never reaches it counts as 1.0, so a mean with unreached seeds is a lower bound, marked ">=").
 Plots: docs/img/search_efficiency_<dataset>.png. The last stdout line is a JSON object whose
 `moasha_budget_fraction` is the mean over the digits seeds of MO-ASHA with the CLI defaults
-(`tpe+moasha-epsnet`; the CIFAR-10 and combined figures are beside it). Target: <= 0.5.
+(`gp+moasha`: `--sampler auto` is GP in sweeps under 100 trials, and `--tie-break crowding`; the
+CIFAR-10 and combined figures are beside it). Target: <= 0.5.
 
 The hypervolume-vs-epochs measure does not depend on wall time, so a busy machine changes how
 long this takes, not its numbers (beyond the order in which parallel trials reach the rungs).
@@ -61,10 +62,12 @@ METHODS: dict[str, tuple[str, str, str]] = {  # name -> (--sampler, --scheduler,
     "nsga2+moasha": ("nsga2", "moasha", "crowding"),
     "tpe+moasha": ("tpe", "moasha", "crowding"),
     "gp+moasha": ("gp", "moasha", "crowding"),
-    "tpe+moasha-epsnet": ("tpe", "moasha", "epsnet"),
+    "gp+moasha-epsnet": ("gp", "moasha", "epsnet"),
 }
 BASELINE = "random"
-MOASHA = "tpe+moasha-epsnet"  # --scheduler moasha with the CLI defaults: sampler tpe, --tie-break epsnet
+# --scheduler moasha with the CLI defaults: --sampler auto (GP for the first GP_TRIALS trials, and
+# every sweep here has fewer: checked in run_sweep) and --tie-break crowding
+MOASHA = "gp+moasha"
 TARGET_FRACTION = 0.5
 
 
@@ -144,10 +147,15 @@ def _budget_tools(budget: int, floors: Any) -> tuple[Any, Any]:
             self.events: list[dict[str, Any]] = []
             self.started: set[str] = set()
             self.ended: set[str] = set()
+            self.results: list[dict[str, Any]] = []  # every report: for replaying rung rules offline
 
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
             self.consumed += 1
+            first = trial.trial_id not in self.started
             self.started.add(trial.trial_id)
+            self.results.append({"trial_id": trial.trial_id, "epoch": result.get("epoch"),
+                                 "values": [result.get(m) for m in OBJECTIVES],
+                                 **({"config": dict(trial.config)} if first else {})})
             # A trial is complete with its final report. (Waiting for on_trial_complete would miss
             # the trial whose last epoch spends the budget: Tune stops the experiment's remaining
             # trials without calling the callbacks' on_trial_complete.)
@@ -191,6 +199,7 @@ def _budget_tools(budget: int, floors: Any) -> tuple[Any, Any]:
 def run_sweep(setting: Setting, method: str, seed: int, work: Path, concurrency: int) -> dict[str, Any]:
     from search.pareto import build_tuner
     from search.plan import build_parser, prepare
+    from search.samplers import GP_TRIALS
     from search.searcher import settle_sampled_ahead
 
     sampler, scheduler, tie_break = METHODS[method]
@@ -199,6 +208,7 @@ def run_sweep(setting: Setting, method: str, seed: int, work: Path, concurrency:
     shutil.rmtree(sweeps / name, ignore_errors=True)  # a sweep interrupted earlier starts over
     # MO-ASHA: as many trials as the budget could start (each costs >= 1 epoch); the budget stops it
     trials = setting.full_trials if scheduler == "fifo" else setting.budget
+    assert trials <= GP_TRIALS, "the gp methods stand for --sampler auto only below GP_TRIALS trials"
     argv = ["--name", name, "--sampler", sampler, "--scheduler", scheduler, "--seed", str(seed),
             "--trials", str(trials), "--epochs", str(setting.epochs), "--max-concurrent", str(concurrency),
             "--grace-period", str(setting.grace_period), "--reduction-factor", str(setting.reduction_factor),
@@ -219,7 +229,7 @@ def run_sweep(setting: Setting, method: str, seed: int, work: Path, concurrency:
         "consumed": rec.consumed, "curve": [list(p) for p in rec.curve],
         "trials_started": len(rec.started), "completed": statuses.count("completed"),
         "stopped": statuses.count("stopped"), "failed": statuses.count("failed"),
-        "points": rec.points, "events": rec.events, "wall_s": round(wall, 1),
+        "points": rec.points, "events": rec.events, "results": rec.results, "wall_s": round(wall, 1),
         "reference": list(plan.floors.reference),
     }
 
@@ -311,7 +321,7 @@ def format_table(setting: Setting, summary: dict[str, Any]) -> str:
 
 COLOURS = {"random": "tab:gray", "nsga2": "tab:blue", "tpe": "tab:green", "gp": "tab:purple",
            "random+moasha": "silver", "nsga2+moasha": "tab:cyan", "tpe+moasha": "tab:red",
-           "gp+moasha": "tab:pink", "tpe+moasha-epsnet": "tab:orange"}
+           "gp+moasha": "tab:pink", "gp+moasha-epsnet": "tab:orange"}
 STYLES = {m: ("--" if "moasha" in m else "-") for m in COLOURS}
 
 

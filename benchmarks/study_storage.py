@@ -30,7 +30,7 @@ def run(kind: str, n: int, tmp: Path, sampler: str = "tpe") -> dict[str, float]:
     import optuna
     from optuna.trial import TrialState
 
-    from search.searcher import make_sampler
+    from search.samplers import make_sampler
     from search.space import load_space
     from search.study_storage import open_study_storage
 

@@ -72,7 +72,7 @@ from __future__ import annotations
 import logging
 import math
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import moocore
@@ -131,18 +131,32 @@ def keeps(position: int, n: int, reduction_factor: float) -> bool:
     return position * reduction_factor <= n * (1 + 1e-12)
 
 
-def rung_position(points, index: int = -1, tie_break: str = "crowding", limit: int | None = None) -> int:
+def rung_position(points, index: int = -1, tie_break: str = "crowding", limit: int | None = None,
+                  violations=None) -> int:
     """0-based place of row `index` in the MO-ASHA total order of `points` (maximised): non-dominated
     front first, then the tie-break inside the front; exact ties resolved in the row's favour.
-    With `limit`, the ε-net walk may stop early and return `limit` for any place >= limit."""
+    With `limit`, the ε-net walk may stop early and return `limit` for any place >= limit.
+    With `violations` (one per row, > 0 = infeasible): feasible rows first, in that order, then the
+    infeasible ones by increasing violation (Deb's constrained domination)."""
     if tie_break not in TIE_BREAKS:
         raise ValueError(f"tie_break {tie_break!r}; accepted: {', '.join(TIE_BREAKS)}")
     pts = np.asarray(points, dtype=float)
     if pts.ndim != 2 or pts.shape[0] == 0:
         raise ValueError(f"points must have shape (n, k), n >= 1; got {pts.shape}")
-    pts = _order_preserving_finite(pts)
     n = pts.shape[0]
     index = index % n
+    if violations is not None:
+        viol = np.asarray(violations, dtype=float).reshape(-1)
+        if viol.shape[0] != n:
+            raise ValueError(f"{viol.shape[0]} violations for {n} points")
+        viol = np.where(np.isnan(viol), np.inf, viol)
+        feasible = viol <= 0
+        if not feasible[index]:  # behind every feasible row; ties with equal violation in its favour
+            return int(np.count_nonzero(feasible)) + int(np.count_nonzero(viol[~feasible] < viol[index]))
+        if not feasible.all():
+            sub = np.flatnonzero(feasible)
+            return rung_position(pts[sub], int(np.searchsorted(sub, index)), tie_break, limit)
+    pts = _order_preserving_finite(pts)
     ranks = moocore.pareto_rank(pts, maximise=True)
     mine = ranks[index]
     ahead = int(np.count_nonzero(ranks < mine))
@@ -157,8 +171,9 @@ def rung_position(points, index: int = -1, tie_break: str = "crowding", limit: i
 
 
 def _decide_detail(rung_vectors, new_vector, reduction_factor: float,
-                   tie_break: str = "crowding") -> tuple[bool, int, int]:
-    """(continue?, position, n) of a new vector arriving at a rung (maximised objectives)."""
+                   tie_break: str = "crowding", violations=None) -> tuple[bool, int, int]:
+    """(continue?, position, n) of a new vector arriving at a rung (maximised objectives);
+    `violations`: one per recorded vector and the new one last (see rung_position)."""
     new = np.asarray(new_vector, dtype=float).reshape(1, -1)
     prev = np.asarray(rung_vectors, dtype=float)
     if prev.size == 0:
@@ -170,7 +185,7 @@ def _decide_detail(rung_vectors, new_vector, reduction_factor: float,
     pts = np.vstack([prev, new])
     n = pts.shape[0]
     limit = math.floor(n / reduction_factor * (1 + 1e-12)) + 1  # first position that stops
-    position = rung_position(pts, -1, tie_break, limit=limit)
+    position = rung_position(pts, -1, tie_break, limit=limit, violations=violations)
     return keeps(position, n, reduction_factor), position, n
 
 
@@ -179,14 +194,17 @@ def decide(
     new_vector: Sequence[float],
     reduction_factor: float,
     tie_break: str = "crowding",
+    violations: Sequence[float] | None = None,
 ) -> bool:
     """MO-ASHA rung decision for maximized objectives. ``True`` means CONTINUE, ``False`` STOP.
 
     ``rung_vectors`` are the vectors already recorded at the rung (the new one excluded).
     With ``n = len(rung_vectors) + 1``, the trial continues iff its position in the order of
-    :func:`rung_position` satisfies ``position / n <= 1 / reduction_factor``.
+    :func:`rung_position` satisfies ``position / n <= 1 / reduction_factor``. ``violations``
+    (recorded vectors' first, the new one's last; > 0 = below a floor) puts infeasible vectors
+    behind every feasible one.
     """
-    return _decide_detail(rung_vectors, new_vector, reduction_factor, tie_break)[0]
+    return _decide_detail(rung_vectors, new_vector, reduction_factor, tie_break, violations)[0]
 
 
 class MOASHAScheduler(FIFOScheduler):
@@ -200,6 +218,9 @@ class MOASHAScheduler(FIFOScheduler):
         reduction_factor: η; a trial continues iff its normalised rank at a rung is <= 1/η.
         tie_break: ``"crowding"`` (default) or ``"epsnet"``: the order inside a non-dominated front.
         max_t: the full budget in ``time_attr`` units; milestones are strictly below it.
+        violation: maps a result's objective values (name -> value) to how far they are below the
+            sweep's floors (> 0: infeasible); infeasible vectors rank behind every feasible one
+            at a rung. None: every vector is feasible. Must pickle (``tuner.pkl``).
 
     Attributes:
         stopped_trials: ids of the trials this scheduler stopped early.
@@ -219,6 +240,7 @@ class MOASHAScheduler(FIFOScheduler):
         *,
         max_t: int,
         tie_break: str = "crowding",
+        violation: Callable[[Mapping[str, float]], float] | None = None,
     ):
         super().__init__()
         metrics = [metrics] if isinstance(metrics, str) else list(metrics)
@@ -241,6 +263,7 @@ class MOASHAScheduler(FIFOScheduler):
         if tie_break not in TIE_BREAKS:
             raise ValueError(f"tie_break {tie_break!r}; accepted: {', '.join(TIE_BREAKS)}")
         self._tie_break = tie_break
+        self._violation = violation
 
         self._metrics: list[str] = metrics
         self._modes: list[str] = modes
@@ -339,8 +362,11 @@ class MOASHAScheduler(FIFOScheduler):
         if values is None:
             return TrialScheduler.CONTINUE
         prev = self._signs * np.asarray(list(recorded.values()), dtype=float).reshape(-1, len(self._signs))
+        violation = getattr(self, "_violation", None)  # a scheduler pickled before floors has none
+        viols = None if violation is None else [
+            float(violation(dict(zip(self._metrics, v)))) for v in [*recorded.values(), values]]
         cont, position, n = _decide_detail(prev, self._oriented(values), self._reduction_factor,
-                                           getattr(self, "_tie_break", "crowding"))
+                                           getattr(self, "_tie_break", "crowding"), viols)
         keep = math.floor(n / self._reduction_factor * (1 + 1e-12)) + 1
         recorded[trial_id] = values
         decision = TrialScheduler.CONTINUE if cont else TrialScheduler.STOP
@@ -350,6 +376,7 @@ class MOASHAScheduler(FIFOScheduler):
                 "milestone": milestone,
                 "time": t,
                 "values": dict(zip(self._metrics, values)),
+                "feasible": viols is None or viols[-1] <= 0,
                 "position": position,
                 "n": len(recorded),
                 "n_keep": keep,

@@ -3,17 +3,21 @@
 so bad input fails in well under a second."""
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 OBJECTIVES = ("clean_acc", "robust_acc", "channel_sparsity")  # all maximised, on the validation split
-SAMPLERS = ("tpe", "nsga2", "gp", "random")  # built by search.searcher.make_sampler
-DEFAULT_SAMPLER = "tpe"  # chosen by measurement: docs/benchmarks.md, "Search efficiency"
-# with --scheduler moasha most trials end PRUNED; NSGA-II and GP learn from COMPLETE trials only,
-# TPE files PRUNED ones with the worse group (docs/benchmarks.md)
-DEFAULT_MOASHA_SAMPLER = "tpe"
+SAMPLERS = ("auto", "tpe", "nsga2", "gp", "random")  # built by search.samplers.make_sampler
+# chosen by measurement (docs/benchmarks.md, "Search efficiency"): GP found the most hypervolume
+# at small budgets with FIFO and with MO-ASHA; `auto` hands over to TPE past 100 trials, where
+# GP's per-ask cost grows too large for the driver loop (search/samplers.py)
+DEFAULT_SAMPLER = "auto"
+DEFAULT_MOASHA_SAMPLER = "auto"
 TIE_BREAKS = ("crowding", "epsnet")  # MO-ASHA's order inside a non-dominated front (search.moasha)
+DEFAULT_TIE_BREAK = "crowding"  # measured better than epsnet here (docs/benchmarks.md)
 
 # datasets with a known class count; folder:PATH counts its train/<class>/ folders
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "mnist": 10, "fashion-mnist": 10, "svhn": 10}
@@ -59,6 +63,12 @@ class Floors:
         so that a trial exactly at its floor (e.g. at chance) is infeasible, as `feasible` says."""
         return {"clean_acc_floor": self.clean_acc - clean_acc + 1e-9,
                 "robust_acc_floor": self.robust_acc - robust_acc}
+
+    def violation(self, values: Mapping[str, float]) -> float:
+        """How far an objective vector (name -> value) is below the floors; > 0 iff infeasible.
+        MO-ASHA ranks rung vectors with it (`search.moasha`, `violation=`)."""
+        cs = self.constraints(float(values["clean_acc"]), float(values["robust_acc"])).values()
+        return math.inf if any(math.isnan(c) for c in cs) else sum(max(0.0, c) for c in cs)
 
     def feasible(self, clean_acc: float, robust_acc: float) -> bool:
         return clean_acc > self.clean_acc and robust_acc >= self.robust_acc

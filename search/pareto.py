@@ -52,7 +52,8 @@ def build_tuner(plan: Plan, max_concurrent: int, gpus: float, callbacks: list[An
         from trainables.tune import trainable
 
     from .moasha import MOASHAScheduler
-    from .searcher import ParetoSearch, make_sampler
+    from .samplers import make_sampler
+    from .searcher import ParetoSearch
     from .study_storage import open_study_storage
 
     args = plan.args
@@ -64,7 +65,8 @@ def build_tuner(plan: Plan, max_concurrent: int, gpus: float, callbacks: list[An
     if args.scheduler == "moasha":
         scheduler = MOASHAScheduler(list(OBJECTIVES), ["max"] * 3, time_attr="epoch",
                                     grace_period=args.grace_period, reduction_factor=args.reduction_factor,
-                                    max_t=args.epochs, tie_break=args.tie_break)
+                                    max_t=args.epochs, tie_break=args.tie_break,
+                                    violation=plan.floors.violation)  # below the floor: ranked last
         callbacks.append(scheduler.state_callback())
     return tune.Tuner(
         tune.with_resources(trainable, {"cpu": args.cpus_per_trial or 1.0, "gpu": gpus}),

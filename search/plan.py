@@ -21,7 +21,7 @@ from trainables.config import ConfigError, TrainConfig
 from trainables.fileio import unwritable
 
 # not .searcher: it imports Ray and Optuna
-from .objectives import DEFAULT_MOASHA_SAMPLER, DEFAULT_SAMPLER, SAMPLERS, TIE_BREAKS, Floors
+from .objectives import DEFAULT_MOASHA_SAMPLER, DEFAULT_SAMPLER, DEFAULT_TIE_BREAK, SAMPLERS, TIE_BREAKS, Floors
 from .space import Space, joint_modelling_gap, load_space, parse_sets
 from .state import SweepState, is_remote, study_spec_from_flag
 
@@ -44,14 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset-test", type=int)
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--sampler", help=f"one of {', '.join(SAMPLERS)} (default: {DEFAULT_SAMPLER}; "
-                                     f"{DEFAULT_MOASHA_SAMPLER} with --scheduler moasha)")
+    p.add_argument("--sampler", help=f"one of {', '.join(SAMPLERS)} (default: {DEFAULT_SAMPLER}, also with "
+                                     f"--scheduler moasha; auto is GP for the first 100 trials, then TPE)")
     p.add_argument("--scheduler", default="fifo", help="fifo (every trial runs all epochs) or moasha")
     p.add_argument("--grace-period", type=int, default=1, help="moasha: first rung, in epochs")
     p.add_argument("--reduction-factor", type=float, default=3.0, help="moasha: keep the top 1/eta at each rung")
-    p.add_argument("--tie-break", default="epsnet", help="moasha: order inside a non-dominated front, "
-                                                        "epsnet (Syne Tune's; default, measured better in "
-                                                        "docs/benchmarks.md) or crowding")
+    p.add_argument("--tie-break", default=DEFAULT_TIE_BREAK, help="moasha: order inside a non-dominated front, "
+                                                                  "crowding (NSGA-II's; default, measured better in "
+                                                                  "docs/benchmarks.md) or epsnet (Syne Tune's)")
     p.add_argument("--min-clean-acc", type=float,
                    help="floor: trials at or below it are infeasible (default: chance, 1/number of classes)")
     p.add_argument("--min-robust-acc", type=float, help="floor: trials below it are infeasible (default 0)")

@@ -35,6 +35,7 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from .objectives import OBJECTIVES, SAMPLERS, Floors  # noqa: F401  (re-exported: the names callers know)
+from .samplers import make_sampler  # noqa: F401  (re-exported)
 from .space import Space
 
 log = logging.getLogger(__name__)
@@ -43,24 +44,6 @@ SAMPLE_AHEAD_AFTER = 100  # trials handed out before sampling moves off the loop
 AHEAD_REASON = "sampled ahead, never run"
 _SAMPLING_AHEAD: weakref.WeakSet = weakref.WeakSet()  # searchers of this process with a sample in flight
 AHEAD_STATS = {"used": 0, "waited_s": 0.0}  # this process: samples taken, and the loop's wait for them (benchmarks)
-
-
-def make_sampler(name: str, seed: int, max_concurrent: int) -> optuna.samplers.BaseSampler:
-    if name == "nsga2":
-        # a generation per ~2x the parallel slots keeps generations full under async execution
-        return optuna.samplers.NSGAIISampler(population_size=max(4, 2 * max_concurrent), seed=seed)
-    if name == "tpe":
-        # multivariate + group: models every parameter jointly, conditional ones included
-        # (group=True decomposes a define-by-run space into the sub-spaces trials share)
-        with warnings.catch_warnings():  # `group` is experimental (Optuna 5): one warning per sweep is noise
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
-                                              n_startup_trials=max(4, 2 * max_concurrent))
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=max(4, 2 * max_concurrent))
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise ValueError(f"unknown sampler {name!r}")
 
 
 class ParetoSearch(OptunaSearch):

@@ -32,6 +32,9 @@ EPOCHS = 3
 TRIALS = 6
 SWEEP_ARGS = [
     "--name", NAME, "--scheduler", "moasha", "--seed", "0",  # the default sampler with moasha
+    # epsnet: with crowding every extreme of a front ties at an infinite distance, and in a rung
+    # of <= 6 three-objective vectors nearly every newcomer is one, so hardly any trial stops
+    "--tie-break", "epsnet",
     "--trials", str(TRIALS), "--epochs", str(EPOCHS), "--max-concurrent", "2", "--num-cpus", "2",
     "--grace-period", "1", "--reduction-factor", "6",
     "--subset-train", "300", "--subset-test", "100",

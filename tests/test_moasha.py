@@ -156,6 +156,43 @@ def test_decisions_match_brute_force_rule_on_random_rungs(tie_break):
             assert rung_position(pts, n - 1) == pos
 
 
+@pytest.mark.parametrize("tie_break", ["crowding", "epsnet"])
+def test_floor_decisions_match_brute_force_rule_on_random_rungs(tie_break):
+    """With violations: feasible vectors first in the rule's own order (computed among the
+    feasible ones only), then the infeasible ones by violation, ties in the new vector's favour."""
+    rng = np.random.default_rng(1)
+    for case in range(300):
+        n = int(rng.integers(1, 20))
+        pts = np.round(rng.random((n, 3)), int(rng.integers(1, 3)))
+        viol = np.where(rng.random(n) < 0.4, np.round(rng.random(n), 1), 0.0)
+        eta = float(rng.choice([2, 3, 4]))
+        feas = [j for j in range(n) if viol[j] <= 0]
+        if viol[-1] <= 0:
+            pos = _brute_position([pts[j].tolist() for j in feas], len(feas) - 1, tie_break)
+        else:
+            pos = len(feas) + sum(viol[j] < viol[-1] for j in range(n) if viol[j] > 0)
+        want = pos / n <= 1 / eta + 1e-12
+        got = decide(pts[:-1], pts[-1], eta, tie_break=tie_break, violations=viol)
+        assert got == want, (case, tie_break, eta, pts.tolist(), viol.tolist(), pos)
+
+
+def test_scheduler_with_floors_stops_a_collapsed_trial_that_sparsity_alone_would_keep():
+    from search.objectives import Floors
+
+    floors = Floors.for_sweep("digits")  # clean accuracy must be above chance, 0.1
+    good, collapsed = [0.9, 0.7, 0.0], [0.1, 0.0, 1.0]  # a chance-level model with every channel zero
+    for violation, expected in ((None, CONTINUE), (floors.violation, STOP)):
+        s = make_sched(reduction_factor=3, violation=violation)
+        report(s, make_trial(), 1, good)
+        # without floors the two are mutually non-dominated extremes: position 0 of 2, kept;
+        # with them the collapsed one is behind the feasible one: 1/2 > 1/3
+        assert report(s, make_trial(), 1, collapsed) == expected
+        assert s.decisions[-1]["feasible"] is (violation is None)
+    s = make_sched(reduction_factor=2, violation=floors.violation)
+    assert pickle.loads(pickle.dumps(s))._violation(dict(zip(OBJ, collapsed))) > 0  # tuner.pkl holds it
+    assert floors.violation({"clean_acc": float("nan"), "robust_acc": 0.5}) == math.inf
+
+
 # ----------------------------------------------------------------------- scheduler
 
 
@@ -398,8 +435,8 @@ def test_debug_string_counts_records_per_rung():
     assert s.debug_string() == ("Using MO-ASHA (acc:max, loss:min): num_stopped=1; "
                                 "t>=1: 2 recorded | t>=3: 1 recorded | t>=9: 0 recorded")
     assert s.decisions[-1] == {"trial_id": a.trial_id, "milestone": 3, "time": 3.5,
-                               "values": {"acc": 0.9, "loss": 0.1}, "position": 0, "n": 1,
-                               "n_keep": 1, "decision": CONTINUE}
+                               "values": {"acc": 0.9, "loss": 0.1}, "feasible": True, "position": 0,
+                               "n": 1, "n_keep": 1, "decision": CONTINUE}
     # positions 0 .. n_keep - 1 continue: floor(n / eta) + 1 of n, exactly 2 of 3 at eta = 3
     s.on_trial_result(None, make_trial(), {"epoch": 1, "acc": 0.5, "loss": 0.5})
     assert [d["n_keep"] for d in s.decisions] == [1, 1, 1, 2]

@@ -9,7 +9,8 @@ import pytest
 from optuna.trial import TrialState
 
 from search.objectives import DEFAULT_MOASHA_SAMPLER, DEFAULT_SAMPLER, Floors
-from search.searcher import ParetoSearch, make_sampler
+from search.samplers import GP_TRIALS, GPThenTPE, make_sampler
+from search.searcher import ParetoSearch
 from search.space import Space, joint_modelling_gap, load_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -47,6 +48,33 @@ def test_default_space_is_modelled_jointly(sampler, name):
     space.validate()
     assert set(relative_space(sampler, space)) == set(space.params), sampler
     assert joint_modelling_gap(sampler, space) is None
+
+
+def test_auto_hands_each_trial_to_gp_below_the_switch_and_to_tpe_from_it():
+    """Routing by trial number, every call of one trial to the same sampler: with two seeded random
+    samplers in the two seats, the first trials repeat the first seat's draws and the rest
+    repeat the second seat's."""
+    space = load_space("digits")
+
+    def draws(sampler, n):
+        study = optuna.create_study(directions=["maximize"] * 3, sampler=sampler)
+        out = []
+        for _ in range(n):
+            t = study.ask()
+            out.append(space.suggest(t))
+            study.tell(t, [0.5, 0.4, 0.1])
+        return out
+
+    mixed = draws(GPThenTPE(optuna.samplers.RandomSampler(seed=1), optuna.samplers.RandomSampler(seed=2),
+                            switch_at=3), 5)
+    assert mixed[:3] == draws(optuna.samplers.RandomSampler(seed=1), 3)
+    assert mixed[3:] == draws(optuna.samplers.RandomSampler(seed=2), 2)
+    auto = make_sampler("auto", seed=0, max_concurrent=2)
+    assert isinstance(auto.gp, optuna.samplers.GPSampler) and isinstance(auto.tpe, optuna.samplers.TPESampler)
+    assert auto.switch_at == GP_TRIALS
+    # its GP part models the intersection only, so a conditional space gets the one-line warning
+    gap = joint_modelling_gap("auto", Space("old", OLD_PAPER["params"], {}))
+    assert gap and "\n" not in gap and "alpha" in gap
 
 
 def test_conditional_space_falls_out_of_nsga2_but_not_tpe():

@@ -1,0 +1,192 @@
+"""Which MO-ASHA settings could reach random search's hypervolume sooner? Replays on recorded trials.
+
+    python benchmarks/search_efficiency.py --quick --work-dir /tmp/se --methods random   # records a pool
+    python benchmarks/rung_replay.py --pool '/tmp/se/curves/digits-random-s*.json'
+    python benchmarks/rung_replay.py --build 8 --seeds 100 101 102 103 104 105 106 107 108 109 \\
+        --work-dir /tmp/pool8                                                  # 8-epoch trials
+
+A random FIFO sweep of `benchmarks/search_efficiency.py` records every trial's objectives after
+every epoch. Such trials form a pool; this script replays, on the pool, random search (FIFO: 12
+trials run to the end) and random search under MO-ASHA (`search.moasha.decide`, the scheduler's
+own rule) for every grace period, reduction factor, tie-break and with or without the floors at
+the rungs, with 2 trials at once in lock-step epochs and the same epoch budget (12 full trials).
+Each replay draws the trials in a new random order; the figure is search_efficiency's: the
+fraction of the budget at which the hypervolume of the completed trials first reaches random
+FIFO's mean final hypervolume (never: 1.0), averaged over `--replays`.
+
+It also prints, per epoch, how many trials already show channel sparsity > 0: a rung before
+sparsity shows ranks by accuracy alone, and the hypervolume (reference: the floor, sparsity 0)
+counts sparse models only. The sampler is random here, so this isolates the scheduler; a model-
+based sampler changes which trials enter, not how a rung ranks them. `--build E` first runs random
+FIFO sweeps with E epochs per trial (search_efficiency's digits setting otherwise) into
+`--work-dir`. The last stdout line is JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import random
+import statistics
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from search.front import hypervolume  # noqa: E402
+from search.moasha import TIE_BREAKS, decide  # noqa: E402
+from search.objectives import Floors  # noqa: E402
+
+FLOORS = Floors.for_sweep("digits")
+WORKERS, FULL_TRIALS = 2, 12
+
+
+def load_pool(paths: list[str]) -> list[list[list[float]]]:
+    """Trajectories (per epoch: clean, robust, sparsity) of the trials that ran every epoch."""
+    pool = []
+    for path in paths:
+        doc = json.loads(Path(path).read_text())
+        by: dict[str, dict[int, list[float]]] = {}
+        for r in doc.get("run", doc)["results"]:
+            by.setdefault(r["trial_id"], {})[r["epoch"]] = r["values"]
+        for epochs in by.values():
+            n = max(epochs)
+            if all(e in epochs for e in range(1, n + 1)):
+                pool.append([epochs[e] for e in range(1, n + 1)])
+    lengths = {len(t) for t in pool}
+    if len(lengths) != 1:
+        raise SystemExit(f"error: the pool mixes trials of {sorted(lengths)} epochs; give one setting's runs")
+    return pool
+
+
+def hv(points: list[list[float]]) -> float:
+    feasible = [p for p in points if FLOORS.feasible(p[0], p[1])]
+    return hypervolume(feasible, FLOORS.reference) if feasible else 0.0
+
+
+def replay(pool, budget: int, rng: random.Random, rung: tuple[int, float, str, bool] | None) -> list[tuple[int, float]]:
+    """One sweep on the pool: FIFO (rung None) or MO-ASHA (grace, eta, tie-break, floors).
+    Returns the hypervolume curve [(epochs consumed, hypervolume)]."""
+    epochs = len(pool[0])
+    order = [rng.randrange(len(pool)) for _ in range(budget)]  # with replacement: any pool size
+    rungs: dict[float, list[list[float]]] = {}
+    if rung:
+        grace, eta, _, _ = rung
+        j = 0
+        while grace * eta**j < epochs:
+            rungs[grace * eta**j] = []
+            j += 1
+    running: list[list[int] | None] = [[order.pop(), 0] for _ in range(WORKERS)]
+    started, consumed, done, curve = WORKERS, 0, [], [(0, 0.0)]
+    while consumed < budget and any(running):
+        for w, slot in enumerate(running):
+            if slot is None or consumed >= budget:
+                continue
+            slot[1] += 1
+            consumed += 1
+            vec = pool[slot[0]][slot[1] - 1]
+            stop = slot[1] == epochs
+            if stop:
+                done.append(vec)
+                curve.append((consumed, hv(done)))
+            elif slot[1] in rungs:
+                rec = rungs[slot[1]]
+                viol = ([FLOORS.violation({"clean_acc": p[0], "robust_acc": p[1]}) for p in [*rec, vec]]
+                        if rung[3] else None)
+                stop = not decide(rec, vec, rung[1], rung[2], viol)
+                rec.append(vec)
+            if stop:
+                more = rung is not None or started < budget // epochs
+                running[w] = [order.pop(), 0] if more else None
+                started += more
+    return curve
+
+
+def first_reach(curve, target: float, budget: int) -> float:
+    return next((c / budget for c, h in curve if h >= target - 1e-12 and h > 0), 1.0)
+
+
+def build(epochs: int, seeds: list[int], work: Path) -> list[str]:
+    import logging
+    import os
+
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    import optuna
+    import ray
+    import search_efficiency as se
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("ray.tune").setLevel(logging.ERROR)
+    setting = replace(se.DIGITS, key=f"pool{epochs}", epochs=epochs)
+    ray.init(address="local", num_cpus=WORKERS, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING)
+    paths = []
+    try:
+        for seed in seeds:
+            out = work / f"pool{epochs}-s{seed}.json"
+            if not out.is_file():
+                out.write_text(json.dumps({"run": se.run_sweep(setting, "random", seed, work, WORKERS)}))
+            paths.append(str(out))
+    finally:
+        ray.shutdown()
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pool", help="glob of search_efficiency run JSONs (random FIFO sweeps of one setting)")
+    p.add_argument("--build", type=int, metavar="EPOCHS", help="run random FIFO sweeps of EPOCHS epochs first")
+    p.add_argument("--seeds", type=int, nargs="+", default=[100, 101, 102, 103, 104])
+    p.add_argument("--work-dir", default="/tmp/rung-replay")
+    p.add_argument("--replays", type=int, default=200)
+    args = p.parse_args(argv)
+    if args.build:
+        work = Path(args.work_dir)
+        work.mkdir(parents=True, exist_ok=True)
+        paths = build(args.build, args.seeds, work)
+    elif args.pool:
+        paths = sorted(glob.glob(args.pool))
+    else:
+        raise SystemExit("error: give --pool GLOB or --build EPOCHS")
+    if not paths:
+        raise SystemExit(f"error: no run JSON matches {args.pool!r}")
+    pool = load_pool(paths)
+    epochs = len(pool[0])
+    budget = FULL_TRIALS * epochs
+    print(f"pool: {len(pool)} trials of {epochs} epochs from {len(paths)} sweeps; budget {budget} epochs")
+    for e in range(epochs):
+        sparse = sum(t[e][2] > 0 for t in pool)
+        below = sum(not FLOORS.feasible(t[e][0], t[e][1]) for t in pool)
+        print(f"  after epoch {e + 1}: {sparse:3d} with channel sparsity > 0, {below:3d} below the floor")
+    fifo = [replay(pool, budget, random.Random(i), None) for i in range(args.replays)]
+    target = statistics.fmean(c[-1][1] for c in fifo)
+    rows: list[dict[str, Any]] = [{"method": "random (FIFO)", "fraction": statistics.fmean(
+        first_reach(c, target, budget) for c in fifo), "final_hv": target}]
+    for grace in (1, 2, 3):
+        for eta in (2, 3, 4):
+            if grace >= epochs:
+                continue
+            for tie in TIE_BREAKS:
+                for floors in (False, True):
+                    curves = [replay(pool, budget, random.Random(i), (grace, eta, tie, floors))
+                              for i in range(args.replays)]
+                    rows.append({"method": f"random+moasha grace {grace} eta {eta} {tie}{' floors' if floors else ''}",
+                                 "fraction": statistics.fmean(first_reach(c, target, budget) for c in curves),
+                                 "final_hv": statistics.fmean(c[-1][1] for c in curves)})
+    print(f"\ntarget: random FIFO's mean final hypervolume {target:.4f} ({args.replays} replays each)\n")
+    print("| method | budget fraction to reach the target | final hypervolume |\n|---|---|---|")
+    for r in sorted(rows, key=lambda r: r["fraction"]):
+        print(f"| {r['method']} | {r['fraction']:.3f} | {r['final_hv']:.4f} |")
+    best = min(rows[1:], key=lambda r: r["fraction"])
+    print(json.dumps({"pool_trials": len(pool), "epochs": epochs, "target_hv": round(target, 5),
+                      "best": best["method"], "best_fraction": round(best["fraction"], 3),
+                      "fifo_fraction": round(rows[0]["fraction"], 3)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
