@@ -65,8 +65,8 @@ METHODS: dict[str, tuple[str, str, str]] = {  # name -> (--sampler, --scheduler,
     "gp+moasha-epsnet": ("gp", "moasha", "epsnet"),
 }
 BASELINE = "random"
-# --scheduler moasha with the CLI defaults: --sampler auto (GP for the first GP_TRIALS trials, and
-# every sweep here has fewer: checked in run_sweep) and --tie-break crowding
+# --scheduler moasha with the CLI defaults: --sampler auto (GP in sweeps under GP_TRIALS trials, as
+# every sweep here: checked in run_sweep) and --tie-break crowding
 MOASHA = "gp+moasha"
 TARGET_FRACTION = 0.5
 
@@ -197,9 +197,9 @@ def _budget_tools(budget: int, floors: Any) -> tuple[Any, Any]:
 
 
 def run_sweep(setting: Setting, method: str, seed: int, work: Path, concurrency: int) -> dict[str, Any]:
+    from search.objectives import GP_TRIALS
     from search.pareto import build_tuner
     from search.plan import build_parser, prepare
-    from search.samplers import GP_TRIALS
     from search.searcher import settle_sampled_ahead
 
     sampler, scheduler, tie_break = METHODS[method]
@@ -208,7 +208,7 @@ def run_sweep(setting: Setting, method: str, seed: int, work: Path, concurrency:
     shutil.rmtree(sweeps / name, ignore_errors=True)  # a sweep interrupted earlier starts over
     # MO-ASHA: as many trials as the budget could start (each costs >= 1 epoch); the budget stops it
     trials = setting.full_trials if scheduler == "fifo" else setting.budget
-    assert trials <= GP_TRIALS, "the gp methods stand for --sampler auto only below GP_TRIALS trials"
+    assert trials < GP_TRIALS, "the gp methods stand for --sampler auto only below GP_TRIALS trials"
     argv = ["--name", name, "--sampler", sampler, "--scheduler", scheduler, "--seed", str(seed),
             "--trials", str(trials), "--epochs", str(setting.epochs), "--max-concurrent", str(concurrency),
             "--grace-period", str(setting.grace_period), "--reduction-factor", str(setting.reduction_factor),

@@ -12,10 +12,20 @@ from pathlib import Path
 OBJECTIVES = ("clean_acc", "robust_acc", "channel_sparsity")  # all maximised, on the validation split
 SAMPLERS = ("auto", "tpe", "nsga2", "gp", "random")  # built by search.samplers.make_sampler
 # chosen by measurement (docs/benchmarks.md, "Search efficiency"): GP found the most hypervolume
-# at small budgets with FIFO and with MO-ASHA; `auto` hands over to TPE past 100 trials, where
-# GP's per-ask cost grows too large for the driver loop (search/samplers.py)
+# at small budgets with FIFO and with MO-ASHA, but its per-ask cost in the driver loop grows too
+# large for big sweeps, so `auto` is GP below GP_TRIALS trials and TPE from there (docs/search.md)
 DEFAULT_SAMPLER = "auto"
 DEFAULT_MOASHA_SAMPLER = "auto"
+GP_TRIALS = 100
+
+
+def resolve_sampler(name: str, trials: int) -> str:
+    """The sampler a sweep of `trials` trials runs: `auto` becomes `gp` or `tpe`, others stay."""
+    if name != "auto":
+        return name
+    return "gp" if trials < GP_TRIALS else "tpe"
+
+
 TIE_BREAKS = ("crowding", "epsnet")  # MO-ASHA's order inside a non-dominated front (search.moasha)
 DEFAULT_TIE_BREAK = "crowding"  # measured better than epsnet here (docs/benchmarks.md)
 

@@ -39,6 +39,14 @@ def trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
+def _sampler_label(args: Any) -> str:
+    """`auto (gp)`: the name the user gave and the sampler it resolved to for this sweep."""
+    from .objectives import resolve_sampler
+
+    actual = resolve_sampler(args.sampler, args.trials)
+    return args.sampler if actual == args.sampler else f"{args.sampler} ({actual})"
+
+
 def build_tuner(plan: Plan, max_concurrent: int, gpus: float, callbacks: list[Any], *,
                 stop: Any = None, reuse_actors: bool = False, trainable: Any = None,
                 keep_checkpoints: int | None = 2) -> Any:
@@ -58,7 +66,7 @@ def build_tuner(plan: Plan, max_concurrent: int, gpus: float, callbacks: list[An
 
     args = plan.args
     storage = open_study_storage(plan.state.study_spec())
-    searcher = ParetoSearch(plan.space, make_sampler(args.sampler, args.seed, max_concurrent), plan.name, storage,
+    searcher = ParetoSearch(plan.space, make_sampler(args.sampler, args.seed, max_concurrent, args.trials), plan.name, storage,
                             floors=plan.floors, total_trials=args.trials)
     callbacks = list(callbacks)
     scheduler = None
@@ -128,7 +136,7 @@ def run(plan: Plan) -> int:
         client.log_dict(parent, redact_obj(plan.space.describe()), "space.json")
         state.write_record(redact_obj({**plan.record(), "experiment_id": experiment_id, "parent_run_id": parent,
                                        **res.record()}))
-    print(f"brsearch: sweep {plan.name!r}: {args.trials} trials x {args.epochs} epochs, sampler {args.sampler}, "
+    print(f"brsearch: sweep {plan.name!r}: {args.trials} trials x {args.epochs} epochs, sampler {_sampler_label(args)}, "
           f"scheduler {args.scheduler}, {max_concurrent} at once ({args.cpus_per_trial:g} CPU, {gpus:g} GPU each), "
           f"from {res.source}\n"
           f"  floor    {plan.floors.describe()} (hypervolume reference; trials below it are infeasible)\n"

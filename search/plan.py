@@ -21,7 +21,16 @@ from trainables.config import ConfigError, TrainConfig
 from trainables.fileio import unwritable
 
 # not .searcher: it imports Ray and Optuna
-from .objectives import DEFAULT_MOASHA_SAMPLER, DEFAULT_SAMPLER, DEFAULT_TIE_BREAK, SAMPLERS, TIE_BREAKS, Floors
+from .objectives import (
+    DEFAULT_MOASHA_SAMPLER,
+    DEFAULT_SAMPLER,
+    DEFAULT_TIE_BREAK,
+    GP_TRIALS,
+    SAMPLERS,
+    TIE_BREAKS,
+    Floors,
+    resolve_sampler,
+)
 from .space import Space, joint_modelling_gap, load_space, parse_sets
 from .state import SweepState, is_remote, study_spec_from_flag
 
@@ -45,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--sampler", help=f"one of {', '.join(SAMPLERS)} (default: {DEFAULT_SAMPLER}, also with "
-                                     f"--scheduler moasha; auto is GP for the first 100 trials, then TPE)")
+                                     f"--scheduler moasha: GP below {GP_TRIALS} trials, TPE from {GP_TRIALS})")
     p.add_argument("--scheduler", default="fifo", help="fifo (every trial runs all epochs) or moasha")
     p.add_argument("--grace-period", type=int, default=1, help="moasha: first rung, in epochs")
     p.add_argument("--reduction-factor", type=float, default=3.0, help="moasha: keep the top 1/eta at each rung")
@@ -215,7 +224,7 @@ def prepare(args: argparse.Namespace) -> Plan:
             raise ConfigError(why)
     if args.sampler is None:  # --resume of a sweep that stored none
         args.sampler = DEFAULT_MOASHA_SAMPLER if args.scheduler == "moasha" else DEFAULT_SAMPLER
-    gap = joint_modelling_gap(args.sampler, space)
+    gap = joint_modelling_gap(resolve_sampler(args.sampler, args.trials), space)
     if gap:
         print(gap, file=sys.stderr, flush=True)
     floors = Floors.for_sweep(str(space.fixed.get("dataset", args.dataset)), args.min_clean_acc, args.min_robust_acc)

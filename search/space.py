@@ -191,9 +191,9 @@ def joint_modelling_gap(sampler: str, space: Space) -> str | None:
     model only the intersection of past trials' parameters (`IntersectionSearchSpace`): a `when`
     parameter, an `allow_zero` switch, or a define-by-run function whose parameter set varies
     drops out of it and is then sampled independently at random, every trial. TPE with
-    multivariate=True, group=True (our `tpe`) models conditional spaces; `random` models nothing;
-    `auto` is GP for its first 100 trials."""
-    if sampler not in ("nsga2", "gp", "auto"):
+    multivariate=True, group=True (our `tpe`) models conditional spaces; `random` models nothing.
+    `sampler` is the resolved name (`search.objectives.resolve_sampler`)."""
+    if sampler not in ("nsga2", "gp"):
         return None
     if space.func is not None:
         loose = sorted(_varying_params(space))

@@ -8,8 +8,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search.objectives import DEFAULT_MOASHA_SAMPLER, DEFAULT_SAMPLER, Floors
-from search.samplers import GP_TRIALS, GPThenTPE, make_sampler
+from search.objectives import DEFAULT_MOASHA_SAMPLER, DEFAULT_SAMPLER, GP_TRIALS, Floors, resolve_sampler
+from search.samplers import make_sampler
 from search.searcher import ParetoSearch
 from search.space import Space, joint_modelling_gap, load_space
 
@@ -31,7 +31,7 @@ def relative_space(sampler_name: str, space: Space, n: int = 3) -> set[str]:
     """Run n trials (told COMPLETE with made-up values), ask one more, and return the parameters
     the sampler would model jointly for it (`infer_relative_search_space`; it depends on the past
     trials' parameters, not on their count, so a few are enough and GP never has to fit)."""
-    sampler = make_sampler(sampler_name, seed=0, max_concurrent=2)
+    sampler = make_sampler(sampler_name, seed=0, max_concurrent=2, trials=8)  # auto: gp
     study = optuna.create_study(directions=["maximize"] * 3, sampler=sampler)
     for i in range(n):
         t = study.ask()
@@ -42,7 +42,8 @@ def relative_space(sampler_name: str, space: Space, n: int = 3) -> set[str]:
 
 
 @pytest.mark.parametrize("name", ["paper", "digits"])  # the built-in spaces (digits: the quick start's)
-@pytest.mark.parametrize("sampler", sorted({DEFAULT_SAMPLER, DEFAULT_MOASHA_SAMPLER, "nsga2", "gp"}))
+# the defaults, what `auto` resolves to (gp below GP_TRIALS trials, tpe from there), and nsga2
+@pytest.mark.parametrize("sampler", sorted({DEFAULT_SAMPLER, DEFAULT_MOASHA_SAMPLER, "tpe", "nsga2", "gp"}))
 def test_default_space_is_modelled_jointly(sampler, name):
     space = load_space(name)
     space.validate()
@@ -50,31 +51,29 @@ def test_default_space_is_modelled_jointly(sampler, name):
     assert joint_modelling_gap(sampler, space) is None
 
 
-def test_auto_hands_each_trial_to_gp_below_the_switch_and_to_tpe_from_it():
-    """Routing by trial number, every call of one trial to the same sampler: with two seeded random
-    samplers in the two seats, the first trials repeat the first seat's draws and the rest
-    repeat the second seat's."""
-    space = load_space("digits")
+def test_auto_is_gp_below_the_switch_and_tpe_from_it():
+    assert resolve_sampler("auto", GP_TRIALS - 1) == "gp" and resolve_sampler("auto", GP_TRIALS) == "tpe"
+    assert resolve_sampler("nsga2", 5) == "nsga2"
+    assert isinstance(make_sampler("auto", 0, 2, trials=8), optuna.samplers.GPSampler)
+    assert isinstance(make_sampler("auto", 0, 2, trials=1000), optuna.samplers.TPESampler)
+    with pytest.raises(ValueError, match="trial count"):
+        make_sampler("auto", 0, 2)
 
-    def draws(sampler, n):
-        study = optuna.create_study(directions=["maximize"] * 3, sampler=sampler)
-        out = []
-        for _ in range(n):
-            t = study.ask()
-            out.append(space.suggest(t))
-            study.tell(t, [0.5, 0.4, 0.1])
-        return out
 
-    mixed = draws(GPThenTPE(optuna.samplers.RandomSampler(seed=1), optuna.samplers.RandomSampler(seed=2),
-                            switch_at=3), 5)
-    assert mixed[:3] == draws(optuna.samplers.RandomSampler(seed=1), 3)
-    assert mixed[3:] == draws(optuna.samplers.RandomSampler(seed=2), 2)
-    auto = make_sampler("auto", seed=0, max_concurrent=2)
-    assert isinstance(auto.gp, optuna.samplers.GPSampler) and isinstance(auto.tpe, optuna.samplers.TPESampler)
-    assert auto.switch_at == GP_TRIALS
-    # its GP part models the intersection only, so a conditional space gets the one-line warning
-    gap = joint_modelling_gap("auto", Space("old", OLD_PAPER["params"], {}))
-    assert gap and "\n" not in gap and "alpha" in gap
+def test_a_small_auto_sweep_warns_about_a_conditional_space(capsys, tmp_path):
+    """GP models the intersection only; the CLI says so in one line, naming the loose knobs."""
+    from search.plan import build_parser, prepare
+
+    space_file = tmp_path / "old_paper.py"
+    space_file.write_text(f"SPACE = {OLD_PAPER!r}\n")
+    for trials, warned in ((8, True), (GP_TRIALS, False)):  # auto: gp, then tpe
+        prepare(build_parser().parse_args(["--space", str(space_file), "--trials", str(trials),
+                                           "--storage-path", str(tmp_path / "results")]))
+        err = capsys.readouterr().err.strip().splitlines()
+        gaps = [line for line in err if line.startswith("warning: --sampler gp")]
+        assert bool(gaps) is warned, err
+        if warned:
+            assert len(gaps) == 1 and "alpha" in gaps[0]
 
 
 def test_conditional_space_falls_out_of_nsga2_but_not_tpe():
