@@ -76,7 +76,10 @@ class ParetoSearch(OptunaSearch):
             ahead = self._take_ahead()
             if ahead is not None:  # Ray's define-by-run suggest uses a trial already in _ot_trials
                 self._ot_trials[trial_id] = ahead
-        params = super().suggest(trial_id)
+        with warnings.catch_warnings():  # Ray times our space function with the sampler inside it and
+            # warns past 1 s to move "computation" into the trainable; the time is GP's fit
+            warnings.filterwarnings("ignore", message="Define-by-run function passed in the `space` argument took")
+            params = super().suggest(trial_id)
         ot = self._ot_trials.get(trial_id)
         if ot is not None:
             ot.set_user_attr("ray_trial_id", trial_id)

@@ -225,3 +225,18 @@ def test_below_the_threshold_every_sample_is_drawn_in_the_loop():
     for i in range(6):
         s.suggest(f"t{i}")
     assert s._ahead is None and len(s.study.trials) == 6
+
+
+def test_rays_slow_space_warning_is_not_shown_for_the_samplers_fit(monkeypatch):
+    """GP's fit runs inside the space function Ray times; its "move computation into the
+    trainable" warning would be wrong advice on every GP trial."""
+    import warnings
+
+    import ray.tune.search.optuna.optuna_search as ray_optuna
+
+    monkeypatch.setattr(ray_optuna, "DEFINE_BY_RUN_WARN_THRESHOLD_S", -1.0)  # every suggest is "slow"
+    s = ParetoSearch(load_space("digits"), make_sampler("random", 0, 2), "w", optuna.storages.InMemoryStorage())
+    s.set_search_properties(None, None, {})
+    with warnings.catch_warnings(record=True) as caught:
+        assert s.suggest("t1")
+    assert not [w for w in caught if "Define-by-run" in str(w.message)], [str(w.message) for w in caught]
