@@ -23,6 +23,7 @@ import numpy as np
 from ray.tune.experiment import Trial
 
 from search.moasha import MOASHAScheduler
+from search.objectives import Floors
 
 OBJ = ["clean_acc", "robust_acc", "channel_sparsity"]
 
@@ -36,8 +37,9 @@ def rung_points(n: int, rng: np.random.Generator) -> np.ndarray:
 
 def filled(points: np.ndarray, tie_break: str) -> MOASHAScheduler:
     s = MOASHAScheduler(OBJ, "max", time_attr="epoch", grace_period=1, reduction_factor=3, max_t=9,
-                        tie_break=tie_break)
+                        tie_break=tie_break, violation=Floors.for_sweep("digits").violation)  # as the CLI
     s._rungs[0][1].update({f"t{i}": tuple(map(float, p)) for i, p in enumerate(points)})
+    s._violations(list(s._rungs[0][1].values()))  # cached by the decisions that recorded them
     return s
 
 

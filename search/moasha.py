@@ -362,9 +362,7 @@ class MOASHAScheduler(FIFOScheduler):
         if values is None:
             return TrialScheduler.CONTINUE
         prev = self._signs * np.asarray(list(recorded.values()), dtype=float).reshape(-1, len(self._signs))
-        violation = getattr(self, "_violation", None)  # a scheduler pickled before floors has none
-        viols = None if violation is None else [
-            float(violation(dict(zip(self._metrics, v)))) for v in [*recorded.values(), values]]
+        viols = self._violations([*recorded.values(), values])
         cont, position, n = _decide_detail(prev, self._oriented(values), self._reduction_factor,
                                            getattr(self, "_tie_break", "crowding"), viols)
         keep = math.floor(n / self._reduction_factor * (1 + 1e-12)) + 1
@@ -464,6 +462,21 @@ class MOASHAScheduler(FIFOScheduler):
                 )
                 return None
         return tuple(values)
+
+    def _violations(self, vectors: list[tuple[float, ...]]) -> list[float] | None:
+        """Each vector's floor violation, None without floors; cached per vector (a rung of 1,000
+        would otherwise cost 2 ms of Python calls per decision)."""
+        violation = getattr(self, "_violation", None)  # a scheduler pickled before floors has none
+        if violation is None:
+            return None
+        cache = self.__dict__.setdefault("_violation_cache", {})
+        out = []
+        for v in vectors:
+            c = cache.get(v)
+            if c is None:
+                c = cache[v] = float(violation(dict(zip(self._metrics, v))))
+            out.append(c)
+        return out
 
     def _oriented(self, values: Sequence[float]) -> np.ndarray:
         return self._signs * np.asarray(values, dtype=float)
