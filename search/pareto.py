@@ -16,7 +16,7 @@ from typing import Any
 from trainables.cliutil import fail
 from trainables.config import ConfigError
 
-from .objectives import OBJECTIVES
+from .objectives import OBJECTIVES, resolve_sampler
 from .plan import Plan, build_parser, device_refusal, prepare
 
 # --- running ---------------------------------------------------------------------------------
@@ -41,8 +41,6 @@ def trial_dirname(trial: Any) -> str:
 
 def _sampler_label(args: Any) -> str:
     """`auto (gp)`: the name the user gave and the sampler it resolved to for this sweep."""
-    from .objectives import resolve_sampler
-
     actual = resolve_sampler(args.sampler, args.trials)
     return args.sampler if actual == args.sampler else f"{args.sampler} ({actual})"
 

@@ -58,6 +58,13 @@ def test_auto_is_gp_below_the_switch_and_tpe_from_it():
     assert isinstance(make_sampler("auto", 0, 2, trials=1000), optuna.samplers.TPESampler)
     with pytest.raises(ValueError, match="trial count"):
         make_sampler("auto", 0, 2)
+    from argparse import Namespace
+
+    from search.pareto import _sampler_label  # the sweep header: what auto became
+
+    assert _sampler_label(Namespace(sampler="auto", trials=8)) == "auto (gp)"
+    assert _sampler_label(Namespace(sampler="auto", trials=500)) == "auto (tpe)"
+    assert _sampler_label(Namespace(sampler="nsga2", trials=8)) == "nsga2"
 
 
 def test_a_small_auto_sweep_warns_about_a_conditional_space(capsys, tmp_path):
