@@ -192,3 +192,36 @@ def test_benchmark_budget_fraction_on_synthetic_curves():
     assert mo["budget_fraction"] == [pytest.approx(0.3), None]
     assert mo["budget_fraction_mean"] == pytest.approx(0.65) and mo["lower_bound"] and mo["reached"] == 1
     assert mo["final_hv_mean"] == pytest.approx(0.225)
+
+
+def test_rung_replay_spends_the_same_budget_and_stops_trials(tmp_path):
+    """benchmarks/rung_replay.py on a synthetic pool: FIFO completes budget / epochs trials;
+    MO-ASHA spends the same epochs on more trials, so it completes fewer; a pool mixing trial
+    lengths is refused."""
+    import importlib.util
+    import json
+    import random
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "rung_replay.py"
+    spec = importlib.util.spec_from_file_location("rung_replay", path)
+    rr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rr)
+    rng = random.Random(0)
+    results = []
+    for t in range(10):
+        acc, sparse = rng.uniform(0.3, 0.9), rng.choice([0.0, 0.0, 0.3])
+        results += [{"trial_id": f"t{t}", "epoch": e, "values": [acc * e / 4, acc * e / 8, sparse * (e > 1)]}
+                    for e in range(1, 5)]
+    (tmp_path / "a.json").write_text(json.dumps({"run": {"results": results}}))
+    pool = rr.load_pool([str(tmp_path / "a.json")])
+    assert len(pool) == 10 and len(pool[0]) == 4
+    fifo = rr.replay(pool, 48, random.Random(1), None)
+    assert len(fifo) - 1 == 12 and fifo[-1][0] == 48  # 12 completions, the last at the budget
+    moasha = rr.replay(pool, 48, random.Random(1), (1, 3, "crowding", True))
+    assert max(c for c, _ in moasha) <= 48 and len(moasha) - 1 < 12  # stopped trials spent epochs
+    assert rr.first_reach([(0, 0.0), (12, 0.1), (24, 0.3)], 0.3, 48) == 0.5
+    assert rr.first_reach([(0, 0.0), (12, 0.1)], 0.3, 48) == 1.0
+    results.append({"trial_id": "short", "epoch": 1, "values": [0.5, 0.2, 0.0]})
+    (tmp_path / "b.json").write_text(json.dumps({"run": {"results": results}}))
+    with pytest.raises(SystemExit, match="mixes trials"):
+        rr.load_pool([str(tmp_path / "b.json")])
