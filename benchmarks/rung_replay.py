@@ -7,8 +7,8 @@
 
 A random FIFO sweep of `benchmarks/search_efficiency.py` records every trial's objectives after
 every epoch. Such trials form a pool; this script replays, on the pool, random search (FIFO: 12
-trials run to the end) and random search under MO-ASHA (`search.moasha.decide`, the scheduler's
-own rule) for every grace period, reduction factor, tie-break and with or without the floors at
+trials run to the end) and random search under MO-ASHA (`search.moasha.MOASHAScheduler`, fed
+each epoch's result as Tune feeds it) for every grace period, reduction factor, tie-break and with or without the floors at
 the rungs, with 2 trials at once in lock-step epochs and the same epoch budget (12 full trials).
 Each replay draws the trials in a new random order; the figure is search_efficiency's: the
 fraction of the budget at which the hypervolume of the completed trials first reaches random
@@ -31,15 +31,18 @@ import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from ray.tune.schedulers import TrialScheduler  # noqa: E402
+
 from search.front import hypervolume  # noqa: E402
-from search.moasha import TIE_BREAKS, decide  # noqa: E402
-from search.objectives import Floors  # noqa: E402
+from search.moasha import TIE_BREAKS, MOASHAScheduler  # noqa: E402
+from search.objectives import OBJECTIVES, Floors  # noqa: E402
 
 FLOORS = Floors.for_sweep("digits")
 WORKERS, FULL_TRIALS = 2, 12
@@ -73,14 +76,14 @@ def replay(pool, budget: int, rng: random.Random, rung: tuple[int, float, str, b
     Returns the hypervolume curve [(epochs consumed, hypervolume)]."""
     epochs = len(pool[0])
     order = [rng.randrange(len(pool)) for _ in range(budget)]  # with replacement: any pool size
-    rungs: dict[float, list[list[float]]] = {}
-    if rung:
-        grace, eta, _, _ = rung
-        j = 0
-        while grace * eta**j < epochs:
-            rungs[grace * eta**j] = []
-            j += 1
-    running: list[list[int] | None] = [[order.pop(), 0] for _ in range(WORKERS)]
+    sched = None
+    if rung:  # the sweep's own scheduler, fed every epoch's result (it reads only trial.trial_id)
+        grace, eta, tie, floors = rung
+        sched = MOASHAScheduler(list(OBJECTIVES), "max", time_attr="epoch", grace_period=grace,
+                                reduction_factor=eta, max_t=epochs, tie_break=tie,
+                                violation=FLOORS.violation if floors else None)
+    # slot: [pool index, epochs done, the trial as the scheduler sees it]
+    running: list[list[Any] | None] = [[order.pop(), 0, SimpleNamespace(trial_id=str(i))] for i in range(WORKERS)]
     started, consumed, done, curve = WORKERS, 0, [], [(0, 0.0)]
     while consumed < budget and any(running):
         for w, slot in enumerate(running):
@@ -93,15 +96,12 @@ def replay(pool, budget: int, rng: random.Random, rung: tuple[int, float, str, b
             if stop:
                 done.append(vec)
                 curve.append((consumed, hv(done)))
-            elif slot[1] in rungs:
-                rec = rungs[slot[1]]
-                viol = ([FLOORS.violation({"clean_acc": p[0], "robust_acc": p[1]}) for p in [*rec, vec]]
-                        if rung[3] else None)
-                stop = not decide(rec, vec, rung[1], rung[2], viol)
-                rec.append(vec)
+            elif sched is not None:
+                result = {"epoch": slot[1], **dict(zip(OBJECTIVES, vec))}
+                stop = sched.on_trial_result(None, slot[2], result) == TrialScheduler.STOP
             if stop:
                 more = rung is not None or started < budget // epochs
-                running[w] = [order.pop(), 0] if more else None
+                running[w] = [order.pop(), 0, SimpleNamespace(trial_id=str(started))] if more else None
                 started += more
     return curve
 

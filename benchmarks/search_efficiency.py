@@ -4,8 +4,9 @@
     python benchmarks/search_efficiency.py                # digits and a CIFAR-10 subset
 
 Compares ways to spend the same budget (total training epochs over all trials) on the same
-search (the paper space, three objectives measured on the validation split: clean accuracy,
-robust accuracy, channel sparsity): each sampler (random, nsga2, tpe, gp; search.searcher) with
+search (spaces/digits.py, the paper's space sized for a few epochs, on both datasets; three
+objectives measured on the validation split: clean accuracy, robust accuracy, channel sparsity):
+each sampler (random, nsga2, tpe, gp; search.samplers) with
 FIFO (every trial runs all its epochs) and with the MO-ASHA scheduler (search/moasha.py: stopped
 trials hand their epochs to new ones, so it starts more trials within the budget), and
 gp+moasha-epsnet (MO-ASHA with Syne Tune's epsilon-net tie-break instead of crowding distance).

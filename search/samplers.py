@@ -16,7 +16,7 @@ import warnings
 import optuna
 from optuna.samplers import BaseSampler
 
-from .objectives import GP_TRIALS, resolve_sampler  # noqa: F401  (GP_TRIALS: re-exported)
+from .objectives import resolve_sampler
 
 
 def make_sampler(name: str, seed: int, max_concurrent: int, trials: int | None = None) -> BaseSampler:

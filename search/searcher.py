@@ -35,7 +35,6 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from .objectives import OBJECTIVES, SAMPLERS, Floors  # noqa: F401  (re-exported: the names callers know)
-from .samplers import make_sampler  # noqa: F401  (re-exported)
 from .space import Space
 
 log = logging.getLogger(__name__)
