@@ -192,12 +192,16 @@ def test_benchmark_budget_fraction_on_synthetic_curves():
     assert mo["budget_fraction"] == [pytest.approx(0.3), None]
     assert mo["budget_fraction_mean"] == pytest.approx(0.65) and mo["lower_bound"] and mo["reached"] == 1
     assert mo["final_hv_mean"] == pytest.approx(0.225)
+    # seeds redrawn: (0, 0) -> target 0.4, both 1.0; (1, 1) -> 0.2, random 0.2 and MO-ASHA 1.0;
+    # mixed -> 0.3, random 1.0 and MO-ASHA 0.65 (the run above)
+    assert mo["budget_fraction_interval"] == (pytest.approx(0.65), 1.0)
+    assert rnd["budget_fraction_interval"] == (pytest.approx(0.2), 1.0)
 
 
 def test_rung_replay_spends_the_same_budget_and_stops_trials(tmp_path):
     """benchmarks/rung_replay.py on a synthetic pool: FIFO completes budget / epochs trials;
-    MO-ASHA spends the same epochs on more trials, so it completes fewer; a pool mixing trial
-    lengths is refused."""
+    MO-ASHA spends the same epochs on more trials, so it completes fewer; the oracle finds at least
+    FIFO's hypervolume; a pool mixing trial lengths is refused."""
     import importlib.util
     import json
     import random
@@ -219,6 +223,11 @@ def test_rung_replay_spends_the_same_budget_and_stops_trials(tmp_path):
     assert len(fifo) - 1 == 12 and fifo[-1][0] == 48  # 12 completions, the last at the budget
     moasha = rr.replay(pool, 48, random.Random(1), (1, 3, "crowding", True))
     assert max(c for c, _ in moasha) <= 48 and len(moasha) - 1 < 12  # stopped trials spent epochs
+    # the oracle stops after epoch 1 exactly the trials that end dense: it completes only sparse
+    # ones, every sparse one of FIFO's 12 among them (same draw order), so its hypervolume is no lower
+    assert [rr.useless(t) for t in pool] == [t[-1][2] == 0 for t in pool]
+    oracle = rr.replay(pool, 48, random.Random(1), "oracle")
+    assert max(c for c, _ in oracle) <= 48 and oracle[-1][1] >= fifo[-1][1] > 0
     assert rr.first_reach([(0, 0.0), (12, 0.1), (24, 0.3)], 0.3, 48) == 0.5
     assert rr.first_reach([(0, 0.0), (12, 0.1)], 0.3, 48) == 1.0
     results.append({"trial_id": "short", "epoch": 1, "values": [0.5, 0.2, 0.0]})
