@@ -40,6 +40,7 @@ import argparse
 import json
 import math
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -105,7 +106,7 @@ DIGITS = Setting(
 def cifar_setting(folder: Path) -> Setting:
     return Setting(
         key="cifar", label="CIFAR-10 subset (1000 train / 300 test, EnResNet-8 width 8, PGD-2 training, short-budget space)",
-        epochs=4, full_trials=6, grace_period=1, reduction_factor=3,
+        epochs=4, full_trials=12, grace_period=1, reduction_factor=3,
         # the budget-sized space (group penalty in [0.02, 2]): with the paper space's [1e-6, 3]
         # almost no trial zeroes a channel in 4 epochs and every hypervolume is ~0 (docs/benchmarks.md)
         flags=("--dataset", f"folder:{folder}", "--subset-train", "1000", "--subset-test", "300",
@@ -284,8 +285,6 @@ def bootstrap_interval(by: dict[str, list[dict[str, Any]]], budget: int, resampl
     """Percentile interval of each method's mean budget fraction when the seeds are drawn again
     (with replacement, the same draw for every method, the target recomputed from random search's
     drawn seeds): how far a run with other seeds could land. Fixed RNG: reproducible."""
-    import random
-
     seeds = sorted(set.intersection(*(set(r["seed"] for r in rs) for rs in by.values() if rs)))
     if len(seeds) < 2:
         return {}
