@@ -46,7 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -410,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        f"the .tar.gz (default: unpack {SHARED_CIFAR} once into --cache-dir)")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
     p.add_argument("--concurrency", type=int, default=2, help="trials at once = Ray CPUs (default 2)")
+    p.add_argument("--full-trials", type=int, help="budget = this many full trials per sweep, every dataset "
+                                                   "(default 12; results and plots get a -<N>t suffix)")
     p.add_argument("--work-dir", help="keep each finished sweep's curve here and reuse it when rerun "
                                       "(default: a temporary folder)")
     p.add_argument("--img-dir", default=str(REPO / "docs" / "img"), help="where the plots go")
@@ -425,10 +427,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.concurrency < 1 or len(set(args.seeds)) < 1:
         raise SystemExit("error: --concurrency must be >= 1 and at least one seed is needed")
+    if args.full_trials is not None and args.full_trials < 1:
+        raise SystemExit(f"error: --full-trials {args.full_trials}: give a positive count")
     datasets = args.datasets or (["digits"] if args.quick else ["digits", "cifar"])
     if BASELINE not in args.methods:
         raise SystemExit(f"error: --methods must include {BASELINE} (the target)")
     settings = [DIGITS if d == "digits" else cifar_setting(cifar_folder(args)) for d in datasets]
+    if args.full_trials:  # another budget: its own key, so --work-dir never reuses the default's sweeps
+        settings = [replace(st, key=f"{st.key}-{args.full_trials}t", full_trials=args.full_trials) for st in settings]
 
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/JSON/TensorBoard files
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")

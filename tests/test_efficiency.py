@@ -196,6 +196,8 @@ def test_benchmark_budget_fraction_on_synthetic_curves():
     # mixed -> 0.3, random 1.0 and MO-ASHA 0.65 (the run above)
     assert mo["budget_fraction_interval"] == (pytest.approx(0.65), 1.0)
     assert rnd["budget_fraction_interval"] == (pytest.approx(0.2), 1.0)
+    with pytest.raises(SystemExit, match="--full-trials 0: give a positive count"):
+        b.main(["--quick", "--full-trials", "0"])
 
 
 def test_rung_replay_spends_the_same_budget_and_stops_trials(tmp_path):
