@@ -275,9 +275,9 @@ def _sd(xs: list[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
-def mean_fraction(curves: list[list[list[float]]], target: float, budget: int) -> float:
-    """Mean over seeds of the budget fraction at which each curve reaches target (never: 1.0)."""
-    return statistics.fmean(1.0 if (f := first_reach(c, target, budget)) is None else f for c in curves)
+def mean_fraction(fractions: list[float | None]) -> float:
+    """Mean over seeds of first_reach's fractions, a seed that never reaches the target as 1.0."""
+    return statistics.fmean(1.0 if f is None else f for f in fractions)
 
 
 def bootstrap_interval(by: dict[str, list[dict[str, Any]]], budget: int, resamples: int = 1000,
@@ -294,9 +294,11 @@ def bootstrap_interval(by: dict[str, list[dict[str, Any]]], budget: int, resampl
         pick = [rng.choice(seeds) for _ in seeds]
         target = statistics.fmean(hv_at(curves[BASELINE][k], budget) for k in pick)
         for m, cs in curves.items():
-            draws[m].append(mean_fraction([cs[k] for k in pick], target, budget))
+            draws[m].append(mean_fraction([first_reach(cs[k], target, budget) for k in pick]))
     lo, hi = (1 - level) / 2, (1 + level) / 2
-    return {m: (sorted(d)[int(lo * (len(d) - 1))], sorted(d)[int(hi * (len(d) - 1))]) for m, d in draws.items()}
+    for d in draws.values():
+        d.sort()
+    return {m: (d[int(lo * (len(d) - 1))], d[int(hi * (len(d) - 1))]) for m, d in draws.items()}
 
 
 def summarize(setting: Setting, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -317,7 +319,7 @@ def summarize(setting: Setting, runs: list[dict[str, Any]]) -> dict[str, Any]:
         out["methods"][m] = {
             "seeds": [r["seed"] for r in rs],
             "final_hv": finals, "final_hv_mean": statistics.fmean(finals), "final_hv_sd": _sd(finals),
-            "budget_fraction": fracs, "budget_fraction_mean": mean_fraction([r["curve"] for r in rs], target, budget),
+            "budget_fraction": fracs, "budget_fraction_mean": mean_fraction(fracs),
             "budget_fraction_interval": interval.get(m),
             "reached": sum(f is not None for f in fracs), "lower_bound": any(f is None for f in fracs),
             "mean_curve_fraction": first_reach(mean_curve, target, budget),
