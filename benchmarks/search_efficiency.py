@@ -2,6 +2,7 @@
 
     python benchmarks/search_efficiency.py --quick        # digits only (9 methods x 5 seeds = 45 sweeps of 48 epochs)
     python benchmarks/search_efficiency.py                # digits and a CIFAR-10 subset
+    python benchmarks/search_efficiency.py --quick --full-trials 24 --set batch_size=16   # variants
 
 Compares ways to spend the same budget (total training epochs over all trials) on the same
 search (spaces/digits.py, the paper's space sized for a few epochs, on both datasets; three
@@ -414,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=2, help="trials at once = Ray CPUs (default 2)")
     p.add_argument("--full-trials", type=int, help="budget = this many full trials per sweep, every dataset "
                                                    "(default 12; results and plots get a -<N>t suffix)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a training option for every sweep, after the setting's own (search.pareto's --set, "
+                        "repeatable; results and plots get a -KEYVALUE suffix)")
     p.add_argument("--work-dir", help="keep each finished sweep's curve here and reuse it when rerun "
                                       "(default: a temporary folder)")
     p.add_argument("--img-dir", default=str(REPO / "docs" / "img"), help="where the plots go")
@@ -425,6 +429,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def variants(settings: list[Setting], args: argparse.Namespace) -> list[Setting]:
+    """The settings with --full-trials and --set applied. Each variant gets its own key, so a
+    --work-dir never reuses sweeps run under another budget or other training options."""
+    if args.full_trials:
+        settings = [replace(st, key=f"{st.key}-{args.full_trials}t", full_trials=args.full_trials) for st in settings]
+    if args.set:
+        from search.space import parse_sets
+        from trainables.config import ConfigError
+
+        try:
+            sets = parse_sets(args.set)  # refuses an unknown option or a bad value before any sweep runs
+        except ConfigError as e:
+            raise SystemExit(f"error: {e}") from None
+        tag = "-".join(f"{k}{v}" for k, v in sets.items())
+        extra = tuple(x for item in args.set for x in ("--set", item))  # later --set wins in search.pareto
+        settings = [replace(st, key=f"{st.key}-{tag}", flags=(*st.flags, *extra)) for st in settings]
+    return settings
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.concurrency < 1 or len(set(args.seeds)) < 1:
@@ -434,9 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     datasets = args.datasets or (["digits"] if args.quick else ["digits", "cifar"])
     if BASELINE not in args.methods:
         raise SystemExit(f"error: --methods must include {BASELINE} (the target)")
-    settings = [DIGITS if d == "digits" else cifar_setting(cifar_folder(args)) for d in datasets]
-    if args.full_trials:  # another budget: its own key, so --work-dir never reuses the default's sweeps
-        settings = [replace(st, key=f"{st.key}-{args.full_trials}t", full_trials=args.full_trials) for st in settings]
+    settings = variants([DIGITS if d == "digits" else cifar_setting(cifar_folder(args)) for d in datasets], args)
 
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/JSON/TensorBoard files
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")

@@ -200,6 +200,25 @@ def test_benchmark_budget_fraction_on_synthetic_curves():
         b.main(["--quick", "--full-trials", "0"])
 
 
+def test_benchmark_variants_get_their_own_key_and_flags():
+    """--full-trials and --set make a variant of a setting with its own cache key; its --set comes
+    after the setting's own, so it wins; a bad option is refused in one line before any sweep."""
+    b = _bench()
+    args = b.build_parser().parse_args(["--quick", "--full-trials", "24", "--set", "batch_size=16"])
+    (v,) = b.variants([b.DIGITS], args)
+    assert v.key == "digits-24t-batch_size16" and v.budget == 24 * b.DIGITS.epochs
+    assert v.flags[:len(b.DIGITS.flags)] == b.DIGITS.flags and v.flags[-2:] == ("--set", "batch_size=16")
+    from search.plan import build_parser
+    from search.space import parse_sets
+    sets = build_parser().parse_args(list(v.flags)).set
+    assert parse_sets(sets)["batch_size"] == 16
+    assert b.variants([b.DIGITS], b.build_parser().parse_args(["--quick"])) == [b.DIGITS]
+    for bad, msg in (("batch_size=0", "batch_size=0; accepted: an integer >= 1"),
+                     ("batchsize=16", "--set 'batchsize': unknown parameter")):
+        with pytest.raises(SystemExit, match=msg):
+            b.main(["--quick", "--set", bad])
+
+
 def test_rung_replay_spends_the_same_budget_and_stops_trials(tmp_path):
     """benchmarks/rung_replay.py on a synthetic pool: FIFO completes budget / epochs trials;
     MO-ASHA spends the same epochs on more trials, so it completes fewer; the oracle finds at least
