@@ -11,19 +11,36 @@ from pathlib import Path
 
 OBJECTIVES = ("clean_acc", "robust_acc", "channel_sparsity")  # all maximised, on the validation split
 SAMPLERS = ("auto", "tpe", "nsga2", "gp", "random")  # built by search.samplers.make_sampler
-# chosen by measurement (docs/benchmarks.md, "Search efficiency"): GP found the most hypervolume
-# at small budgets with FIFO and with MO-ASHA, but its per-ask cost in the driver loop grows too
-# large for big sweeps, so `auto` is GP below GP_TRIALS trials and TPE from there (docs/search.md)
-DEFAULT_SAMPLER = "auto"
-DEFAULT_MOASHA_SAMPLER = "auto"
+# chosen by measurement (docs/benchmarks.md, "Search efficiency"; docs/search.md, "Why auto"):
+# with FIFO, GP found the most hypervolume at small budgets, but its per-ask cost in the driver
+# loop grows too large for big sweeps, so `auto` is GP below GP_TRIALS trials and TPE from there.
+# Under MO-ASHA `auto` is TPE at any size: GP learns from COMPLETE trials only and MO-ASHA completes
+# about 1 trial in 4, so GP stayed on random start-up draws for most of a sweep (9 to 26 of 19 to
+# 26 trials), where TPE learns from the stopped (PRUNED) trials; their hypervolumes tie.
+DEFAULT_SAMPLER = "auto"  # with either scheduler
 GP_TRIALS = 100
+# samplers that learn from COMPLETE trials only: under MO-ASHA, mostly random draws
+COMPLETE_ONLY = {"gp": "waits for its start-up trials to complete and ignores stopped ones",
+                 "nsga2": "builds its generations from completed trials only"}
 
 
-def resolve_sampler(name: str, trials: int) -> str:
-    """The sampler a sweep of `trials` trials runs: `auto` becomes `gp` or `tpe`, others stay."""
+def resolve_sampler(name: str, trials: int, scheduler: str) -> str:
+    """The sampler a sweep of `trials` trials under `scheduler` runs: `auto` becomes `tpe` under
+    MO-ASHA, else `gp` below GP_TRIALS trials and `tpe` from there; other names stay."""
     if name != "auto":
         return name
+    if scheduler == "moasha":
+        return "tpe"
     return "gp" if trials < GP_TRIALS else "tpe"
+
+
+def scheduler_gap(sampler: str, scheduler: str) -> str | None:
+    """Why `sampler` (resolved) learns little under `scheduler` (one line), or None."""
+    if scheduler != "moasha" or sampler not in COMPLETE_ONLY:
+        return None
+    return (f"warning: --sampler {sampler} {COMPLETE_ONLY[sampler]}, and MO-ASHA stops most trials, so "
+            f"most of its proposals will be random draws; --sampler tpe (auto's choice under "
+            f"--scheduler moasha) learns from the stopped trials")
 
 
 TIE_BREAKS = ("crowding", "epsnet")  # MO-ASHA's order inside a non-dominated front (search.moasha)

@@ -41,7 +41,7 @@ def trial_dirname(trial: Any) -> str:
 
 def _sampler_label(args: Any) -> str:
     """`auto (gp)`: the name the user gave and the sampler it resolved to for this sweep."""
-    actual = resolve_sampler(args.sampler, args.trials)
+    actual = resolve_sampler(args.sampler, args.trials, args.scheduler)
     return args.sampler if actual == args.sampler else f"{args.sampler} ({actual})"
 
 
@@ -64,7 +64,7 @@ def build_tuner(plan: Plan, max_concurrent: int, gpus: float, callbacks: list[An
 
     args = plan.args
     storage = open_study_storage(plan.state.study_spec())
-    searcher = ParetoSearch(plan.space, make_sampler(args.sampler, args.seed, max_concurrent, args.trials), plan.name, storage,
+    searcher = ParetoSearch(plan.space, make_sampler(args.sampler, args.seed, max_concurrent, args.trials, args.scheduler), plan.name, storage,
                             floors=plan.floors, total_trials=args.trials)
     callbacks = list(callbacks)
     scheduler = None

@@ -22,7 +22,6 @@ from trainables.fileio import unwritable
 
 # not .searcher: it imports Ray and Optuna
 from .objectives import (
-    DEFAULT_MOASHA_SAMPLER,
     DEFAULT_SAMPLER,
     DEFAULT_TIE_BREAK,
     GP_TRIALS,
@@ -30,6 +29,7 @@ from .objectives import (
     TIE_BREAKS,
     Floors,
     resolve_sampler,
+    scheduler_gap,
 )
 from .space import Space, joint_modelling_gap, load_space, parse_sets
 from .state import SweepState, is_remote, study_spec_from_flag
@@ -165,7 +165,7 @@ def prepare(args: argparse.Namespace) -> Plan:
     if args.scheduler not in SCHEDULERS:
         raise ConfigError(f"--scheduler {args.scheduler!r} is unknown; accepted: {', '.join(SCHEDULERS)}")
     if args.sampler is None and not args.resume:
-        args.sampler = DEFAULT_MOASHA_SAMPLER if args.scheduler == "moasha" else DEFAULT_SAMPLER
+        args.sampler = DEFAULT_SAMPLER
     if args.sampler is not None and args.sampler not in SAMPLERS:
         raise ConfigError(f"--sampler {args.sampler!r} is unknown; accepted: {', '.join(SAMPLERS)}")
     for flag in ("trials", "epochs", "max_concurrent", "grace_period"):
@@ -223,10 +223,11 @@ def prepare(args: argparse.Namespace) -> Plan:
         if why:
             raise ConfigError(why)
     if args.sampler is None:  # --resume of a sweep that stored none
-        args.sampler = DEFAULT_MOASHA_SAMPLER if args.scheduler == "moasha" else DEFAULT_SAMPLER
-    gap = joint_modelling_gap(resolve_sampler(args.sampler, args.trials), space)
-    if gap:
-        print(gap, file=sys.stderr, flush=True)
+        args.sampler = DEFAULT_SAMPLER
+    sampler = resolve_sampler(args.sampler, args.trials, args.scheduler)
+    for gap in (joint_modelling_gap(sampler, space), scheduler_gap(sampler, args.scheduler)):
+        if gap:
+            print(gap, file=sys.stderr, flush=True)
     floors = Floors.for_sweep(str(space.fixed.get("dataset", args.dataset)), args.min_clean_acc, args.min_robust_acc)
     address = args.address or os.environ.get("RAY_ADDRESS")
     if not address or address == "local":  # on a cluster, each trial checks its data where it runs

@@ -1,13 +1,15 @@
 """The Optuna samplers `--sampler` names, built for a sweep of `max_concurrent` parallel trials.
 
-`auto` (the default, with FIFO and with MO-ASHA) is GP in sweeps of fewer than `GP_TRIALS` trials
-and TPE in larger ones (`search.objectives.resolve_sampler`). GP found the most hypervolume at
-small budgets with either scheduler (docs/benchmarks.md, "Search efficiency"), but it refits its
+`auto` (the default) is GP in FIFO sweeps of fewer than `GP_TRIALS` trials, and TPE in larger
+ones and under MO-ASHA (`search.objectives.resolve_sampler`). With FIFO GP found the most
+hypervolume at small budgets (docs/benchmarks.md, "Search efficiency"), but it refits its
 model on every ask, in Tune's driver loop, and the cost grows with the trials and the trials
 pending: 0.85 s of CPU per ask at 100 trials with 16 pending in `benchmarks/study_storage.py`,
 and 70 s of driver-loop CPU for the first 100 trials of `benchmarks/driver_scale.py`. TPE takes
-25 ms per ask at 1,000 trials. The choice is made once per sweep (the trial count is fixed on
-`--resume`), so a resumed sweep keeps its sampler.
+25 ms per ask at 1,000 trials. Under MO-ASHA GP learns only from the few trials that complete,
+so most of its proposals were random start-up draws; TPE learns from the stopped ones too. The
+choice is made once per sweep (the trial count and scheduler are fixed on `--resume`), so a
+resumed sweep keeps its sampler.
 """
 from __future__ import annotations
 
@@ -19,12 +21,13 @@ from optuna.samplers import BaseSampler
 from .objectives import resolve_sampler
 
 
-def make_sampler(name: str, seed: int, max_concurrent: int, trials: int | None = None) -> BaseSampler:
-    """`trials`: the sweep's trial count, which `auto` needs."""
+def make_sampler(name: str, seed: int, max_concurrent: int, trials: int | None = None,
+                 scheduler: str | None = None) -> BaseSampler:
+    """`trials` and `scheduler`: the sweep's trial count and --scheduler, which `auto` needs."""
     if name == "auto":
-        if trials is None:
-            raise ValueError("--sampler auto needs the sweep's trial count")
-        name = resolve_sampler(name, trials)
+        if trials is None or scheduler is None:
+            raise ValueError("--sampler auto needs the sweep's trial count and scheduler")
+        name = resolve_sampler(name, trials, scheduler)
     startup = max(4, 2 * max_concurrent)  # random trials before a model: a few per parallel slot
     if name == "nsga2":
         # a generation per ~2x the parallel slots keeps generations full under async execution
