@@ -30,7 +30,7 @@ recomputed each time): one seed more or less moves a 5-seed mean by about 0.1.
 Plots: docs/img/search_efficiency_<dataset>.png. The last stdout line is a JSON object whose
 `moasha_budget_fraction` is the mean over the digits seeds of MO-ASHA with the CLI defaults
 (`tpe+moasha`: `--sampler auto` is TPE under MO-ASHA, and `--tie-break crowding`; until
-2026-12-06, 19:15 UTC, auto was GP there, gp+moasha; the CIFAR-10 and combined figures are beside
+2026-12-06, 19:11 UTC, auto was GP there, gp+moasha; the CIFAR-10 and combined figures are beside
 it). Target: <= 0.5.
 
 The hypervolume-vs-epochs measure does not depend on wall time, so a busy machine changes how
