@@ -164,8 +164,6 @@ def prepare(args: argparse.Namespace) -> Plan:
     checks come first, before torch, Ray and MLflow are imported (seconds), so a typo fails fast."""
     if args.scheduler not in SCHEDULERS:
         raise ConfigError(f"--scheduler {args.scheduler!r} is unknown; accepted: {', '.join(SCHEDULERS)}")
-    if args.sampler is None and not args.resume:
-        args.sampler = DEFAULT_SAMPLER
     if args.sampler is not None and args.sampler not in SAMPLERS:
         raise ConfigError(f"--sampler {args.sampler!r} is unknown; accepted: {', '.join(SAMPLERS)}")
     for flag in ("trials", "epochs", "max_concurrent", "grace_period"):
@@ -222,7 +220,7 @@ def prepare(args: argparse.Namespace) -> Plan:
         why = device_refusal(space.fixed.get("device"), args.gpus_per_trial)
         if why:
             raise ConfigError(why)
-    if args.sampler is None:  # --resume of a sweep that stored none
+    if args.sampler is None:  # not given (a --resume has adopted the stored one by now, if any)
         args.sampler = DEFAULT_SAMPLER
     sampler = resolve_sampler(args.sampler, args.trials, args.scheduler)
     for gap in (joint_modelling_gap(sampler, space), scheduler_gap(sampler, args.scheduler)):
