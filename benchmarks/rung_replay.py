@@ -85,18 +85,18 @@ def useless(trial: list[list[float]]) -> bool:
     return sparsity <= 0 or not FLOORS.feasible(clean, robust)
 
 
-def replay(pool, budget: int, rng: random.Random, rung: tuple[int, float, str, bool] | str | None) -> list[tuple[int, float]]:
-    """One sweep on the pool: FIFO (rung None), MO-ASHA (grace, eta, tie-break, floors) or
+def replay(pool, budget: int, rng: random.Random, rung: tuple[int, float, str] | str | None) -> list[tuple[int, float]]:
+    """One sweep on the pool: FIFO (rung None), MO-ASHA (grace, eta, tie-break; with the floors) or
     "oracle": after epoch 1, stop exactly the trials that will end `useless` (it reads the future).
     Returns the hypervolume curve [(epochs consumed, hypervolume)]."""
     epochs = len(pool[0])
     order = [rng.randrange(len(pool)) for _ in range(budget)]  # with replacement: any pool size
     sched = None
     if isinstance(rung, tuple):  # the sweep's own scheduler, fed every epoch's result (it reads only trial.trial_id)
-        grace, eta, tie, floors = rung
+        grace, eta, tie = rung
         sched = MOASHAScheduler(list(OBJECTIVES), "max", time_attr="epoch", grace_period=grace,
                                 reduction_factor=eta, max_t=epochs, tie_break=tie,
-                                violation=FLOORS.violation if floors else None)
+                                violation=FLOORS.violation)
     # slot: [pool index, epochs done, the trial as the scheduler sees it]
     running: list[list[Any] | None] = [[order.pop(), 0, SimpleNamespace(trial_id=str(i))] for i in range(WORKERS)]
     started, consumed, done, curve = WORKERS, 0, [], [(0, 0.0)]
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             for tie in TIE_BREAKS:  # with the floors, as the CLI; no pool vector is below them
                 rows.append(row(f"random+moasha grace {grace} eta {eta} {tie}",
-                                [replay(pool, budget, random.Random(i), (grace, eta, tie, True))
+                                [replay(pool, budget, random.Random(i), (grace, eta, tie))
                                  for i in range(args.replays)]))
     print(f"\ntarget: random FIFO's mean final hypervolume {target:.4f} ({args.replays} replays each; "
           f"a run = {SEEDS} consecutive replays, as search_efficiency's {SEEDS} seeds)\n")

@@ -242,7 +242,7 @@ def test_rung_replay_spends_the_same_budget_and_stops_trials(tmp_path):
     assert len(pool) == 10 and len(pool[0]) == 4
     fifo = rr.replay(pool, 48, random.Random(1), None)
     assert len(fifo) - 1 == 12 and fifo[-1][0] == 48  # 12 completions, the last at the budget
-    moasha = rr.replay(pool, 48, random.Random(1), (1, 3, "crowding", True))
+    moasha = rr.replay(pool, 48, random.Random(1), (1, 3, "crowding"))
     assert max(c for c, _ in moasha) <= 48 and len(moasha) - 1 < 12  # stopped trials spent epochs
     # the oracle stops after epoch 1 exactly the trials that end dense: it completes only sparse
     # ones, every sparse one of FIFO's 12 among them (same draw order), so its hypervolume is no lower
