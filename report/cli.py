@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as _dt
 import hashlib
 import json
 import os
@@ -75,19 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strong-subset", type=int,
                    help=f"test images the strong suite runs on, the first N of the test subset (default "
                         f"{d.strong_subset}; 0 = all)")
-    p.add_argument("--width", type=int, help=f"base width (default {d.width})")
-    p.add_argument("--depth", type=int, help=f"depth 6n+2 (default {d.depth})")
-    p.add_argument("--attack-steps", type=int, help=f"PGD steps of the training attack (default {d.attack_steps})")
-    p.add_argument("--eval-steps", type=int, help=f"PGD/CW steps of the evaluation attacks (default {d.eval_steps})")
-    p.add_argument("--eval-seeds", type=int, help=f"number of test-time noise seeds (default {d.eval_seeds})")
-    p.add_argument("--batch-size", type=int, help=f"training batch (default {d.batch_size})")
+    for defaults, key, what in ((d, "width", "base width"), (d, "depth", "depth 6n+2"),
+                                (d, "attack_steps", "PGD steps of the training attack"),
+                                (d, "eval_steps", "PGD/CW steps of the evaluation attacks"),
+                                (d, "eval_seeds", "number of test-time noise seeds"), (d, "batch_size", "training batch"),
+                                (sd, "aa_steps", "APGD steps of AutoAttack-rand"),
+                                (sd, "aa_eot", "noise draws per APGD gradient"), (sd, "aa_restarts", "APGD restarts"),
+                                (sd, "square_queries", "Square queries"),
+                                (sd, "eot_samples", "noise draws per EOT-PGD gradient"), (sd, "eot_steps", "EOT-PGD steps")):
+        p.add_argument("--" + key.replace("_", "-"), type=int, help=f"{what} (default {getattr(defaults, key)})")
     p.add_argument("--ifgsm", action="store_true", help="also report IFGSM (always on with --full)")
-    p.add_argument("--aa-steps", type=int, help=f"APGD steps of AutoAttack-rand (default {sd.aa_steps})")
-    p.add_argument("--aa-eot", type=int, help=f"noise draws per APGD gradient (default {sd.aa_eot})")
-    p.add_argument("--aa-restarts", type=int, help=f"APGD restarts (default {sd.aa_restarts})")
-    p.add_argument("--square-queries", type=int, help=f"Square queries (default {sd.square_queries})")
-    p.add_argument("--eot-samples", type=int, help=f"noise draws per EOT-PGD gradient (default {sd.eot_samples})")
-    p.add_argument("--eot-steps", type=int, help=f"EOT-PGD steps (default {sd.eot_steps})")
     p.add_argument("--alpha", type=float, help=f"natural-term weight of `mix` (default {ALPHA})")
     p.add_argument("--group-shrink", type=float, default=GROUP_SHRINK,
                    help=f"total proximal shrinkage lambda_g * sum_t lr_t of the mix rows; lambda_g "
@@ -311,7 +307,6 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m report" + ("" if not argv else " " + shlex.join(argv))
     meta = {
         "command": command,
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "git": sha,
         "machine": machine(),
         "load": f"{load_start} / {_load()}",

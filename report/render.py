@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from trainables.contract import CHANNEL_SPARSITY
 from trainables.robust_eval import FLAGS
 
 from .grid import (
@@ -31,26 +32,6 @@ from .verdicts import (
     verdict_b,
     verdict_c,
 )
-
-# What changed in the code since the previous findings.md (shown with --previous, beside the
-# verdicts that moved, which are computed from the previous file).
-WHAT_CHANGED = [
-    ("Training (issue #10): the Binary-Relax continuation is parametrized by its end value: "
-     "lambda grows geometrically per optimizer step from lambda0 to lambda_final (default 100) at "
-     "the start of phase II. The previous run's per-epoch rho = 1.05 reached only lambda ~1.3 by "
-     "phase II in 6-8 epochs, so its quantized rows trained about half float until the hard "
-     "switch. Also from #10: the Binary-Relax weight cache no longer hands a gradient-less weight "
-     "to a later forward (that zeroed the weight gradients of the TRADES loss; the madry and mix "
-     "rows here build their first cached forward with gradients, so the schedule is the change "
-     "that matters for them)."),
-    ("Evaluation (issue #13): every row also runs the strong suite of trainables.robust_eval: "
-     "AutoAttack's randomized-defense protocol (APGD-CE + APGD-DLR with EOT, from torchattacks), "
-     "the gradient-free Square attack and EOT-PGD; verdict (c) also requires little loss under "
-     "AutoAttack-rand."),
-    ("The gradient-masking guard (white-box PGD against transfer PGD, no tolerance) is replaced by "
-     "the sanity battery of Carlini et al. 2019, with tolerances from the sampling error."),
-    "The generator moved from search/report.py to the `report` package (`python -m report`).",
-]
 
 
 def fmt(res: dict, key: str) -> str:
@@ -119,9 +100,6 @@ def _changes(L: list[str], prev: dict, verdicts: list[Verdict], R: dict[str, dic
     w = L.append
     w("## What changed since the previous version")
     w("")
-    for line in WHAT_CHANGED:
-        w(f"- {line}")
-    w("")
     moved = []
     for v in verdicts:
         letter = v.claim[1]
@@ -168,14 +146,13 @@ def render(meta: dict, R: dict[str, dict], rows: list[RowSpec], scale: Scale, fu
       "row of its loss, the transfer-attack source). Rows: " + ", ".join(f"`{r}`" for r in ROWS) + ".")
     w("- `python -m report --help` lists every flag (`--epochs`, `--subset-train`, `--subset-test`, "
       "`--strong-subset`, `--aa-steps`, `--square-queries`, `--eot-samples`, `--eval-seeds`, "
-      "`--out`, `--device`, `--previous`, ...). `python -m search.report` is an alias.")
+      "`--out`, `--device`, `--previous`, ...).")
     w("")
     if meta.get("previous"):
         _changes(L, meta["previous"], verdicts, R)
     w("## Run")
     w("")
     w(f"- Command: `{meta['command']}`")
-    w(f"- Date (UTC): {meta['date']}")
     w(f"- Git SHA: {meta['git']}")
     w(f"- Machine: {meta['machine']}")
     w(f"- Wall time: {meta['wall_s'] / 60:.1f} min (training {meta['train_s'] / 60:.1f} min, "
@@ -266,7 +243,7 @@ def render(meta: dict, R: dict[str, dict], rows: list[RowSpec], scale: Scale, fu
         flags = tripped(r)
         cells += [fmt(r, "cw"), fmt(r, "eot_pgd"), fmt(r, "aa"), fmt(r, "square"), fmt(r, "transfer"),
                   pct(100 * s["weight_sparsity"]),
-                  f"{pct(100 * s['channel_sparsity'])} / {pct(100 * s['channel_sparsity_in'])}",
+                  f"{pct(100 * s[CHANNEL_SPARSITY])} / {pct(100 * s['channel_sparsity_in'])}",
                   size_str(s), ("**" + ", ".join(f.removeprefix("flag_") for f in flags) + "**") if flags else "none"]
         w("| " + " | ".join(cells) + " |")
     w("")

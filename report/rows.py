@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from trainables.config import ConfigError, TrainConfig
+from trainables.contract import CHANNEL_SPARSITY
 from trainables.data import DataBundle, load_data, unpack_archive
 from trainables.robust_eval import StrongEvalConfig
 
@@ -48,7 +49,7 @@ def run_row(spec: RowSpec, cfg: TrainConfig, data: DataBundle, scale: Scale, see
         stats = run.train_epoch()
         st = run.structure()
         log(f"[{spec.id}] epoch {run.epoch}/{cfg.epochs} loss {stats['train_loss']:.4f} "
-            f"w_sparsity {100 * st['weight_sparsity']:.1f}% ch_sparsity {100 * st['channel_sparsity']:.1f}% "
+            f"w_sparsity {100 * st['weight_sparsity']:.1f}% ch_sparsity {100 * st[CHANNEL_SPARSITY]:.1f}% "
             f"({time.perf_counter() - te:.0f}s)")
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()

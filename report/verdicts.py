@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from trainables.contract import CHANNEL_SPARSITY
 from trainables.robust_eval import FLAG_HELP, FLAGS
 
 SPARSE_MIN = 10.0  # (a) "sparse": at least this % of the quantized weights are exact zeros
@@ -62,13 +63,20 @@ def _status(ok: list[bool], ran: list[str], needed: tuple[str, ...] | list[str])
     return status
 
 
+def _madry_rows(R: dict[str, dict], v: Verdict) -> list[str]:
+    """The quantized madry rows present; none: the verdict says what it needs."""
+    madry = [r for r in ("4bit-madry", "ternary-madry") if r in R]
+    if not madry:
+        v.lines.append("Needs the 4bit-madry and ternary-madry rows.")
+    return madry
+
+
 def verdict_a(R: dict[str, dict]) -> Verdict:
     claim = "(a) Ternary and 4-bit BR make the weights sparse."
     v = Verdict(claim, "not tested")
     rows = [r for r in ("4bit-madry", "ternary-madry", "4bit-mix", "ternary-mix") if r in R]
-    madry = [r for r in ("4bit-madry", "ternary-madry") if r in R]
+    madry = _madry_rows(R, v)
     if not madry:
-        v.lines.append("Needs the 4bit-madry and ternary-madry rows.")
         return v
     ok = []
     for r in rows:
@@ -92,14 +100,13 @@ def verdict_b(R: dict[str, dict]) -> Verdict:
     claim = ("(b) Under adversarial training that sparsity is unstructured "
              "(channel sparsity far below weight sparsity).")
     v = Verdict(claim, "not tested")
-    madry = [r for r in ("4bit-madry", "ternary-madry") if r in R]
+    madry = _madry_rows(R, v)
     if not madry:
-        v.lines.append("Needs the 4bit-madry and ternary-madry rows.")
         return v
     ok = []
     for r in madry:
         s = R[r]["structure"]
-        ws, cs, ci = (100 * s["weight_sparsity"], 100 * s["channel_sparsity"],
+        ws, cs, ci = (100 * s["weight_sparsity"], 100 * s[CHANNEL_SPARSITY],
                       100 * s["channel_sparsity_in"])
         good = ws > 0 and max(cs, ci) <= UNSTRUCTURED_RATIO * ws
         ok.append(good)
@@ -127,7 +134,7 @@ def verdict_c(R: dict[str, dict], group_lasso: float, alpha: float) -> Verdict:
         A, B = R[a], R[b]
         keys = [k for k in ("clean", "fgsm", "pgd", "cw", "aa") if has(A, k) and has(B, k)]
         d = {k: m(B, k) - m(A, k) for k in keys}
-        dch = 100 * (B["structure"]["channel_sparsity"] - A["structure"]["channel_sparsity"])
+        dch = 100 * (B["structure"][CHANNEL_SPARSITY] - A["structure"][CHANNEL_SPARSITY])
         parts = {"clean": d["clean"] >= CLEAN_GAIN_MIN, "channels": dch >= CHANNEL_GAIN_MIN,
                  "fgsm": d["fgsm"] >= -FGSM_LOSS_MAX, "pgd": d["pgd"] >= -STRONG_LOSS_MAX,
                  "cw": d["cw"] >= -STRONG_LOSS_MAX}

@@ -330,7 +330,7 @@ def unpack_archive(archive: Path, cache: Path, name: str = "cifar10-jpeg") -> Pa
 
     The archive is unpacked beside the destination and renamed into place, and a marker records
     which archive it came from, so an interrupted unpack is never mistaken for a finished one and
-    every tool pointed at the same cache (search.report, the benchmarks) shares one copy."""
+    every tool pointed at the same cache (`python -m report`, the benchmarks) shares one copy."""
     dest = cache / name
     marker = dest / ".unpacked-from"
     stamp = f"{archive.resolve()} {archive.stat().st_size}"

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, QuantConfig, TrainConfig
+from .contract import training_config
 from .fileio import atomic_path
 from .models import Ensemble, NoiseInjection, build_model
 from .quant import model_bits, quantize_, select_layers
@@ -298,7 +299,7 @@ def load_packed(path: str | Path) -> Packed:
 
 
 def size_bound(size_bits_: float) -> int:
-    """The largest file the issue accepts for a model of size_bits: 10 % + 16 KiB over size_bits/8."""
+    """The largest packed file accepted for a model of size_bits: 10 % + 16 KiB over size_bits/8."""
     return int(1.10 * size_bits_ / 8 + 16 * 1024)
 
 
@@ -367,7 +368,7 @@ def check_packed(path: str | Path, reference: nn.Module, x: torch.Tensor | None 
 def config_from_flat(flat: dict[str, Any]) -> TrainConfig:
     """The TrainConfig of a checkpoint's "config" (or a Tune trial's params)."""
     try:
-        cfg = TrainConfig.from_flat({k: v for k, v in flat.items() if not (k.endswith("_on") and k[:-3] in flat)})
+        cfg = TrainConfig.from_flat(training_config(flat))
         cfg.quant.validate()
     except ConfigError as e:
         raise ExportError(f"the run's config: {e}") from None

@@ -16,6 +16,7 @@ import torch
 
 from .attacks import perturb  # noqa: F401  (re-exported for callers building custom evaluations)
 from .config import AttackConfig, TrainConfig
+from .contract import CHANNEL_SPARSITY, CLEAN_ACC, EPOCH, MAX_EPOCHS, ROBUST_ACC
 from .data import DataBundle, EpochPlan, Split, as_float, load_data
 from .device import (  # noqa: F401
     autocast,
@@ -36,8 +37,8 @@ from .quant import BinaryRelax, cached, export_state_dict, quantize_
 # loss went non-finite; every other step runs without a host sync
 FINITE_CHECK_EVERY = 16
 
-FINAL_KEYS = ("clean_acc", "robust_acc", "fgsm_acc", "weight_sparsity", "channel_sparsity",
-              "channel_sparsity_in", "size_bits", "compression", "epoch",
+FINAL_KEYS = (CLEAN_ACC, ROBUST_ACC, "fgsm_acc", "weight_sparsity", CHANNEL_SPARSITY,
+              "channel_sparsity_in", "size_bits", "compression", EPOCH,
               "test_clean_acc", "test_robust_acc", "test_fgsm_acc")
 
 
@@ -112,7 +113,7 @@ class Run:
     # --- checkpoint payload ---------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = {
-            "epoch": self.epoch,
+            EPOCH: self.epoch,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -135,7 +136,7 @@ class Run:
         set_rng_state(state["rng"], self.device)
         if self.scaler is not None and "grad_scaler" in state:
             self.scaler.load_state_dict(state["grad_scaler"])
-        self.epoch = int(state["epoch"])
+        self.epoch = int(state[EPOCH])
         self.bn_deployed = bool(state.get("bn_deployed", False))
 
     # --- training -------------------------------------------------------------------------
@@ -267,14 +268,14 @@ class Run:
             with self._deployed():
                 clean = self._accuracy(*self.val, {"clean": None})["clean"]
                 rob = self._accuracy(*self.proxy, {"pgd": atk})["pgd"]
-        return {"clean_acc": clean, "robust_acc": rob}
+        return {CLEAN_ACC: clean, ROBUST_ACC: rob}
 
     def final_metrics(self) -> dict[str, float]:
         """The end-of-run evaluation. Objectives (`clean_acc`, `robust_acc`, plus `fgsm_acc`)
         on the whole validation split with the full evaluation attack; the test split once,
         under `test_` names, which nothing that selects or stops trials reads."""
         ev = self.cfg.eval_attack
-        val = self.evaluate(attacks={"clean_acc": None, "robust_acc": ev,
+        val = self.evaluate(attacks={CLEAN_ACC: None, ROBUST_ACC: ev,
                                      "fgsm_acc": AttackConfig("fgsm", ev.eps, ev.eps, 1, False)},
                             split="val")
         test = self.evaluate(split="test")
@@ -291,8 +292,8 @@ class Run:
         if attacks is None:
             ev = cfg.eval_attack
             attacks = {
-                "clean_acc": None,
-                "robust_acc": ev,
+                CLEAN_ACC: None,
+                ROBUST_ACC: ev,
                 "fgsm_acc": AttackConfig("fgsm", ev.eps, ev.eps, 1, False),
             }
             if cfg.cw:
@@ -329,7 +330,7 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None, log: Callable[[str], Non
         proxy = run.proxy_metrics()
         metrics = {
             **stats, **proxy, **run.structure(),
-            "epoch": run.epoch, "max_epochs": cfg.epochs, "lambda": run.br.lam,
+            EPOCH: run.epoch, MAX_EPOCHS: cfg.epochs, "lambda": run.br.lam,
             "phase": 2 if run.br.state.mode == "quantized" else 1,
             "lr": run.optimizer.param_groups[0]["lr"], "epoch_time_s": time.perf_counter() - t0,
         }
@@ -347,9 +348,9 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None, log: Callable[[str], Non
 
 
 def _progress_line(m: dict[str, Any], epochs: int) -> str:
-    parts = [f"epoch {m['epoch']}/{epochs}", f"loss {m['train_loss']:.4f}",
-             f"clean {m['clean_acc']:.4f}", f"robust {m['robust_acc']:.4f}",
-             f"ch_sparsity {m['channel_sparsity']:.4f}", f"w_sparsity {m['weight_sparsity']:.4f}",
+    parts = [f"epoch {m[EPOCH]}/{epochs}", f"loss {m['train_loss']:.4f}",
+             f"clean {m[CLEAN_ACC]:.4f}", f"robust {m[ROBUST_ACC]:.4f}",
+             f"ch_sparsity {m[CHANNEL_SPARSITY]:.4f}", f"w_sparsity {m['weight_sparsity']:.4f}",
              f"lambda {m['lambda']:.3g}", f"{m['epoch_time_s']:.1f}s"]
     return "  ".join(parts)
 

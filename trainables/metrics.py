@@ -14,6 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .attacks import perturb
 from .config import AttackConfig
+from .contract import CHANNEL_SPARSITY
 from .data import as_float
 from .device import autocast
 from .quant import BinaryRelax, model_bits
@@ -45,7 +46,7 @@ def structure_metrics(model: nn.Module, br: BinaryRelax) -> dict[str, float]:
     size, n = model_bits(model, br)
     return {
         "weight_sparsity": weight_sparsity(q),
-        "channel_sparsity": channel_sparsity(q, "out"),
+        CHANNEL_SPARSITY: channel_sparsity(q, "out"),
         "channel_sparsity_in": channel_sparsity(q, "in"),
         "size_bits": float(size),
         "compression": 32.0 * n / size,

@@ -13,6 +13,7 @@ from typing import Any
 
 from .cliutil import OneLineParser, fail
 from .config import ConfigError, TrainConfig, set_field
+from .contract import MODEL_FILE, RUN_CHECKPOINT_FILE, RUN_METRICS_FILE
 from .device import check_device, check_precision, pick_device
 from .fileio import atomic_torch_save, atomic_write_text
 from .loop import FINAL_KEYS, DivergedError, Hooks, train
@@ -82,10 +83,10 @@ class FileHooks(Hooks):
 
     def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any], final: bool) -> None:
         model = checkpoint.pop("quantized_model", None)
-        atomic_torch_save(checkpoint, self.out / "checkpoint.pt")
+        atomic_torch_save(checkpoint, self.out / RUN_CHECKPOINT_FILE)
         if final:
-            atomic_torch_save(model, self.out / "model.pt")
-            atomic_write_text(json.dumps(metrics, indent=2) + "\n", self.out / "metrics.json")
+            atomic_torch_save(model, self.out / MODEL_FILE)
+            atomic_write_text(json.dumps(metrics, indent=2) + "\n", self.out / RUN_METRICS_FILE)
 
 
 def config_from_args(ns: argparse.Namespace, stored: dict[str, Any] | None) -> TrainConfig:
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(ns.out)
     stored_state = None
     if ns.resume:
-        ck = out / "checkpoint.pt"
+        ck = out / RUN_CHECKPOINT_FILE
         if not ck.exists():
             fail(f"--resume: no checkpoint at {ck}; accepted: the --out of an earlier run")
         import torch

@@ -17,12 +17,8 @@ import torch
 from ray import tune
 
 from .config import ConfigError, TrainConfig
+from .contract import CHECKPOINT_FILE, DIVERGED, EPOCH, FAILURE_REASON, FINAL, MODEL_FILE, NODE_ID, OBJECTIVES, training_config
 from .loop import DivergedError, Hooks, train
-
-CHECKPOINT_FILE = "state.pt"
-MODEL_FILE = "model.pt"
-DIVERGED = "diverged"  # checkpoint marker and result flag of a trial whose loss/weights went non-finite
-OBJECTIVES = ("clean_acc", "robust_acc", "channel_sparsity")  # as search.objectives: every report needs them
 
 
 class TuneHooks(Hooks):
@@ -38,7 +34,7 @@ class TuneHooks(Hooks):
         if state.get(DIVERGED):  # a retry of a diverged trial: fail again at once, no retraining
             self.diverged_before = True
             raise DivergedError(state[DIVERGED])
-        self.epoch = int(state.get("epoch", 0))
+        self.epoch = int(state.get(EPOCH, 0))
         print(f"trial {tune.get_context().get_trial_id()}: resumed after epoch {self.epoch}", flush=True)
         return state
 
@@ -47,23 +43,23 @@ class TuneHooks(Hooks):
         and the reason, and a checkpoint holding only the marker. Training is deterministic, so a
         retry from the previous checkpoint would diverge again: a restored attempt raises at once
         (load_checkpoint), and the driver stops Tune's retries on the flag
-        (search.callbacks.NoRetryOnDivergence). `epoch` stays the last completed one, so a
+        (search.driver.NoRetryOnDivergence). `epoch` stays the last completed one, so a
         scheduler makes no new rung decision on this result."""
         metrics = {**{m: float("nan") for m in OBJECTIVES}, DIVERGED: True,
-                   "failure_reason": f"DivergedError: {error}", "final": False, "epoch": self.epoch}
+                   FAILURE_REASON: f"DivergedError: {error}", FINAL: False, EPOCH: self.epoch}
         with tempfile.TemporaryDirectory() as d:
-            torch.save({DIVERGED: str(error), "epoch": self.epoch}, Path(d) / CHECKPOINT_FILE)
+            torch.save({DIVERGED: str(error), EPOCH: self.epoch}, Path(d) / CHECKPOINT_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
     def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any], final: bool) -> None:
-        self.epoch = int(metrics.get("epoch", self.epoch))
+        self.epoch = int(metrics.get(EPOCH, self.epoch))
         model = checkpoint.pop("quantized_model", None)
         with tempfile.TemporaryDirectory() as d:
             torch.save(checkpoint, Path(d) / CHECKPOINT_FILE)
             if model is not None:
                 torch.save(model, Path(d) / MODEL_FILE)
             # node_id: which Ray node ran the trial (trials.parquet shows how a sweep used the cluster)
-            tune.report(dict(metrics, final=final, node_id=_node_id()),
+            tune.report({**metrics, FINAL: final, NODE_ID: _node_id()},
                         checkpoint=tune.Checkpoint.from_directory(d))
 
 
@@ -105,8 +101,7 @@ def _node_id() -> str:
 def trainable(config: dict[str, Any]) -> None:
     """Ray Tune entry point: `config` holds flat TrainConfig keys (sampled and pinned)."""
     os.environ.pop("MLFLOW_RUN_ID", None)  # the driver logs to MLflow; trials never do
-    # the search space's `<name>_on` switches (0 allowed on a log scale) are not config keys
-    cfg = TrainConfig.from_flat({k: v for k, v in config.items() if not (k.endswith("_on") and k[:-3] in config)})
+    cfg = TrainConfig.from_flat(training_config(config))
     resources = tune.get_context().get_trial_resources().required_resources
     cfg.device = trial_device(cfg.device, _gpu_ids())
     if cfg.device.startswith("cuda") and 0 < resources.get("GPU", 0) < 1:
