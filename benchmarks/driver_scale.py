@@ -1,4 +1,4 @@
-"""Does the driver scale to 1,000 trials? (issue 12, item 7)
+"""Does the driver scale to 1,000 trials?
 
 Runs sweeps of a synthetic trainable (no torch: it sleeps a little per epoch and reports all
 three objectives, plausible values that depend on the config, for a few epochs) through the real
@@ -12,7 +12,7 @@ starts would measure Ray's worker start-up on this 2-core machine, not the drive
                            bookkeeping (Tune's controller, the searcher and sampler, MO-ASHA, the
                            callbacks and whatever MLflow calls they make synchronously, the tables
                            and parent run at the end), plus the wall time the loop waited for a
-                           trial sampled ahead that was still in flight (search/searcher.py),
+                           trial sampled ahead that was still in flight (search.optimizer.ParetoSearch),
                            / reported results. The trainables run in other processes, so their
                            sleep is not in it; neither is work moved to background threads (Ray's
                            own, asynchronous logging, sampling ahead) while the loop does not
@@ -94,20 +94,33 @@ def run_sweep(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from search.callbacks import NoRetryOnDivergence, NoTensorBoard, ProgressCallback
-    from search.pareto import build_tuner
-    from search.plan import build_parser, prepare
+    from search.driver import (
+        Flags,
+        NoRetryOnDivergence,
+        NoTensorBoard,
+        ProgressCallback,
+        Resources,
+        TunerOptions,
+        build_tuner,
+        prepare,
+    )
+    from search.optimizer import AHEAD_STATS, settle_sampled_ahead
     from search.results import front_frame, trials_frame, write_tables
-    from search.searcher import AHEAD_STATS, settle_sampled_ahead
-    from search.sweep_logging import finish_logging
-    from search.tracking import MLflowSweepCallback, get_or_create_experiment, start_parent_run
+    from search.tracking import (
+        MLflowSweepCallback,
+        SweepEnd,
+        SweepRun,
+        finish_logging,
+        get_or_create_experiment,
+        start_parent_run,
+    )
 
     d = tmp / f"n{n}"
     cli = ["--name", f"scale{n}", "--trials", str(n), "--epochs", str(args.epochs), "--scheduler", "moasha",
            "--storage-path", str(d / "results"), "--tracking-uri", f"sqlite:///{d / 'mlflow.db'}",
            "--max-concurrent", str(args.concurrent), "--quiet"]
-    plan = prepare(build_parser().parse_args(cli))
-    plan.state_dir.mkdir(parents=True, exist_ok=True)
+    plan = prepare(Flags.parse(cli))
+    plan.location.state_dir.mkdir(parents=True, exist_ok=True)
     for attempt in range(8):  # Ray gives its raylet 30 s to register: too little on a loaded 2-core machine
         try:
             ray.init(address="local", num_cpus=args.concurrent, include_dashboard=False, log_to_driver=False)
@@ -121,11 +134,13 @@ def run_sweep(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         client = MlflowClient(plan.tracking_uri)
         exp_id = get_or_create_experiment(client, "brsearch", plan.tracking_uri)
         parent = start_parent_run(client, exp_id, plan.name, {"trials": n}, {})
-        callbacks = [MLflowSweepCallback(plan.tracking_uri, exp_id, parent, plan.name, floors=plan.floors),
+        sweep_run = SweepRun(plan.tracking_uri, exp_id, parent, plan.name)
+        callbacks = [MLflowSweepCallback(sweep_run, floors=plan.floors),
                      ProgressCallback(n), NoRetryOnDivergence(), NoTensorBoard()]
-        tuner = build_tuner(plan, args.concurrent, 0.0, callbacks, reuse_actors=True,
-                            trainable=tune.with_resources(synthetic_trainable, {"cpu": 1}),
-                            keep_checkpoints=args.keep_checkpoints or None)
+        resources = Resources(1.0, 0.0, args.concurrent, "benchmark")
+        tuner = build_tuner(plan, resources, callbacks, TunerOptions(
+            reuse_actors=True, trainable=tune.with_resources(synthetic_trainable, {"cpu": 1}),
+            keep_checkpoints=args.keep_checkpoints or None))
         prof = cProfile.Profile(time.thread_time) if args.profile else None  # CPU of the loop thread
         c0, l0, w0 = cpu_s(), loop_s(), time.perf_counter()
         a0 = dict(AHEAD_STATS)
@@ -135,15 +150,12 @@ def run_sweep(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             tuner.fit()
             settle_sampled_ahead()
             l_fit, w_fit = loop_s(), time.perf_counter()
-            analysis = tune.ExperimentAnalysis(plan.exp_dir)  # what search.pareto.run does after fit
+            analysis = tune.ExperimentAnalysis(plan.location.exp_dir)  # what search.driver.end_sweep does after fit
             df = trials_frame(analysis.trials, plan.floors)
             front = front_frame(df)
-            files = write_tables(Path(plan.exp_dir), df, front)
-            unsent = finish_logging(
-                tracking_uri=plan.tracking_uri, experiment_id=exp_id, parent_run_id=parent, sweep=plan.name,
-                analysis=analysis, trials_df=df, front_df=front, files=files, status="FINISHED",
-                cpus_per_trial=1.0, gpus_per_trial=0.0, floors=plan.floors, reference=plan.floors.reference,
-                register=None, patience_s=600.0, replay_first=False, resume_hint="")
+            files = write_tables(plan.location.local_dir, df, front)
+            end = SweepEnd(analysis, df, front, files, "FINISHED", plan.floors, 1.0, 0.0)
+            unsent = finish_logging(sweep_run, end, patience_s=600.0, replay_first=False, resume_hint="")
             if prof:
                 prof.disable()
         cpu, loop, wall, books = cpu_s() - c0, loop_s() - l0, time.perf_counter() - w0, loop_s() - l_fit
@@ -152,7 +164,7 @@ def run_sweep(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         end_wall = time.perf_counter() - w_fit
     finally:
         ray.shutdown()
-    results = sum(len(f.read_text().splitlines()) for f in Path(plan.exp_dir).glob("trial_*/result.json"))
+    results = sum(len(f.read_text().splitlines()) for f in plan.location.local_dir.glob("trial_*/result.json"))
     out = {"trials": n, "results": results, "driver_loop_cpu_s": round(loop, 2), "bookkeeping_cpu_s": round(books, 2),
            "driver_process_cpu_s": round(cpu, 2), "wall_s": round(wall, 1), "end_wall_s": round(end_wall, 1),
            "driver_ms_per_result": round(1000 * loop / max(1, results), 2),
@@ -195,9 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     # here, so that neither size pays them (they would flatter the growth, paid by the first only)
     import matplotlib.pyplot  # noqa: F401
 
-    import search.pareto  # noqa: F401
-    import search.results  # noqa: F401
-    import search.sweep_logging  # noqa: F401
+    import search.driver._run  # noqa: F401
+    import search.results._tables  # noqa: F401
+    import search.tracking._parent  # noqa: F401
     t0 = time.perf_counter()
     try:
         small = run_sweep(args.small, args, tmp)

@@ -22,8 +22,8 @@ import time
 import numpy as np
 from ray.tune.experiment import Trial
 
-from search.moasha import MOASHAScheduler
-from search.objectives import Floors
+from search.front import Floors
+from search.optimizer import MOASHAScheduler
 
 OBJ = ["clean_acc", "robust_acc", "channel_sparsity"]
 

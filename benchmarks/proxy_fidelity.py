@@ -3,7 +3,7 @@
 Random configurations of the paper space (`spaces/paper.py`) are trained for `--epochs` epochs on
 digits (or the CIFAR-10 subset). After every epoch the proxies are computed twice on the same
 model, side by side: `before` evaluates the projected weights with the training BatchNorm
-statistics (what the loop did before issue #10, `proxy_bn_batches=0`), `after` re-estimates the
+statistics (`proxy_bn_batches=0`), `after` re-estimates the
 BN statistics under the projected weights first (the default). Training is the same either way
 (the proxies run on a forked RNG and restore the BN buffers), so one run gives both.
 

@@ -7,7 +7,7 @@
 
 A random FIFO sweep of `benchmarks/search_efficiency.py` records every trial's objectives after
 every epoch. Such trials form a pool; this script replays, on the pool, random search (FIFO: 12
-trials run to the end), random search under MO-ASHA (`search.moasha.MOASHAScheduler` with the
+trials run to the end), random search under MO-ASHA (`search.optimizer.MOASHAScheduler` with the
 floors, as the CLI builds it, fed each epoch's result as Tune feeds it) for every grace period,
 reduction factor and tie-break, and random search under an oracle that stops, after epoch 1,
 exactly the trials whose final vector adds no hypervolume (dense or below the floor): no rule
@@ -17,7 +17,7 @@ Each replay draws the trials in a new random order; the figure is search_efficie
 fraction of the budget at which the hypervolume of the completed trials first reaches random
 FIFO's mean final hypervolume (never: 1.0), averaged over `--replays`. Consecutive groups of 5
 replays stand for one 5-seed run of search_efficiency: the table gives the sd of such a run's
-mean and how often a run meets the issue's <= 0.5.
+mean and how often a run meets <= 0.5.
 
 It also prints, per epoch, how many trials already show channel sparsity > 0: a rung before
 sparsity shows ranks by accuracy alone, and the hypervolume (reference: the floor, sparsity 0)
@@ -47,9 +47,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import search_efficiency as se  # noqa: E402
 from ray.tune.schedulers import TrialScheduler  # noqa: E402
 
-from search.front import hypervolume  # noqa: E402
-from search.moasha import TIE_BREAKS, MOASHAScheduler  # noqa: E402
-from search.objectives import OBJECTIVES, Floors  # noqa: E402
+from search.front import Floors, hypervolume  # noqa: E402
+from search.optimizer import TIE_BREAKS, MOASHAScheduler  # noqa: E402
+from trainables.contract import OBJECTIVES  # noqa: E402
 
 FLOORS = Floors.for_sweep("digits")
 WORKERS, FULL_TRIALS = 2, 12
@@ -75,14 +75,14 @@ def load_pool(paths: list[str]) -> list[list[list[float]]]:
 
 
 def hv(points: list[list[float]]) -> float:
-    feasible = [p for p in points if FLOORS.feasible(p[0], p[1])]
+    feasible = [p for p in points if FLOORS.feasible(p)]
     return hypervolume(feasible, FLOORS.reference) if feasible else 0.0
 
 
 def useless(trial: list[list[float]]) -> bool:
     """Its final vector adds no hypervolume: dense (sparsity 0, the reference) or below a floor."""
     clean, robust, sparsity = trial[-1]
-    return sparsity <= 0 or not FLOORS.feasible(clean, robust)
+    return sparsity <= 0 or not FLOORS.feasible(trial[-1])
 
 
 def replay(pool, budget: int, rng: random.Random, rung: tuple[int, float, str] | str | None) -> list[tuple[int, float]]:
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pool: {len(pool)} trials of {epochs} epochs from {len(paths)} sweeps; budget {budget} epochs")
     for e in range(epochs):
         sparse = sum(t[e][2] > 0 for t in pool)
-        below = sum(not FLOORS.feasible(t[e][0], t[e][1]) for t in pool)
+        below = sum(not FLOORS.feasible(t[e]) for t in pool)
         print(f"  after epoch {e + 1}: {sparse:3d} with channel sparsity > 0, {below:3d} below the floor")
     fifo = [replay(pool, budget, random.Random(i), None) for i in range(args.replays)]
     target = statistics.fmean(c[-1][1] for c in fifo)

@@ -7,12 +7,12 @@
 Compares ways to spend the same budget (total training epochs over all trials) on the same
 search (spaces/digits.py, the paper's space sized for a few epochs, on both datasets; three
 objectives measured on the validation split: clean accuracy, robust accuracy, channel sparsity):
-each sampler (random, nsga2, tpe, gp; search.samplers) with
-FIFO (every trial runs all its epochs) and with the MO-ASHA scheduler (search/moasha.py: stopped
+each sampler (random, nsga2, tpe, gp; search.optimizer) with
+FIFO (every trial runs all its epochs) and with the MO-ASHA scheduler (search.optimizer.MOASHAScheduler: stopped
 trials hand their epochs to new ones, so it starts more trials within the budget), and
 gp+moasha-epsnet (MO-ASHA with Syne Tune's epsilon-net tie-break instead of crowding distance).
 
-Each sweep is the sweep `python -m search.pareto` runs (`search.plan.prepare` and
+Each sweep is the sweep `python -m search.pareto` runs (`search.driver.prepare` and
 `build_tuner`, in-process, one Ray instance for all sweeps, actors reused between trials),
 plus a callback that counts epochs and recomputes the hypervolume of the completed trials
 (`search.front.hypervolume`, reference = the sweep's floors: chance clean accuracy, robust 0,
@@ -29,9 +29,8 @@ with a 90 % interval of that mean when the seeds are drawn again with replacemen
 recomputed each time): one seed more or less moves a 5-seed mean by about 0.1.
 Plots: docs/img/search_efficiency_<dataset>.png. The last stdout line is a JSON object whose
 `moasha_budget_fraction` is the mean over the digits seeds of MO-ASHA with the CLI defaults
-(`tpe+moasha`: `--sampler auto` is TPE under MO-ASHA, and `--tie-break crowding`; until
-2026-12-06, 19:11 UTC, auto was GP there, gp+moasha; the CIFAR-10 and combined figures are beside
-it). Target: <= 0.5.
+(`tpe+moasha`: `--sampler auto` is TPE under MO-ASHA, and `--tie-break crowding`; the CIFAR-10
+and combined figures are beside it).
 
 The hypervolume-vs-epochs measure does not depend on wall time, so a busy machine changes how
 long this takes, not its numbers (beyond the order in which parallel trials reach the rungs).
@@ -143,8 +142,8 @@ def _budget_tools(budget: int, floors: Any) -> tuple[Any, Any]:
     from ray.tune.stopper import Stopper
 
     from search.front import hypervolume
-    from search.outcomes import trial_outcome
-    from search.searcher import OBJECTIVES
+    from search.results import trial_outcome
+    from trainables.contract import OBJECTIVES
 
     class EpochBudget(Callback):
         def __init__(self) -> None:
@@ -187,7 +186,7 @@ def _budget_tools(budget: int, floors: Any) -> tuple[Any, Any]:
             vec = [float(last[m]) for m in OBJECTIVES]
             if all(math.isfinite(v) for v in vec):
                 self.points.append(vec)
-                feasible = [p for p in self.points if floors.feasible(p[0], p[1])]
+                feasible = [p for p in self.points if floors.feasible(p)]
                 self.curve.append((self.consumed, hypervolume(feasible, floors.reference)))
 
     class StopAtBudget(Stopper):
@@ -205,10 +204,8 @@ def _budget_tools(budget: int, floors: Any) -> tuple[Any, Any]:
 
 
 def run_sweep(setting: Setting, method: str, seed: int, work: Path, concurrency: int) -> dict[str, Any]:
-    from search.objectives import GP_TRIALS
-    from search.pareto import build_tuner
-    from search.plan import build_parser, prepare
-    from search.searcher import settle_sampled_ahead
+    from search.driver import Flags, Resources, TunerOptions, build_tuner, prepare
+    from search.optimizer import GP_TRIALS, settle_sampled_ahead
 
     sampler, scheduler, tie_break = METHODS[method]
     name = f"{setting.key}-{method.replace('+', '-')}-s{seed}"
@@ -223,10 +220,11 @@ def run_sweep(setting: Setting, method: str, seed: int, work: Path, concurrency:
             "--tie-break", tie_break,
             "--storage-path", str(sweeps), "--tracking-uri", f"sqlite:///{work / 'unused-mlflow.db'}",
             "--quiet", *setting.flags]
-    plan = prepare(build_parser().parse_args(argv))
-    plan.state_dir.mkdir(parents=True, exist_ok=True)
+    plan = prepare(Flags.parse(argv))
+    plan.location.state_dir.mkdir(parents=True, exist_ok=True)
     rec, stopper = _budget_tools(setting.budget, plan.floors)
-    tuner = build_tuner(plan, concurrency, 0.0, [rec], stop=stopper, reuse_actors=True)
+    tuner = build_tuner(plan, Resources(1.0, 0.0, concurrency, "benchmark"), [rec],
+                        TunerOptions(stop=stopper, reuse_actors=True))
     t0 = time.perf_counter()
     tuner.fit()
     settle_sampled_ahead()
@@ -263,7 +261,7 @@ def recompute_curve(run: dict[str, Any], objectives: list[str]) -> list[list[flo
     """The run's hypervolume curve over a subset of the objectives (a sensitivity check), from
     the recorded points: curve[i + 1] is the curve after points[i] completed."""
     from search.front import hypervolume
-    from search.searcher import OBJECTIVES
+    from trainables.contract import OBJECTIVES
 
     dims = [OBJECTIVES.index(o) for o in objectives]
     full_ref = run["reference"]
@@ -436,7 +434,7 @@ def variants(settings: list[Setting], args: argparse.Namespace) -> list[Setting]
     if args.full_trials:
         settings = [replace(st, key=f"{st.key}-{args.full_trials}t", full_trials=args.full_trials) for st in settings]
     if args.set:
-        from search.space import parse_sets
+        from search.optimizer import parse_sets
         from trainables.config import ConfigError
 
         try:

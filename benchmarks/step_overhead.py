@@ -11,7 +11,7 @@ Each step is `trainables.loop.Run.train_step` (attack, loss, penalty, backward, 
 code path training uses. After warm-up the three configurations alternate in one process
 (the order rotates each round) and per-step medians are compared:
 
-  ratio              = br / float_madry  the issue's figure: the full BR step against a plain
+  ratio              = br / float_madry  the headline figure: the full BR step against a plain
                                          float PGD step (includes the natural forward/backward
                                          that the `mix` loss needs and `madry` does not)
   ratio_vs_float_mix = br / float_mix    what BR quantization and the penalty alone add

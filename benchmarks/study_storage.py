@@ -1,8 +1,8 @@
-"""What one suggest costs the driver at 1,000 trials, by Optuna storage (issue 12, item 7).
+"""What one suggest costs the driver at 1,000 trials, by Optuna storage.
 
 The sampler as the CLI builds it (`make_sampler("tpe", ...)`, 16 at once), the quick start's
 digits space, trials told as a MO-ASHA sweep tells them (16 pending, about 60 % PRUNED), against
-an in-memory study, the sqlite RDB storage (the default before 2026-12-06) and the journal file
+an in-memory study, the sqlite RDB storage and the journal file
 (the default now). Prints CPU ms per ask and per tell, averaged over all trials and over the
 last 20 (the marginal cost at --trials), and the ratios to the journal, side by side.
 
@@ -30,9 +30,8 @@ def run(kind: str, n: int, tmp: Path, sampler: str = "tpe") -> dict[str, float]:
     import optuna
     from optuna.trial import TrialState
 
-    from search.samplers import make_sampler
-    from search.space import load_space
-    from search.study_storage import open_study_storage
+    from search.optimizer import load_space, make_sampler
+    from search.storage import open_study_storage
 
     storage = {"memory": None, "sqlite": open_study_storage({"sqlite": str(tmp / f"{kind}.db")}),
                "journal": open_study_storage({"journal": str(tmp / f"{kind}.journal")})}[kind]
@@ -62,7 +61,7 @@ def run(kind: str, n: int, tmp: Path, sampler: str = "tpe") -> dict[str, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=1000)
-    p.add_argument("--sampler", default="tpe", help="as --sampler of search.pareto (gp: its cost at scale, issue 11)")
+    p.add_argument("--sampler", default="tpe", help="as --sampler of search.pareto (gp: its cost at scale)")
     p.add_argument("--storages", nargs="+", default=["memory", "sqlite", "journal"])
     args = p.parse_args()
     import optuna

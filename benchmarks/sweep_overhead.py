@@ -1,4 +1,4 @@
-"""How much of a sweep's wall time is the trials' own work? (issue 3 benchmark)
+"""How much of a sweep's wall time is the trials' own work?
 
 Runs `python -m search.pareto` exactly as a user would (a subprocess, local Ray, a fresh sqlite
 MLflow store and storage path in a temporary directory) with short trials on the embedded digits

@@ -1,4 +1,4 @@
-"""The Optuna study a sweep keeps in `<storage>/<name>/brsearch/optuna.journal` (search.state),
+"""The Optuna study a sweep keeps in `<storage>/<name>/brsearch/optuna.journal` (search.storage),
 read as a user would: `optuna.load_study` on a JournalStorage of that file. Safe while the driver
 is writing it (Optuna skips a last line not yet complete)."""
 from __future__ import annotations

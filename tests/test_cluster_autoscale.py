@@ -1,4 +1,4 @@
-"""A sweep on a real autoscaler (issue 12, items 1-2): Ray's fake multi-node provider launches
+"""A sweep on a real autoscaler: Ray's fake multi-node provider launches
 "GPU worker" nodes on demand (GPUs are logical, so trials run with device=cpu). The head declares
 no CPU and no GPU (as cluster.yaml's head: trials never run there); the only worker type has
 1 CPU and 1 GPU, min_workers 0, max_workers 2. `python -m search.pareto` runs with NO resource
@@ -25,7 +25,8 @@ import pytest
 import yaml
 from _mlflow_store import mlflow_uri
 
-from search.resources import (
+from search.driver import (
+    ResourceRequest,
     capacity,
     default_per_trial,
     node_types_from_config,
@@ -171,9 +172,9 @@ def test_resources_from_node_types():
     assert default_per_trial(types) == (4.0, 1.0)  # g5.xlarge: 4 CPU with its one GPU
     assert capacity(types, 4.0, 1.0, aws["max_workers"]) == 4  # 4 workers x 1 trial, none on the head
     assert capacity(types, 1.0, 0.0, aws["max_workers"]) == 16
-    r = plan_resources(cpus=None, gpus=None, max_concurrent=None, trials=100, nodes=[], config=aws, source="x")
+    r = plan_resources(ResourceRequest(None, None, None, 100), [], aws, "x")
     assert (r.cpus_per_trial, r.gpus_per_trial, r.max_concurrent) == (4.0, 1.0, 4)
-    r = plan_resources(cpus=None, gpus=0.5, max_concurrent=None, trials=3, nodes=[], config=aws, source="x")
+    r = plan_resources(ResourceRequest(None, 0.5, None, 3), [], aws, "x")
     assert (r.gpus_per_trial, r.max_concurrent) == (0.5, 3)  # capped at the trial count
     # the global max_workers caps all worker types together
     cfg = {"max_workers": 3, "head_node_type": "h", "available_node_types": {
@@ -183,14 +184,14 @@ def test_resources_from_node_types():
     assert capacity(t, 1.0, 1.0, 3) == 2 * 2 + 1  # two 2-GPU nodes, then one 1-GPU node
     assert capacity(t, 1.0, 0.0, 3) == 8 + 3 * 4  # the head's 8, then three of the roomiest type (b)
     with pytest.raises(ValueError, match="can ever hold"):
-        plan_resources(cpus=1, gpus=4, max_concurrent=None, trials=3, nodes=[], config=cfg, source="x")
+        plan_resources(ResourceRequest(1, 4, None, 3), [], cfg, "x")
 
 
 def test_resources_without_autoscaler_come_from_the_nodes():
     nodes = [{"Alive": True, "NodeManagerAddress": "h", "Resources": {"CPU": 2.0, "node:__internal_head__": 1.0}},
              {"Alive": True, "NodeManagerAddress": "w", "Resources": {"CPU": 8.0, "GPU": 2.0}},
              {"Alive": False, "NodeManagerAddress": "x", "Resources": {"CPU": 64.0, "GPU": 8.0}}]
-    r = plan_resources(cpus=None, gpus=None, max_concurrent=None, trials=10, nodes=nodes, config=None, source="x")
+    r = plan_resources(ResourceRequest(None, None, None, 10), nodes, None, "x")
     assert (r.cpus_per_trial, r.gpus_per_trial, r.max_concurrent) == (4.0, 1.0, 2)
-    r = plan_resources(cpus=None, gpus=None, max_concurrent=1, trials=10, nodes=nodes, config=None, source="x")
+    r = plan_resources(ResourceRequest(None, None, 1, 10), nodes, None, "x")
     assert r.max_concurrent == 1

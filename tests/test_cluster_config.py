@@ -277,7 +277,7 @@ def test_ray_defaults_would_expose_dashboard():
     assert security_problems(validate(cfg))
 
 
-# ------------------------------------------------- identical nodes, nothing on the head (issue 12)
+# ------------------------------------------------- identical nodes, nothing on the head
 
 
 def test_no_trial_runs_on_the_head(aws):

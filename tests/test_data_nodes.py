@@ -1,4 +1,4 @@
-"""Data on every node (issue 12, item 5): trials prepare their data where they run, under a
+"""Data on every node: trials prepare their data where they run, under a
 per-node file lock, so concurrent `--download`s on one node fetch once; a node without the data
 fails the trial with one line. (The missing-data trial on a launched worker is in
 test_cluster_autoscale.py.)"""
@@ -55,13 +55,13 @@ def test_missing_dataset_is_one_line_naming_the_node(tmp_path):
 def test_cluster_driver_leaves_the_data_check_to_the_trials(tmp_path):
     """On a cluster the head runs no trial, so its lack of the data set is no error: the check
     passes on to the address (unreachable here, which is what fails)."""
-    from search.plan import build_parser, prepare
+    from search.driver import Flags, prepare
 
     args = ["--dataset", "mnist", "--data-root", str(tmp_path / "empty"), "--storage-path", str(tmp_path / "r"),
             "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
     with pytest.raises(DataError, match="not found"):
-        prepare(build_parser().parse_args(args))
+        prepare(Flags.parse(args))
     from trainables.config import ConfigError
 
     with pytest.raises(ConfigError, match="cannot reach the Ray cluster"):
-        prepare(build_parser().parse_args([*args, "--address", "127.0.0.1:1"]))
+        prepare(Flags.parse([*args, "--address", "127.0.0.1:1"]))

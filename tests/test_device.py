@@ -1,4 +1,4 @@
-"""The training device (issue 15): --device checks, device-only RNG state, the trial's GPU
+"""The training device: --device checks, device-only RNG state, the trial's GPU
 mapping, and the on-device data pipeline (uint8 images, batched crop + flip, one copy per epoch).
 
 The stand-in device run (a training step, evaluation, checkpoint and export on `meta`, with a

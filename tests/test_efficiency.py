@@ -1,6 +1,6 @@
 """End to end: a real small MO-ASHA sweep (the CLI in a subprocess, tiny trials on digits).
 
-Checks what issue 4 promises about early-stopped trials and the sweep's hypervolume:
+Checks what MO-ASHA promises about early-stopped trials and the sweep's hypervolume:
 
 * a trial MO-ASHA stopped is `stopped` in trials.parquet, PRUNED in the Optuna study (never
   COMPLETE with low-fidelity values), off the front (ours and Optuna's) and tagged
@@ -208,8 +208,8 @@ def test_benchmark_variants_get_their_own_key_and_flags():
     (v,) = b.variants([b.DIGITS], args)
     assert v.key == "digits-24t-batch_size16" and v.budget == 24 * b.DIGITS.epochs
     assert v.flags[:len(b.DIGITS.flags)] == b.DIGITS.flags and v.flags[-2:] == ("--set", "batch_size=16")
-    from search.plan import build_parser
-    from search.space import parse_sets
+    from search.driver import build_parser
+    from search.optimizer import parse_sets
     sets = build_parser().parse_args(list(v.flags)).set
     assert parse_sets(sets)["batch_size"] == 16
     assert b.variants([b.DIGITS], b.build_parser().parse_args(["--quick"])) == [b.DIGITS]

@@ -1,5 +1,5 @@
 """Packed low-bit export (trainables.export), ONNX (trainables.onnx_export) and the
-`python -m search.export` CLI (issue 14, items 3 and 4).
+`python -m search.export` CLI.
 
 Round trips write real quantized models (quantize_ + export_state_dict, as the training loop
 does) and read them back; the CLI runs on a real 1-trial sweep (real local Ray, in a subprocess)
@@ -275,9 +275,9 @@ def test_cli_exports_a_sweep_trial(sweep):
     assert h["size_bits"] == trial["size_bits"] and h["arch"]["depth"] == 8 and h["quant"]["bits"] == 2
     assert h["meta"]["trial_id"] == tid and h["meta"]["metrics"]["clean_acc"] == trial["clean_acc"]
     # Tune's own record (used where trial directories are named otherwise) points at the same checkpoint
-    from search.export import _checkpoint_via_tune
+    from search.storage import SweepLocation
 
-    assert _checkpoint_via_tune(tmp / "results/exp", tid) == Path(h["meta"]["checkpoint"])
+    assert SweepLocation(str(tmp / "results"), "exp").tune_checkpoint(tid) == Path(h["meta"]["checkpoint"])
 
 
 def export_main(args: list[str], capsys) -> tuple[int, str, str]:

@@ -203,8 +203,8 @@ def test_feasible_mask_and_optuna_constraints_agree():
     assert empty.dtype == bool and empty.shape == (0,)
     # the sparsity floor counts too (>=): 0 for sweeps, but a floor is a floor
     assert feasible_mask(pts, Floors(0.1, 0.05, 0.3)).tolist() == [False, False, False, False]
-    for (c, r, _), ok in zip(pts, mask):
-        assert all(v <= 0 for v in f.constraints(c, r).values()) == ok == f.feasible(c, r)
+    for (c, r, s), ok in zip(pts, mask):
+        assert all(v <= 0 for v in f.constraints(c, r).values()) == ok == f.feasible((c, r, s))
 
 
 def test_hypervolume_against_the_floor_ignores_chance_models():

@@ -1,4 +1,4 @@
-"""search.incremental: the front kept one completed trial at a time equals the front and
+"""search.front.IncrementalFront: the front kept one completed trial at a time equals the front and
 hypervolume recomputed from scratch after every trial (what the MLflow callback logged before)."""
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import math
 
 import numpy as np
 
-from search.front import hypervolume, non_dominated_mask
-from search.incremental import IncrementalFront
+from search.front import IncrementalFront, hypervolume, non_dominated_mask
 
 REFERENCE = (1 / 10, 0.0, 0.0)  # the digits floor: chance clean accuracy, robust 0, sparsity 0
 

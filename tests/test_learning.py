@@ -1,4 +1,4 @@
-"""Every loss x bit width x training attack trains what its configuration says (issue #10 item 1).
+"""Every loss x bit width x training attack trains what its configuration says.
 
 The gradient-flow test runs one real training step (`Run.train_step`: attack, trade-off loss,
 backward, SGD step) for every combination and checks that every float weight behind a quantized
@@ -90,7 +90,7 @@ def test_each_loss_learns_at_two_bits(digits, loss):
 
 
 # ------------------------------------------------------------------------------------------
-# objectives on validation, test once (issue #10 item 4)
+# objectives on validation, test once
 
 
 def _tiny_cfg(**kw) -> TrainConfig:

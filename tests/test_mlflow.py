@@ -1,4 +1,4 @@
-"""MLflow from the driver: a tracking server that goes away (issue 12 item 4), the runs-view link,
+"""MLflow from the driver: a tracking server that goes away, the runs-view link,
 the parent's summary, the background queue.
 
 The outage tests use a real `mlflow server` on 127.0.0.1 (sqlite store), stopped with SIGKILL and
@@ -15,14 +15,14 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 from _mlflow_store import mlflow_uri
 
-from search.mlflow_async import BackgroundQueue, is_transient
-from search.mlflow_uri import runs_view_url, ui_command
-from search.summary import sweep_summary
+from search.results import sweep_summary
+from search.tracking import BackgroundQueue, is_transient, runs_view_url, ui_command
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--subset-train", "300", "--subset-test", "100", "--epochs", "2", "--quiet"]
@@ -83,7 +83,7 @@ def test_sweep_summary_per_bit_width():
     (["--name", "nothing-here", "--resume-logging"], "no sweep named 'nothing-here'"),
 ])
 def test_new_flags_refuse_bad_input_in_one_line(tmp_path, monkeypatch, capsys, args, message):
-    from search.pareto import main
+    from search.driver import main
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_:
@@ -255,7 +255,7 @@ def test_tracking_server_outage_neither_stops_nor_stalls_the_sweep(tmp_path, ser
                                check=False)
             assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         else:
-            from search.pareto import main
+            from search.driver import main
 
             for k, v in SHORT_HTTP.items():
                 monkeypatch.setenv(k, v)
@@ -285,12 +285,12 @@ def test_buffered_logging_is_sent_once_when_the_server_returns(tmp_path, server,
         monkeypatch.setenv(k, v)
     from mlflow.tracking import MlflowClient
 
-    from search.tracking import SweepLogger, result_metrics, start_parent_run
+    from search.tracking import SweepLogger, SweepRun, result_metrics, start_parent_run
 
     db = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = db.create_experiment("live", artifact_location="mlflow-artifacts:/live")
     parent = start_parent_run(db, exp, "live", {}, {})
-    logger = SweepLogger(server.uri, exp, parent, "live", log_models=False)
+    logger = SweepLogger(SweepRun(server.uri, exp, parent, "live"), log_models=False)
 
     def result(step: int) -> list:
         return result_metrics({"epoch": step, "clean_acc": 0.1 * step, "timestamp": 1_700_000_000 + step}, step)
@@ -301,7 +301,8 @@ def test_buffered_logging_is_sent_once_when_the_server_returns(tmp_path, server,
         for step in (1, 2):
             logger.trial_result(tid, step, result(step))
         logger.trial_result(tid, 2, result(2))  # a repeated report (e.g. rerun after a crash)
-        logger.trial_finished(tid, f"trial_{tid}", {"bits": bits}, "completed", "", None, 2)
+        logger.trial_finished(SimpleNamespace(trial_id=tid, config={"bits": bits}, last_result={"epoch": 2}, checkpoint=None),
+                              "completed", "")
     assert time.perf_counter() - t0 < 0.1, "queueing must not wait for the server"
     deadline = time.monotonic() + 60
     while logger.queue.down_since is None and time.monotonic() < deadline:

@@ -1,4 +1,4 @@
-"""Unit tests for search.moasha, driven by synthetic result dicts (no ray.init needed)."""
+"""Unit tests for search.optimizer._moasha, driven by synthetic result dicts (no ray.init needed)."""
 
 import math
 import pickle
@@ -8,7 +8,7 @@ import pytest
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from search.moasha import MOASHAScheduler, MOASHAStateCallback, decide, rung_position
+from search.optimizer import MOASHAScheduler, MOASHAStateCallback, decide, rung_position
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
 OBJ = ["clean_acc", "robust_acc", "channel_sparsity"]
@@ -49,7 +49,7 @@ def test_decide_dominated_vs_non_dominated():
 
 
 def test_keep_rule_is_normalised_rank_at_most_one_over_eta():
-    # the issue's example: of 3 at a rung with eta = 3, Syne Tune's rank/n <= 1/eta keeps 2
+    # the rule's small case: of 3 at a rung with eta = 3, Syne Tune's rank/n <= 1/eta keeps 2
     chain = [[0.5] * 3, [0.4] * 3]
     assert decide(chain, [0.45] * 3, 3)  # position 1: 1/3 <= 1/3
     assert not decide(chain, [0.35] * 3, 3)  # position 2
@@ -177,7 +177,7 @@ def test_floor_decisions_match_brute_force_rule_on_random_rungs(tie_break):
 
 
 def test_scheduler_with_floors_stops_a_collapsed_trial_that_sparsity_alone_would_keep():
-    from search.objectives import Floors
+    from search.front import Floors
 
     floors = Floors.for_sweep("digits")  # clean accuracy must be above chance, 0.1
     good, collapsed = [0.9, 0.7, 0.0], [0.1, 0.0, 1.0]  # a chance-level model with every channel zero
@@ -416,7 +416,7 @@ def test_single_metric_and_mode_strings_are_accepted():
 
 
 def test_no_rungs_is_warned_and_shown(caplog):
-    with caplog.at_level("WARNING", logger="search.moasha"):
+    with caplog.at_level("WARNING", logger="search.optimizer"):
         s = MOASHAScheduler(OBJ, "max", grace_period=4, max_t=4)
     assert s.milestones == []
     assert caplog.messages == ["MOASHAScheduler: grace_period=4 >= max_t=4, so there are no rungs and "
@@ -446,7 +446,7 @@ def test_debug_string_counts_records_per_rung():
 def test_a_stop_is_logged_with_its_reasons(caplog):
     s = make_sched(reduction_factor=2)
     a, b = make_trial(), make_trial()
-    with caplog.at_level("INFO", logger="search.moasha"):
+    with caplog.at_level("INFO", logger="search.optimizer"):
         report(s, a, 1.5, [0.9, 0.9, 0.9])
         report(s, make_trial(), 1, [0.8, 0.8, 0.8])
         assert report(s, b, 1.5, [0.1, 0.1, 0.1]) == STOP
@@ -471,7 +471,7 @@ def test_min_objectives_are_negated_not_rescaled():
 def test_missing_time_or_metric_is_warned_once_per_key(caplog):
     s = make_sched()
     tr = make_trial()
-    with caplog.at_level("WARNING", logger="search.moasha"):
+    with caplog.at_level("WARNING", logger="search.optimizer"):
         for _ in range(2):
             assert s.on_trial_result(None, tr, {"clean_acc": 0.1}) == CONTINUE
             assert s.on_trial_result(None, tr, {"epoch": 1, "clean_acc": 0.1, "robust_acc": "x"}) == CONTINUE
@@ -520,7 +520,7 @@ def test_set_state_checks_version_and_objectives_and_warns_on_other_rungs(caplog
         "saved MO-ASHA state is for metrics ['clean_acc', 'robust_acc', 'channel_sparsity'] / modes "
         "['max', 'max', 'max'], this scheduler has ['clean_acc', 'robust_acc', 'channel_sparsity'] / "
         "['max', 'max', 'min']")
-    with caplog.at_level("WARNING", logger="search.moasha"):
+    with caplog.at_level("WARNING", logger="search.optimizer"):
         fresh.set_state(state)  # same rungs: nothing to say
         assert caplog.messages == []
         other = make_sched(grace_period=1, reduction_factor=2, max_t=8)  # rungs 1, 2, 4

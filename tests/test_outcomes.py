@@ -12,10 +12,10 @@ from optuna.trial import TrialState
 from ray.tune.experiment import Trial
 
 from search.front import DEFAULT_REFERENCE, hypervolume
-from search.outcomes import trial_outcome
-from search.searcher import OBJECTIVES, ParetoSearch
-from search.space import load_space
-from search.tracking import MLflowSweepCallback, start_parent_run
+from search.optimizer import ParetoSearch, load_space
+from search.results import trial_outcome
+from search.tracking import MLflowSweepCallback, SweepRun, start_parent_run
+from trainables.contract import OBJECTIVES
 
 STORAGE: Path
 FULL = {"final": True, "epoch": 3, "max_epochs": 3, "clean_acc": 0.8, "robust_acc": 0.4, "channel_sparsity": 0.1}
@@ -45,7 +45,7 @@ def _trial(tid: str, config: dict | None = None, results: list[dict] = (), statu
     return t
 
 
-# --- search.tracking.trial_outcome (trials.parquet status, MLflow tags) -----------------------------
+# --- search.results.trial_outcome (trials.parquet status, MLflow tags) -----------------------------
 
 @pytest.mark.parametrize("results, status, expected", [
     ([FULL], Trial.TERMINATED, ("completed", "")),
@@ -86,7 +86,7 @@ def test_trial_outcome_of_an_errored_trial(ray_session, results, expected):
     assert trial_outcome(t) == ("failed", expected)
 
 
-# --- search.searcher.ParetoSearch.outcome and what Optuna is told -----------------------------------
+# --- search.optimizer.ParetoSearch.outcome and what Optuna is told -----------------------------------
 
 @pytest.fixture
 def searcher():
@@ -158,7 +158,7 @@ def store(tmp_path_factory):
 def _callback(store, name: str) -> tuple[MLflowSweepCallback, str]:
     uri, client, exp = store
     parent = start_parent_run(client, exp, name, {"trials": 3, "tracking_token": "hide-me"}, {})
-    return MLflowSweepCallback(uri, exp, parent, name), parent
+    return MLflowSweepCallback(SweepRun(uri, exp, parent, name)), parent
 
 
 def _children(client, exp: str, parent: str) -> dict:
@@ -220,12 +220,12 @@ def test_callback_state_survives_a_restore_without_duplicate_runs(store):
     first_run = logger.runs["t"]
 
     # a restored driver: a new process (a new logger) with the state from Tune's checkpoint
-    again = MLflowSweepCallback(cb.tracking_uri, exp, parent, "cb2")
+    again = MLflowSweepCallback(cb.run)
     again.set_state(state)
     assert again.logger._run_id("t") == first_run
     assert again.logger.close(patience_s=60) == 0
     # a driver whose snapshot predates the trial: found by its ray_trial_id tag, not created twice
-    fresh = MLflowSweepCallback(cb.tracking_uri, exp, parent, "cb2")
+    fresh = MLflowSweepCallback(cb.run)
     fresh.on_trial_result(0, [], t, t.last_result)  # epoch 1 again: already logged, skipped
     t.update_last_result(dict(FULL))
     fresh.on_trial_result(0, [], t, t.last_result)

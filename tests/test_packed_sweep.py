@@ -64,7 +64,7 @@ def test_pinned_cuda_without_trial_gpus_is_refused_before_ray(tmp_path):
 
 
 def test_device_refusal_rules():
-    from search.plan import device_refusal
+    from search.driver import device_refusal
 
     assert device_refusal(None, 0) is None
     assert device_refusal("cpu", 0) is None and device_refusal("auto", 0.5) is None

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from search.front import hypervolume, non_dominated_mask, non_dominated_sort
-from search.moasha import TIE_BREAKS, decide, rung_position
+from search.optimizer import TIE_BREAKS, decide, rung_position
 from trainables.config import AttackConfig, ConfigError, QuantConfig, TrainConfig
 from trainables.quant import (
     project_binary,

@@ -228,7 +228,7 @@ def test_straight_through_gradient_reaches_float_weights(epoch):
 
 @pytest.mark.parametrize("bits", [1, 2, 4])
 def test_cached_weights_from_a_no_grad_forward_still_pass_gradients(bits):
-    """The root cause of issue #10: a forward under no_grad (TRADES' natural forward) inside the
+    """A past root cause (TRADES trained no conv weight): a forward under no_grad (TRADES' natural forward) inside the
     per-step cache must not hand a detached weight to the training forward that follows."""
     model, br = _quantized_model(bits)
     br.start_epoch(0, 4)

@@ -1,4 +1,4 @@
-"""Spaces the samplers can model (issue 11, item 1) and the searcher's floors (item 4), with real
+"""Spaces the samplers can model and the searcher's floors, with real
 Optuna studies (in-memory storage) and the real `ParetoSearch` (no Ray cluster needed)."""
 from __future__ import annotations
 
@@ -8,10 +8,17 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search.objectives import DEFAULT_SAMPLER, GP_TRIALS, Floors, resolve_sampler
-from search.samplers import make_sampler
-from search.searcher import ParetoSearch
-from search.space import Space, joint_modelling_gap, load_space
+from search.front import Floors
+from search.optimizer import (
+    DEFAULT_SAMPLER,
+    GP_TRIALS,
+    ParetoSearch,
+    Space,
+    joint_modelling_gap,
+    load_space,
+    make_sampler,
+    resolve_sampler,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -62,14 +69,12 @@ def test_auto_is_gp_below_the_switch_and_tpe_from_it_or_under_moasha():
     for missing in ({}, {"trials": 8}, {"scheduler": "fifo"}):
         with pytest.raises(ValueError, match="trial count and scheduler"):
             make_sampler("auto", 0, 2, **missing)
-    from argparse import Namespace
+    from search.optimizer import sampler_label  # the sweep header: what auto became
 
-    from search.pareto import _sampler_label  # the sweep header: what auto became
-
-    assert _sampler_label(Namespace(sampler="auto", trials=8, scheduler="fifo")) == "auto (gp)"
-    assert _sampler_label(Namespace(sampler="auto", trials=500, scheduler="fifo")) == "auto (tpe)"
-    assert _sampler_label(Namespace(sampler="auto", trials=8, scheduler="moasha")) == "auto (tpe)"
-    assert _sampler_label(Namespace(sampler="nsga2", trials=8, scheduler="fifo")) == "nsga2"
+    assert sampler_label("auto", 8, "fifo") == "auto (gp)"
+    assert sampler_label("auto", 500, "fifo") == "auto (tpe)"
+    assert sampler_label("auto", 8, "moasha") == "auto (tpe)"
+    assert sampler_label("nsga2", 8, "fifo") == "nsga2"
 
 
 def _random_draws_under_moasha(sampler_name: str, trials: int = 16) -> int:
@@ -107,12 +112,12 @@ def test_the_moasha_default_learns_from_stopped_trials():
 
 def test_a_small_auto_sweep_warns_about_a_conditional_space(capsys, tmp_path):
     """GP models the intersection only; the CLI says so in one line, naming the loose knobs."""
-    from search.plan import build_parser, prepare
+    from search.driver import Flags, prepare
 
     space_file = tmp_path / "old_paper.py"
     space_file.write_text(f"SPACE = {OLD_PAPER!r}\n")
     for trials, scheduler, warned in ((8, "fifo", True), (GP_TRIALS, "fifo", False), (8, "moasha", False)):
-        prepare(build_parser().parse_args(["--space", str(space_file), "--trials", str(trials),  # auto: gp, tpe, tpe
+        prepare(Flags.parse(["--space", str(space_file), "--trials", str(trials),  # auto: gp, tpe, tpe
                                            "--scheduler", scheduler, "--storage-path", str(tmp_path / "results")]))
         err = capsys.readouterr().err.strip().splitlines()
         gaps = [line for line in err if line.startswith("warning: --sampler gp")]
@@ -124,13 +129,13 @@ def test_a_small_auto_sweep_warns_about_a_conditional_space(capsys, tmp_path):
 def test_a_sampler_that_ignores_stopped_trials_is_flagged_under_moasha(capsys, tmp_path):
     """--sampler gp or nsga2 with --scheduler moasha: one warning line saying most proposals will
     be random and naming the sampler that learns from stopped trials; none for tpe or FIFO."""
-    from search.objectives import scheduler_gap
-    from search.plan import build_parser, prepare
+    from search.driver import Flags, prepare
+    from search.optimizer import scheduler_gap
 
     for i, (sampler, scheduler, warned) in enumerate((("gp", "moasha", True), ("nsga2", "moasha", True),
                                                       ("tpe", "moasha", False), ("auto", "moasha", False),
                                                       ("gp", "fifo", False))):
-        prepare(build_parser().parse_args(["--sampler", sampler, "--scheduler", scheduler, "--trials", "8",
+        prepare(Flags.parse(["--sampler", sampler, "--scheduler", scheduler, "--trials", "8",
                                            "--name", f"s{i}", "--storage-path", str(tmp_path / "results")]))
         err = [line for line in capsys.readouterr().err.splitlines() if "random draws" in line]
         assert len(err) == int(warned), (sampler, scheduler, err)
@@ -213,8 +218,8 @@ def _result(i: int) -> dict:
 def test_sampling_ahead_hands_out_each_trial_once_and_leaves_none_running(tmp_path):
     """Past the threshold the next trial is sampled on a background thread; every Optuna trial is
     handed out to exactly one Tune trial, with the parameters Tune got, and none stays RUNNING."""
-    from search.searcher import settle_sampled_ahead
-    from search.study_storage import open_study_storage
+    from search.optimizer import settle_sampled_ahead
+    from search.storage import open_study_storage
 
     space = load_space("digits")
     storage = open_study_storage({"journal": str(tmp_path / "optuna.journal")})
@@ -241,8 +246,8 @@ def test_sampling_ahead_hands_out_each_trial_once_and_leaves_none_running(tmp_pa
 def test_a_sample_in_flight_is_not_saved_and_a_restore_fails_it(tmp_path):
     """A checkpoint holds only trials handed out; the trial sampled ahead at the crash is RUNNING in
     the study, and the restored searcher marks it FAIL and never hands it out."""
-    from search.searcher import AHEAD_REASON, settle_sampled_ahead
-    from search.study_storage import open_study_storage
+    from search.optimizer import AHEAD_REASON, settle_sampled_ahead
+    from search.storage import open_study_storage
 
     space = load_space("digits")
     spec = {"journal": str(tmp_path / "optuna.journal")}

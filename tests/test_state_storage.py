@@ -1,4 +1,4 @@
-"""The sweep's state lives on its storage (issue 12, item 3): a sweep on `s3://` is interrupted, its
+"""The sweep's state lives on its storage: a sweep on `s3://` is interrupted, its
 driver-local state deleted, and `--resume` from another working directory (and another state
 cache: another machine) finishes it with nothing lost or duplicated. S3 is moto's threaded server
 on loopback, reached through pyarrow's S3 filesystem (the client path users hit); Ray, Optuna and
@@ -23,8 +23,7 @@ import pytest
 from _mlflow_store import mlflow_uri
 from _study import sweep_study
 
-from search.state import SweepState, join_uri, study_spec_from_flag
-from search.study_storage import open_study_storage
+from search.storage import SweepLocation, join_uri, open_study_storage, study_spec_from_flag
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--subset-train", "200", "--subset-test", "50", "--epochs", "1", "--quiet", "--num-cpus", "2",
@@ -186,16 +185,16 @@ def test_join_uri_keeps_the_query_last():
 
 
 def test_study_storage_choice(tmp_path, monkeypatch):
-    local = SweepState(str(tmp_path), "a")
+    local = SweepLocation(str(tmp_path), "a")
     assert local.study_spec() == {"journal": str(tmp_path / "a" / "brsearch" / "optuna.journal")}
     (tmp_path / "a" / "brsearch").mkdir(parents=True)
     (tmp_path / "a" / "brsearch" / "optuna.db").touch()  # a sweep started before the journal: kept
     assert local.study_spec() == {"sqlite": str(tmp_path / "a" / "brsearch" / "optuna.db")}
     monkeypatch.setenv("BRSEARCH_STATE_CACHE", str(tmp_path / "cache"))
-    remote = SweepState("s3://b/r?endpoint_override=h:1", "a")
+    remote = SweepLocation("s3://b/r?endpoint_override=h:1", "a")
     assert remote.study_spec() == {"mirror": "s3://b/r/a/brsearch?endpoint_override=h:1"}
-    assert remote.dir.parent == tmp_path / "cache"
-    assert SweepState("s3://b/r?endpoint_override=h:1", "a", "postgresql://u@db/optuna").study_spec() == \
+    assert remote.state_dir.parent.parent == tmp_path / "cache"
+    assert SweepLocation("s3://b/r?endpoint_override=h:1", "a", "postgresql://u@db/optuna").study_spec() == \
         {"url": "postgresql://u@db/optuna"}
     assert study_spec_from_flag(str(tmp_path / "s.journal")) == {"journal": str(tmp_path / "s.journal")}
     with pytest.raises(ValueError, match="--study-storage redis://x"):
@@ -244,16 +243,13 @@ def test_a_torn_last_journal_record_is_cut_off(tmp_path):
 def test_resume_reuses_the_stored_resources(tmp_path):
     """--resume takes resources and concurrency from sweep.json; the same command again (its
     --max-concurrent above --trials was stored capped) is accepted, another concurrency refused."""
-    from search.plan import _adopt_stored, build_parser
+    from search.driver import Flags, adopt_stored
     from trainables.config import ConfigError
 
-    state = SweepState(str(tmp_path), "r")
-    state.write_record({"name": "r", "trials": 3, "cpus_per_trial": 4.0, "gpus_per_trial": 1.0, "max_concurrent": 3})
-    args = build_parser().parse_args(["--name", "r", "--resume", "--storage-path", str(tmp_path)])
-    _adopt_stored(args, "r")
-    assert (args.cpus_per_trial, args.gpus_per_trial, args.max_concurrent) == (4.0, 1.0, 3)
-    args = build_parser().parse_args(["--name", "r", "--resume", "--storage-path", str(tmp_path), "--max-concurrent", "8"])
-    _adopt_stored(args, "r")
+    SweepLocation(str(tmp_path), "r").write_record(
+        {"name": "r", "trials": 3, "cpus_per_trial": 4.0, "gpus_per_trial": 1.0, "max_concurrent": 3})
+    flags, _ = adopt_stored(Flags.parse(["--name", "r", "--resume", "--storage-path", str(tmp_path)]))
+    assert (flags.cpus_per_trial, flags.gpus_per_trial, flags.max_concurrent) == (4.0, 1.0, 3)
+    adopt_stored(Flags.parse(["--name", "r", "--resume", "--storage-path", str(tmp_path), "--max-concurrent", "8"]))
     with pytest.raises(ConfigError, match="--max-concurrent 2 differs"):
-        _adopt_stored(build_parser().parse_args(["--name", "r", "--resume", "--storage-path", str(tmp_path),
-                                                 "--max-concurrent", "2"]), "r")
+        adopt_stored(Flags.parse(["--name", "r", "--resume", "--storage-path", str(tmp_path), "--max-concurrent", "2"]))

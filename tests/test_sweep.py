@@ -1,4 +1,4 @@
-"""End to end tests of `python -m search.pareto` (issue 3), plus fast unit tests of search spaces.
+"""End to end tests of `python -m search.pareto`, plus fast unit tests of search spaces.
 
 Real local Ray, a real sqlite MLflow store and the real Optuna sqlite storage, no mocks. The CLI
 runs in a subprocess (as users run it; it also keeps each test's Ray session apart), in a
@@ -156,7 +156,7 @@ def test_sweep_front_matches_trials(sweep4):
         assert (merged[m] - merged[f"{m}_t"]).abs().max() < 1e-12
     # CSV copies beside the Parquet files
     assert (exp / "trials.csv").is_file() and (exp / "pareto.csv").is_file()
-    # Tune's per-trial result files, and no TensorBoard event files (search.callbacks.NoTensorBoard)
+    # Tune's per-trial result files, and no TensorBoard event files (search.driver.NoTensorBoard)
     assert all((exp / f"trial_{t}" / "result.json").is_file() for t in trials["trial_id"])
     assert not list(exp.glob("trial_*/events.out.tfevents*"))
     # the Tune trainable says which node ran it (one local node here)
@@ -267,7 +267,7 @@ def test_sweep_logged_models_and_summary(sweep4):
     for bits, group in trials.groupby("config.bits"):
         assert math.isclose(summary[f"best_clean_acc.{int(bits)}bit"], group["clean_acc"].max())
         assert math.isclose(summary[f"best_robust_acc.{int(bits)}bit"], group["robust_acc"].max())
-    from search.objectives import Floors
+    from search.front import Floors
 
     assert parents[0].data.tags["floor"] == Floors.for_sweep("digits").describe()  # chance on digits
     # --register: the front in the Model Registry, one version per front trial, with aliases
@@ -400,10 +400,10 @@ def test_sweep_interrupted_and_resumed(tmp_path):
     assert {c.data.tags["ray_trial_id"] for c in children if c.data.tags.get("pareto") == "true"} == front
 
     # resuming with a different pinned value is refused before anything runs
-    from search.plan import build_parser, prepare
+    from search.driver import Flags, prepare
 
     with pytest.raises(ConfigError, match="differ from the stored sweep"):
-        prepare(build_parser().parse_args(["--name", name, "--resume", "--storage-path", str(tmp_path / "results"),
+        prepare(Flags.parse(["--name", name, "--resume", "--storage-path", str(tmp_path / "results"),
                                            "--epochs", "5"]))
 
 
@@ -457,7 +457,7 @@ def test_bad_cli_input_fails_fast_with_one_line(tmp_path):
 # --- search spaces (in-process, fast) ------------------------------------------------------------
 
 def test_paper_space_validates():
-    from search.space import load_space
+    from search.optimizer import load_space
 
     space = load_space("paper")
     space.validate()
@@ -483,7 +483,7 @@ CONDITIONAL = {  # a user space with conditional parameters (still supported; se
 def test_conditional_params_define_by_run():
     import optuna
 
-    from search.space import Space
+    from search.optimizer import Space
 
     space = Space("conditional", CONDITIONAL["params"], CONDITIONAL["fixed"])
     space.validate()
@@ -508,11 +508,11 @@ def test_conditional_params_define_by_run():
 def test_set_pins_remove_params_from_search():
     import optuna
 
-    from search.space import parse_sets
+    from search.optimizer import parse_sets
 
     pins = parse_sets(["bits=2", "loss=trades", "lr=0.05"])
     assert pins == {"bits": 2, "loss": "trades", "lr": 0.05}
-    from search.space import Space
+    from search.optimizer import Space
 
     space = Space("conditional", CONDITIONAL["params"], CONDITIONAL["fixed"]).pin(pins)
     space.validate()
@@ -530,7 +530,7 @@ def test_set_pins_remove_params_from_search():
 
 @pytest.mark.parametrize("item", ["bits=9", "no_such_key=1", "nokey", "lr=abc", "val_fraction=0"])
 def test_bad_sets_are_refused(item):
-    from search.space import parse_sets
+    from search.optimizer import parse_sets
 
     with pytest.raises(ConfigError):
         parse_sets([item])
@@ -539,7 +539,7 @@ def test_bad_sets_are_refused(item):
 def test_yaml_space_round_trip(tmp_path):
     import yaml
 
-    from search.space import load_space
+    from search.optimizer import load_space
 
     paper = load_space("paper")
     path = tmp_path / "space.yaml"
@@ -551,7 +551,7 @@ def test_yaml_space_round_trip(tmp_path):
 
 
 def test_fingerprint_tracks_the_space():
-    from search.space import load_space
+    from search.optimizer import load_space
 
     a = load_space("paper")
     b = load_space("paper")
@@ -571,7 +571,7 @@ def test_fingerprint_tracks_the_space():
 def test_invalid_spaces_are_refused(tmp_path, param, message):
     import yaml
 
-    from search.space import load_space
+    from search.optimizer import load_space
 
     name = "bits" if param["type"] == "categorical" else "lr"
     path = tmp_path / "space.yaml"

@@ -8,8 +8,8 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.logger import TBXLoggerCallback
 
-from .objectives import OBJECTIVES
-from .outcomes import trial_outcome
+from search.results import trial_outcome
+from trainables.contract import DIVERGED, OBJECTIVES
 
 
 class ProgressCallback(Callback):
@@ -47,7 +47,7 @@ class NoRetryOnDivergence(Callback):
     checkpoint the trial left.)"""
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        if result.get("diverged") and hasattr(trial, "max_failures"):
+        if result.get(DIVERGED) and hasattr(trial, "max_failures"):
             trial.max_failures = 0
 
 

@@ -163,10 +163,27 @@ def load_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def plan_resources(*, cpus: float | None, gpus: float | None, max_concurrent: int | None, trials: int,
-                   nodes: list[dict[str, Any]], config: dict[str, Any] | None, source: str) -> Resources:
-    """Per-trial resources and concurrency. Explicit flags win; the rest comes from the node types
-    of `config` (an autoscaling cluster) or from `nodes` (what Ray has now)."""
+@dataclass(frozen=True)
+class ResourceRequest:
+    """What the user asked for (None: decide from the cluster), and the sweep's trial count."""
+
+    cpus: float | None
+    gpus: float | None
+    max_concurrent: int | None
+    trials: int
+
+
+def plan_resources(request: ResourceRequest, nodes: list[dict[str, Any]], config: dict[str, Any] | None,
+                   source: str) -> Resources:
+    """Per-trial resources and concurrency.
+
+    Args:
+        request: the flags; an explicit value wins.
+        nodes: `ray.nodes()`, what Ray has now (used without an autoscaling config).
+        config: the autoscaler's cluster config, whose node types say what the cluster can grow to.
+        source: where `config` came from, for the record.
+    """
+    cpus, gpus, max_concurrent, trials = request.cpus, request.gpus, request.max_concurrent, request.trials
     live_head = next(((float(n["Resources"].get("CPU", 0)), float(n["Resources"].get("GPU", 0)))
                       for n in nodes if "node:__internal_head__" in (n.get("Resources") or {})), None)
     if config is not None and config.get("available_node_types"):

@@ -1,258 +1,239 @@
-"""`python -m search.pareto`: the distributed Pareto sweep.
-
-Ray Tune runs one adversarial Binary-Relax training per trial, Optuna proposes configurations
-(three objectives, all maximised: clean accuracy, robust accuracy, channel sparsity), and the
-driver logs everything to MLflow. With no arguments it runs a small local sweep on the embedded
-digits data. Every input is checked (search.plan) before Ray starts or anything is written.
-"""
+"""Running a plan: connect to Ray, size the trials to the cluster, start (or restore) the Tune
+experiment, and end every sweep the same way, whether it ran, resumed or only replays its logging."""
 from __future__ import annotations
 
 import os
-import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trainables.cliutil import fail
 from trainables.config import ConfigError
+from trainables.contract import COMPLETED, OBJECTIVES, trial_dir
 
-from .objectives import OBJECTIVES, resolve_sampler
-from .plan import Plan, build_parser, device_refusal, prepare
+from ._cli import Flags
+from ._plan import Plan, device_refusal, prepare
+from ._resources import Resources
 
-# --- running ---------------------------------------------------------------------------------
 
-def _connect(plan: Plan) -> None:
-    import ray
+@dataclass(frozen=True)
+class TunerOptions:
+    """What the benchmarks vary in `build_tuner` (the sweep itself uses the defaults): an extra
+    stopper, actor reuse, another trainable, Tune's `num_to_keep` checkpoints."""
 
-    try:
-        if plan.address:
-            ray.init(address=plan.address, log_to_driver=not plan.args.quiet)
-        else:
-            # "local": a new instance even where `ray start` left a cluster to auto-detect
-            ray.init(address="local", num_cpus=plan.args.num_cpus, include_dashboard=False,
-                     log_to_driver=not plan.args.quiet)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        fail(f"cannot reach the Ray cluster at {plan.address}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; accepted: a running cluster's address, 'auto' on its head node, or no --address for a local run")
+    stop: Any = None
+    reuse_actors: bool = False
+    trainable: Any = None
+    keep_checkpoints: int | None = 2
 
 
 def trial_dirname(trial: Any) -> str:
-    return f"trial_{trial.trial_id}"
+    return trial_dir(trial.trial_id)
 
 
-def _sampler_label(args: Any) -> str:
-    """`auto (gp)`: the name the user gave and the sampler it resolved to for this sweep."""
-    actual = resolve_sampler(args.sampler, args.trials, args.scheduler)
-    return args.sampler if actual == args.sampler else f"{args.sampler} ({actual})"
-
-
-def build_tuner(plan: Plan, max_concurrent: int, gpus: float, callbacks: list[Any], *,
-                stop: Any = None, reuse_actors: bool = False, trainable: Any = None,
-                keep_checkpoints: int | None = 2) -> Any:
+def build_tuner(plan: Plan, resources: Resources, callbacks: list[Any], options: TunerOptions = TunerOptions()) -> Any:
     """The Tuner of a new sweep: ParetoSearch over the plan's space, the --scheduler, storage and
-    failure policy. `run` uses it; benchmarks/search_efficiency.py too (with a `stop` for an epoch
-    budget and `reuse_actors`), so both measure the same sweep; benchmarks/driver_scale.py may vary
-    `keep_checkpoints` (Tune's `num_to_keep`). Needs `plan.state_dir` to exist."""
+    failure policy. `run` uses it, and the benchmarks too, so both measure the same sweep.
+    Needs `plan.location.state_dir` to exist."""
     from ray import tune
 
-    if trainable is None:  # benchmarks/driver_scale.py passes a synthetic one
+    from search.optimizer import MOASHAScheduler, ParetoSearch, make_sampler
+    from search.storage import open_study_storage
+
+    trainable = options.trainable
+    if trainable is None:
         from trainables.tune import trainable
 
-    from .moasha import MOASHAScheduler
-    from .samplers import make_sampler
-    from .searcher import ParetoSearch
-    from .study_storage import open_study_storage
-
-    args = plan.args
-    storage = open_study_storage(plan.state.study_spec())
-    searcher = ParetoSearch(plan.space, make_sampler(args.sampler, args.seed, max_concurrent, args.trials, args.scheduler), plan.name, storage,
-                            floors=plan.floors, total_trials=args.trials)
+        trainable = tune.with_resources(trainable, {"cpu": resources.cpus_per_trial, "gpu": resources.gpus_per_trial})
+    f = plan.flags
+    storage = open_study_storage(plan.location.study_spec())
+    sampler = make_sampler(f.sampler, f.seed, resources.max_concurrent, f.trials, f.scheduler)
+    searcher = ParetoSearch(plan.space, sampler, plan.name, storage, floors=plan.floors, total_trials=f.trials)
     callbacks = list(callbacks)
     scheduler = None
-    if args.scheduler == "moasha":
-        scheduler = MOASHAScheduler(list(OBJECTIVES), ["max"] * 3, time_attr="epoch",
-                                    grace_period=args.grace_period, reduction_factor=args.reduction_factor,
-                                    max_t=args.epochs, tie_break=args.tie_break,
+    if f.scheduler == "moasha":
+        scheduler = MOASHAScheduler(list(OBJECTIVES), ["max"] * len(OBJECTIVES), grace_period=f.grace_period,
+                                    reduction_factor=f.reduction_factor, max_t=f.epochs, tie_break=f.tie_break,
                                     violation=plan.floors.violation)  # below the floor: ranked last
         callbacks.append(scheduler.state_callback())
     return tune.Tuner(
-        tune.with_resources(trainable, {"cpu": args.cpus_per_trial or 1.0, "gpu": gpus}),
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=args.trials,
-                                    max_concurrent_trials=max_concurrent, trial_dirname_creator=trial_dirname,
-                                    reuse_actors=reuse_actors),
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=f.trials,
+                                    max_concurrent_trials=resources.max_concurrent,
+                                    trial_dirname_creator=trial_dirname,
+                                    reuse_actors=options.reuse_actors),
         run_config=tune.RunConfig(
-            name=plan.name, storage_path=plan.storage_path, callbacks=callbacks, stop=stop,
-            failure_config=tune.FailureConfig(max_failures=args.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=keep_checkpoints),
-            verbose=0 if args.quiet else 1,
+            name=plan.name, storage_path=plan.location.storage, callbacks=callbacks, stop=options.stop,
+            failure_config=tune.FailureConfig(max_failures=f.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=options.keep_checkpoints),
+            verbose=0 if f.quiet else 1,
         ),
     )
 
 
 def run(plan: Plan) -> int:
+    """Train the sweep (new, or `--resume`), then end it."""
     from mlflow.tracking import MlflowClient
     from ray import tune
 
+    from search.redact import redact, redact_obj
+    from search.storage import StateSync
+    from search.tracking import MLflowSweepCallback, SweepRun, get_or_create_experiment, link_lines, start_parent_run
     from trainables.tune import trainable
 
-    from .callbacks import NoRetryOnDivergence, NoTensorBoard, ProgressCallback
-    from .redact import redact, redact_obj
-    from .results import format_front, front_frame, trials_frame, upload, write_tables
-    from .searcher import settle_sampled_ahead
-    from .study_storage import StateSync
-    from .sweep_logging import finish_logging, link_lines
-    from .tracking import (
-        MLflowSweepCallback,
-        get_or_create_experiment,
-        start_parent_run,
-    )
+    from ._callbacks import NoRetryOnDivergence, NoTensorBoard, ProgressCallback
 
-    args = plan.args
+    f, location = plan.flags, plan.location
     _connect(plan)
     res = cluster_resources(plan)
-    args.cpus_per_trial, gpus, max_concurrent = res.cpus_per_trial, res.gpus_per_trial, res.max_concurrent
-    why = device_refusal(plan.space.fixed.get("device"), gpus)
+    why = device_refusal(plan.space.fixed.get("device"), res.gpus_per_trial)
     if why:  # before anything is written; every trial would fail (and be retried) otherwise
         fail(why)
-    state = plan.state
     if plan.resume:
-        state.pull()  # s3://, gs://: the stored state replaces whatever the local mirror holds
-    plan.state_dir.mkdir(parents=True, exist_ok=True)
+        location.pull_state()  # s3://, gs://: the stored state replaces whatever the local copy holds
+    location.state_dir.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(plan.tracking_uri)
     if plan.resume:
-        experiment_id, parent = plan.stored["experiment_id"], plan.stored["parent_run_id"]
-        client.update_run(parent, status="RUNNING")
+        sweep_run = SweepRun(plan.tracking_uri, plan.stored["experiment_id"], plan.stored["parent_run_id"], plan.name)
+        client.update_run(sweep_run.parent_run_id, status="RUNNING")
     else:
-        experiment_id = get_or_create_experiment(client, args.experiment, plan.tracking_uri)
+        experiment_id = get_or_create_experiment(client, f.experiment, plan.tracking_uri)
         parent = start_parent_run(
             client, experiment_id, plan.name,
-            {**{k: v for k, v in plan.record().items() if k != "space"}, "max_concurrent": max_concurrent,
-             "gpus_per_trial": gpus, "cpus_per_trial": args.cpus_per_trial, "objectives": ",".join(OBJECTIVES),
+            {**{k: v for k, v in plan.record().items() if k != "space"}, "max_concurrent": res.max_concurrent,
+             "gpus_per_trial": res.gpus_per_trial, "cpus_per_trial": res.cpus_per_trial, "objectives": ",".join(OBJECTIVES),
              **plan.floors.as_params(), "hv_reference": ",".join(f"{v:g}" for v in plan.floors.reference)},
             {**_version_tags(), "brsearch.floor": plan.floors.describe()},
         )
+        sweep_run = SweepRun(plan.tracking_uri, experiment_id, parent, plan.name)
         # credentials (user:password@ in a URI or path, token=...) never reach params or artifacts
         client.log_dict(parent, redact_obj(plan.space.describe()), "space.json")
-        state.write_record(redact_obj({**plan.record(), "experiment_id": experiment_id, "parent_run_id": parent,
-                                       **res.record()}))
-    print(f"brsearch: sweep {plan.name!r}: {args.trials} trials x {args.epochs} epochs, sampler {_sampler_label(args)}, "
-          f"scheduler {args.scheduler}, {max_concurrent} at once ({args.cpus_per_trial:g} CPU, {gpus:g} GPU each), "
+        location.write_record(redact_obj({**plan.record(), "experiment_id": experiment_id, "parent_run_id": parent,
+                                          **res.record()}))
+    print(f"brsearch: sweep {plan.name!r}: {f.trials} trials x {f.epochs} epochs, sampler {plan.sampler_label}, "
+          f"scheduler {f.scheduler}, {res.max_concurrent} at once ({res.cpus_per_trial:g} CPU, {res.gpus_per_trial:g} GPU each), "
           f"from {res.source}\n"
           f"  floor    {plan.floors.describe()} (hypervolume reference; trials below it are infeasible)\n"
-          f"  results  {redact(plan.exp_dir)}\n  mlflow   {redact(plan.tracking_uri)} (experiment {args.experiment!r}, parent run {parent})\n"
-          f"{link_lines(plan.tracking_uri, experiment_id)}", flush=True)
+          f"  results  {redact(location.exp_dir)}\n  mlflow   {redact(plan.tracking_uri)} "
+          f"(experiment {f.experiment!r}, parent run {sweep_run.parent_run_id})\n"
+          f"{link_lines(plan.tracking_uri, sweep_run.experiment_id)}", flush=True)
 
-    wrapped = tune.with_resources(trainable, {"cpu": args.cpus_per_trial, "gpu": gpus})
     if plan.resume:
-        tuner = tune.Tuner.restore(plan.exp_dir, trainable=wrapped, resume_unfinished=True,
+        wrapped = tune.with_resources(trainable, {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
+        tuner = tune.Tuner.restore(location.exp_dir, trainable=wrapped, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
     else:
-        callbacks = [MLflowSweepCallback(plan.tracking_uri, experiment_id, parent, plan.name, floors=plan.floors),
-                     ProgressCallback(args.trials), NoRetryOnDivergence(), NoTensorBoard()]
-        if state.remote:
-            callbacks.append(StateSync(state))
-        tuner = build_tuner(plan, max_concurrent, gpus, callbacks, reuse_actors=args.reuse_actors)
+        callbacks = [MLflowSweepCallback(sweep_run, floors=plan.floors),
+                     ProgressCallback(f.trials), NoRetryOnDivergence(), NoTensorBoard()]
+        if location.remote:
+            callbacks.append(StateSync(location))
+        tuner = build_tuner(plan, res, callbacks, TunerOptions(reuse_actors=f.reuse_actors))
     # Tune forces an experiment-state snapshot whenever a trial has saved num_to_keep checkpoints
     # since the last one, and warns "snapshotting has been triggered multiple times" when that
-    # happens twice within 5 s: with epochs of a few seconds, dozens of times per sweep. Measured on
-    # a 2-core CPU (docs/benchmarks.md, "Sweep overhead"): ~12 ms per forced snapshot, 0.1-0.3 s per
-    # sweep, so the warning is noise here. Set the variable yourself to get it back.
+    # happens twice within 5 s: with epochs of a few seconds, dozens of times per sweep, each a few
+    # milliseconds (docs/benchmarks.md, "Sweep overhead"), so the warning is noise here. Set the
+    # variable yourself to get it back.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     tuner.fit()
-    settle_sampled_ahead()
-    state.push()
+    from search.optimizer import settle_sampled_ahead
 
-    analysis = tune.ExperimentAnalysis(plan.exp_dir)
-    trials = analysis.trials
-    df = trials_frame(trials, plan.floors)
-    front = front_frame(df)
-    out_dir = Path(plan.exp_dir) if plan.local else plan.state_dir
-    files = write_tables(out_dir, df, front)
-    shown = [str(f) for f in files] if plan.local else upload(files, plan.exp_dir)
-    finished = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-    interrupted = finished < args.trials
-    # MLflow last, in the background logger: the results above are complete whatever it does
-    unsent = finish_logging(
-        tracking_uri=plan.tracking_uri, experiment_id=experiment_id, parent_run_id=parent, sweep=plan.name,
-        analysis=analysis, trials_df=df, front_df=front, files=files, status="KILLED" if interrupted else "FINISHED",
-        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus, floors=plan.floors, reference=plan.floors.reference,
-        register=args.register,
-        patience_s=args.mlflow_wait, replay_first=plan.resume,
-        resume_hint=f"python -m search.pareto --name {plan.name} --storage-path {plan.storage_path} --resume-logging")
-    counts = df["status"].value_counts().to_dict() if len(df) else {}
-    below = int((df["status"] == "completed").sum() - df["feasible"].sum()) if len(df) else 0
-    print(f"\nfloor: {plan.floors.describe()}; {below} completed trial(s) below it kept off the front")
-    print(f"Pareto front of {plan.name!r} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}):")
-    print(format_front(front))
-    print(f"\nwrote {', '.join(shown)}")
-    print(link_lines(plan.tracking_uri, experiment_id), flush=True)
-    if unsent:
-        print(unsent, file=sys.stderr, flush=True)
-    if interrupted:
-        print(f"sweep interrupted after {finished}/{args.trials} trials; continue with: "
-              f"python -m search.pareto --name {plan.name} --storage-path {shlex.quote(plan.storage_path)} --resume", file=sys.stderr)
-        return 130
-    return 0 if counts.get("completed") else 1
+    settle_sampled_ahead()
+    location.push_state()
+    return end_sweep(plan, sweep_run, res, trained=True)
 
 
 def resume_logging(plan: Plan) -> int:
     """`--resume-logging`: send to MLflow what the stored results hold and MLflow lacks (a tracking
     server that was down at the end of the sweep), then finish the parent run. Trains nothing."""
     from mlflow.tracking import MlflowClient
+
+    from search.tracking import SweepRun
+
+    sweep_run = SweepRun(plan.tracking_uri, plan.stored["experiment_id"], plan.stored["parent_run_id"], plan.name)
+    params = MlflowClient(plan.tracking_uri).get_run(sweep_run.parent_run_id).data.params
+    res = Resources(float(params.get("cpus_per_trial", plan.flags.cpus_per_trial or 1.0)),
+                    float(params.get("gpus_per_trial", 0)), int(params.get("max_concurrent", 1)), "the stored sweep")
+    print(f"brsearch: logging sweep {plan.name!r} to {plan.tracking_uri} from {plan.location.exp_dir}", flush=True)
+    return end_sweep(plan, sweep_run, res, trained=False)
+
+
+def end_sweep(plan: Plan, sweep_run: Any, res: Resources, *, trained: bool) -> int:
+    """The one end of a sweep: its tables from the stored trials, then MLflow (in the background
+    logger: the tables are complete whatever it does), then the front and the way on.
+
+    Exit code: 130 when trials are left for a --resume, else 0 if any trial completed (a
+    --resume-logging: 0 when everything was logged, 1 when the server is still away)."""
     from ray import tune
 
-    from .results import front_frame, trials_frame
-    from .sweep_logging import finish_logging, link_lines
+    from search.results import format_front, front_frame, trials_frame, write_tables
+    from search.tracking import SweepEnd, finish_logging, link_lines
 
-    experiment_id, parent = plan.stored["experiment_id"], plan.stored["parent_run_id"]
-    analysis = tune.ExperimentAnalysis(plan.exp_dir)
+    location = plan.location
+    analysis = tune.ExperimentAnalysis(location.exp_dir)
     trials = analysis.trials
     df = trials_frame(trials, plan.floors)
     front = front_frame(df)
-    out_dir = Path(plan.exp_dir) if plan.local else plan.state_dir
-    files = [out_dir / f"{n}.{s}" for n in ("trials", "pareto") for s in ("parquet", "csv") if (out_dir / f"{n}.{s}").exists()]
-    params = MlflowClient(plan.tracking_uri).get_run(parent).data.params
+    files = write_tables(location.local_dir, df, front)
+    shown = location.push(files)
     finished = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-    print(f"brsearch: logging sweep {plan.name!r} to {plan.tracking_uri}: {len(trials)} trials from {plan.exp_dir}", flush=True)
-    unsent = finish_logging(
-        tracking_uri=plan.tracking_uri, experiment_id=experiment_id, parent_run_id=parent, sweep=plan.name,
-        analysis=analysis, trials_df=df, front_df=front, files=files,
-        status="FINISHED" if finished >= int(plan.stored.get("trials", plan.args.trials)) else "KILLED",
-        cpus_per_trial=float(params.get("cpus_per_trial", plan.args.cpus_per_trial)),
-        gpus_per_trial=float(params.get("gpus_per_trial", 0)), floors=plan.floors, reference=plan.floors.reference,
-        register=plan.args.register, patience_s=plan.args.mlflow_wait, replay_first=True,
-        resume_hint=f"python -m search.pareto --name {plan.name} --storage-path {shlex.quote(plan.storage_path)} --resume-logging")
+    interrupted = finished < int(plan.stored.get("trials", plan.flags.trials))
+    end = SweepEnd(analysis, df, front, files, "KILLED" if interrupted else "FINISHED", plan.floors,
+                   res.cpus_per_trial, res.gpus_per_trial, plan.flags.register)
+    unsent = finish_logging(sweep_run, end, patience_s=plan.flags.mlflow_wait, replay_first=plan.resume,
+                            resume_hint=plan.command("--resume-logging"))
+    counts = df["status"].value_counts().to_dict() if len(df) else {}
+    below = int((df["status"] == COMPLETED).sum() - df["feasible"].sum()) if len(df) else 0
+    print(f"\nfloor: {plan.floors.describe()}; {below} completed trial(s) below it kept off the front")
+    print(f"Pareto front of {plan.name!r} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}):")
+    print(format_front(front))
+    print(f"\nwrote {', '.join(shown)}")
+    print(link_lines(plan.tracking_uri, sweep_run.experiment_id), flush=True)
     if unsent:
         print(unsent, file=sys.stderr, flush=True)
-        return 1
-    print(f"logged: {len(trials)} trials, the front ({len(front)}) and the summary\n{link_lines(plan.tracking_uri, experiment_id)}")
-    return 0
+    if interrupted and trained:
+        print(f"sweep interrupted after {finished}/{plan.flags.trials} trials; continue with: {plan.command('--resume')}",
+              file=sys.stderr)
+        return 130
+    if not trained:
+        return 1 if unsent else 0
+    return 0 if counts.get(COMPLETED) else 1
 
 
-def cluster_resources(plan: Plan) -> Any:
-    """Per-trial resources and concurrency from what the cluster can provide (search.resources);
-    a resumed sweep asks for what it stored (adopted into the flags by `_adopt_stored`)."""
+def _connect(plan: Plan) -> None:
     import ray
 
-    from .resources import (
-        autoscaler_config_path,
-        describe_source,
-        load_config,
-        plan_resources,
-    )
+    try:
+        if plan.address:
+            ray.init(address=plan.address, log_to_driver=not plan.flags.quiet)
+        else:
+            # "local": a new instance even where `ray start` left a cluster to auto-detect
+            ray.init(address="local", num_cpus=plan.flags.num_cpus, include_dashboard=False,
+                     log_to_driver=not plan.flags.quiet)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        fail(f"cannot reach the Ray cluster at {plan.address}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; accepted: a running cluster's address, 'auto' on its head node, or no --address for a local run")
 
-    args = plan.args
+
+def cluster_resources(plan: Plan) -> Resources:
+    """Per-trial resources and concurrency from what the cluster can provide (search.driver's
+    resources); a resumed sweep asks for what it stored (adopted into the flags by `prepare`)."""
+    import ray
+
+    from ._resources import ResourceRequest, autoscaler_config_path, describe_source, load_config, plan_resources
+
+    f = plan.flags
     path, config = None, None
     if plan.address:
-        path = autoscaler_config_path(ray.get_runtime_context().gcs_address, args.cluster_config)
-        if path is None and args.cluster_config:
-            fail(f"--cluster-config {args.cluster_config}: no such file; accepted: the cluster YAML the autoscaler runs with")
+        path = autoscaler_config_path(ray.get_runtime_context().gcs_address, f.cluster_config)
+        if path is None and f.cluster_config:
+            fail(f"--cluster-config {f.cluster_config}: no such file; accepted: the cluster YAML the autoscaler runs with")
         try:
             config = load_config(path) if path else None
         except (OSError, ValueError) as e:
             fail(f"cluster config {path}: {str(e).splitlines()[0]}; accepted: a Ray cluster YAML (--cluster-config)")
     try:
-        return plan_resources(cpus=args.cpus_per_trial, gpus=args.gpus_per_trial, max_concurrent=args.max_concurrent,
-                              trials=args.trials, nodes=ray.nodes(), config=config, source=describe_source(path))
+        request = ResourceRequest(f.cpus_per_trial, f.gpus_per_trial, f.max_concurrent, f.trials)
+        return plan_resources(request, ray.nodes(), config, describe_source(path))
     except ValueError as e:
         fail(f"{e}; accepted: --cpus-per-trial/--gpus-per-trial that a node type of the cluster provides")
 
@@ -278,13 +259,11 @@ def _version_tags() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """`python -m search.pareto`."""
+    flags = Flags.parse(argv)
     try:
-        plan = prepare(args)
+        plan = prepare(flags)
     except ConfigError as e:
         fail(str(e))
-    return resume_logging(plan) if args.resume_logging else run(plan)
+    return resume_logging(plan) if plan.flags.resume_logging else run(plan)
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -18,7 +18,7 @@ public ``Study.best_trials`` in the tests.
 
 The useful floor
 ----------------
-A sweep's hypervolume reference point is its *floor* (:func:`floor_reference`): chance-level
+A sweep's hypervolume reference point is its *floor* (``Floors.reference``): chance-level
 clean accuracy (1 / number of classes) or the user's ``--min-clean-acc``, robust accuracy 0 or
 ``--min-robust-acc``, channel sparsity 0. A trial is feasible iff its clean accuracy is strictly
 above the clean floor (a model at chance is useless) and its robust accuracy at least the robust
@@ -35,34 +35,18 @@ from collections.abc import Sequence
 import moocore
 import numpy as np
 
-from .objectives import Floors
-
-__all__ = [
-    "DEFAULT_REFERENCE",
-    "Floors",
-    "crowding_distance",
-    "feasible_mask",
-    "floor_reference",
-    "hypervolume",
-    "non_dominated_mask",
-    "non_dominated_sort",
-]
+from ._floors import Floors
 
 #: Reference point for (clean_acc, robust_acc, channel_sparsity), all maximized, all in [0, 1].
 DEFAULT_REFERENCE: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
-def floor_reference(floors: Floors) -> tuple[float, float, float]:
-    """The hypervolume reference point of a sweep: its floors (clean, robust, sparsity)."""
-    return floors.reference
-
-
 def feasible_mask(points, floors: Floors) -> np.ndarray:
-    """Rows (clean, robust, sparsity) above the floors: clean > clean floor, robust >= robust floor."""
+    """Rows (clean, robust, sparsity) above the floors (Floors.feasible, the contract's rule)."""
     pts = _as_points(points)
     if pts.shape[0] == 0:
         return np.zeros(0, dtype=bool)
-    return (pts[:, 0] > floors.clean_acc) & (pts[:, 1] >= floors.robust_acc) & (pts[:, 2] >= floors.channel_sparsity)
+    return np.array([floors.feasible(p) for p in pts], dtype=bool)
 
 
 def _as_points(points, name: str = "points") -> np.ndarray:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .front import hypervolume
+from ._dominance import hypervolume
 
 
 class IncrementalFront:

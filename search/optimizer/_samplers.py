@@ -1,7 +1,7 @@
 """The Optuna samplers `--sampler` names, built for a sweep of `max_concurrent` parallel trials.
 
 `auto` (the default) is GP in FIFO sweeps of fewer than `GP_TRIALS` trials, and TPE in larger
-ones and under MO-ASHA (`search.objectives.resolve_sampler`). With FIFO GP found the most
+ones and under MO-ASHA (`search.optimizer.resolve_sampler`). With FIFO GP found the most
 hypervolume at small budgets (docs/benchmarks.md, "Search efficiency"), but it refits its
 model on every ask, in Tune's driver loop, and the cost grows with the trials and the trials
 pending: 0.85 s of CPU per ask at 100 trials with 16 pending in `benchmarks/study_storage.py`,
@@ -18,7 +18,7 @@ import warnings
 import optuna
 from optuna.samplers import BaseSampler
 
-from .objectives import resolve_sampler
+from ._policy import resolve_sampler
 
 
 def make_sampler(name: str, seed: int, max_concurrent: int, trials: int | None = None,

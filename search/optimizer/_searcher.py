@@ -34,8 +34,11 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from .objectives import OBJECTIVES, SAMPLERS, Floors  # noqa: F401  (re-exported: the names callers know)
-from .space import Space
+from search.front import Floors
+from search.results import stopped_reason
+from trainables.contract import DIVERGED, FAILURE_REASON, OBJECTIVES, is_completed
+
+from ._space import Space
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ class ParetoSearch(OptunaSearch):
         super().__init__(space=space.suggest, metric=list(objectives), mode=["max"] * len(objectives),
                          sampler=sampler, study_name=study_name, storage=storage)
         self.pruned: set[str] = set()
-        self.diverged: dict[str, str] = {}  # trial id -> reason (non-finite loss or weights)
+        self.diverged_trials: dict[str, str] = {}  # trial id -> reason (non-finite loss or weights)
 
     def _setup_study(self, mode: str | list) -> None:
         """Name the study's objectives, so optuna-dashboard and `optuna.load_study` show
@@ -142,8 +145,8 @@ class ParetoSearch(OptunaSearch):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         # Tune calls on_trial_complete(error=True) with no result, so remember why here
-        if result.get("diverged"):
-            self.diverged[trial_id] = str(result.get("failure_reason") or "diverged")
+        if result.get(DIVERGED):
+            self.diverged_trials[trial_id] = str(result.get(FAILURE_REASON) or DIVERGED)
         super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -153,8 +156,8 @@ class ParetoSearch(OptunaSearch):
         if ot is None:
             return
         state, values, reason = self.outcome(result, error)
-        if trial_id in getattr(self, "diverged", {}):
-            state, values, reason = TrialState.FAIL, None, self.diverged[trial_id]
+        if trial_id in getattr(self, "diverged_trials", {}):
+            state, values, reason = TrialState.FAIL, None, self.diverged_trials[trial_id]
         try:
             if reason:
                 ot.set_user_attr("brsearch_reason", reason)
@@ -174,12 +177,12 @@ class ParetoSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
     def outcome(self, result: dict | None, error: bool) -> tuple[TrialState, list[float] | None, str]:
-        if result and result.get("diverged"):  # trainables.tune's last report of a diverged trial
-            return TrialState.FAIL, None, str(result.get("failure_reason") or "diverged")
+        if result and result.get(DIVERGED):  # trainables.tune's last report of a diverged trial
+            return TrialState.FAIL, None, str(result.get(FAILURE_REASON) or DIVERGED)
         if error or not result:
             return TrialState.FAIL, None, "error" if error else "no result"
-        if not result.get("final") or result.get("epoch", 0) < result.get("max_epochs", 0):
-            return TrialState.PRUNED, None, f"stopped after epoch {result.get('epoch')}"
+        if not is_completed(result):
+            return TrialState.PRUNED, None, stopped_reason(result)
         values = [result.get(m) for m in self.metric]
         if any(v is None or not math.isfinite(float(v)) for v in values):
             return TrialState.FAIL, None, f"non-finite objectives {values}"
@@ -193,7 +196,7 @@ class ParetoSearch(OptunaSearch):
         """`Tuner.restore` (`--resume`): reload the pickled state, then settle the Optuna trials a
         crash left RUNNING that Tune will not continue."""
         super().restore(checkpoint_path)
-        self.__dict__.setdefault("diverged", {})
+        self.__dict__.setdefault("diverged_trials", {})
         self._ahead, self._ahead_pool = None, None
         n = self.reconcile_orphans()
         if n:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from trainables.config import ConfigError, TrainConfig, known_keys, set_field
+from trainables.contract import switch_name
 
 TYPES = ("float", "int", "categorical")
 PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "when", "allow_zero", "zero_below"}
@@ -120,7 +121,7 @@ def _suggest_one(trial: Any, name: str, p: dict[str, Any]) -> Any:
     if kind == "categorical":
         return trial.suggest_categorical(name, p["choices"])
     if p.get("allow_zero"):
-        if not trial.suggest_categorical(f"{name}_on", [True, False]):
+        if not trial.suggest_categorical(switch_name(name), [True, False]):
             return 0 if kind == "int" else 0.0
     if kind == "int":
         v = trial.suggest_int(name, int(p["low"]), int(p["high"]), step=int(p.get("step", 1)),
@@ -192,7 +193,7 @@ def joint_modelling_gap(sampler: str, space: Space) -> str | None:
     parameter, an `allow_zero` switch, or a define-by-run function whose parameter set varies
     drops out of it and is then sampled independently at random, every trial. TPE with
     multivariate=True, group=True (our `tpe`) models conditional spaces; `random` models nothing.
-    `sampler` is the resolved name (`search.objectives.resolve_sampler`)."""
+    `sampler` is the resolved name (`search.optimizer.resolve_sampler`)."""
     if sampler not in ("nsga2", "gp"):
         return None
     if space.func is not None:

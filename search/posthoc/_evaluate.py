@@ -14,7 +14,7 @@ the sanity flags), and then
 Each finished trial is recorded at once in <sweep>/brsearch/strong_eval.json, keyed by the suite's
 settings, so an interrupted run resumes where it stopped and a second run evaluates nothing again
 and logs nothing twice. A sweep on s3:// or gs:// is read through a local copy of just the files
-used (search.sweep_files) and the changed files are written back to the storage. Cost per model:
+used (search.storage.SweepLocation) and the changed files are written back to the storage. Cost per model:
 docs/training.md, "Strong evaluation".
 """
 from __future__ import annotations
@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -31,15 +30,26 @@ from typing import Any
 
 import pandas as pd
 
+from search.storage import SweepLocation
 from trainables.cliutil import OneLineParser, fail
 from trainables.config import ConfigError
+from trainables.contract import (
+    CHECKPOINT_FILE,
+    COMPLETED,
+    FRONT_TABLE,
+    MODEL_FILE,
+    OBJECTIVES,
+    RECORD_FILE,
+    STATE_DIR,
+    STRONG_EVAL_FILE,
+    TRIAL_ID,
+    TRIALS_TABLE,
+    table_files,
+    trial_dir,
+)
 from trainables.fileio import atomic_write_text
 from trainables.robust_eval import FLAGS, StrongEvalConfig
 
-from .state import STATE_DIR
-from .sweep_files import SweepFiles
-
-RESULTS_FILE = "strong_eval.json"
 ACC_COLUMNS = {"test_aa_acc": "aa_acc", "test_square_acc": "square_acc", "test_eot_pgd_acc": "eot_pgd_acc",
                "test_strong_pgd_acc": "pgd_acc"}
 COLUMNS = (*ACC_COLUMNS, "test_strong_n", *FLAGS, "sanity_flags")
@@ -70,58 +80,55 @@ def build_parser() -> argparse.ArgumentParser:
 
 @dataclasses.dataclass
 class Target:
-    files: SweepFiles
+    """A finished sweep as the strong evaluation reads it: where it is, its record and tables."""
+
+    location: SweepLocation
     sweep: dict[str, Any]
     trials: pd.DataFrame
     front: pd.DataFrame
 
-    @property
-    def exp_dir(self) -> Path:
-        return self.files.dir
 
-    @property
-    def state_dir(self) -> Path:
-        return self.files.dir / STATE_DIR
+TRIALS_FILE, FRONT_FILE = table_files(TRIALS_TABLE)[0], table_files(FRONT_TABLE)[0]
 
 
 def locate(args: argparse.Namespace) -> Target:
-    files = SweepFiles(args.storage_path, args.name)
+    location = SweepLocation(args.storage_path, args.name)
     try:
-        got = {p.name for p in files.fetch("trials.parquet", "pareto.parquet", f"{STATE_DIR}/sweep.json",
-                                           f"{STATE_DIR}/{RESULTS_FILE}")}
+        got = {p.name for p in location.fetch(TRIALS_FILE, FRONT_FILE, f"{STATE_DIR}/{RECORD_FILE}",
+                                              f"{STATE_DIR}/{STRONG_EVAL_FILE}")}
     except (OSError, ValueError) as e:  # unreachable storage, bad credentials, unknown bucket or scheme
         raise ConfigError(f"--storage-path {args.storage_path}: cannot read it: {str(e).splitlines()[0]}") from None
-    if not {"trials.parquet", "pareto.parquet"} <= got:
-        raise ConfigError(f"--name {args.name}: no finished sweep under {args.storage_path} (no trials.parquet); "
+    if not {TRIALS_FILE, FRONT_FILE} <= got:
+        raise ConfigError(f"--name {args.name}: no finished sweep under {args.storage_path} (no {TRIALS_FILE}); "
                           "accepted: the --name and --storage-path of a sweep that has ended")
     try:
-        sweep = json.loads((files.dir / STATE_DIR / "sweep.json").read_text())
+        sweep = json.loads((location.state_dir / RECORD_FILE).read_text())
     except (OSError, ValueError):
         sweep = {}
-    trials = pd.read_parquet(files.dir / "trials.parquet")
-    front = pd.read_parquet(files.dir / "pareto.parquet")
-    return Target(files, sweep, trials, front)
+    trials = pd.read_parquet(location.local_dir / TRIALS_FILE)
+    front = pd.read_parquet(location.local_dir / FRONT_FILE)
+    return Target(location, sweep, trials, front)
 
 
 def choose(t: Target, args: argparse.Namespace) -> list[str]:
     if args.trials:
         ids = [s.strip() for s in args.trials.split(",") if s.strip()]
-        known = set(t.trials["trial_id"])
+        known = set(t.trials[TRIAL_ID])
         bad = [i for i in ids if i not in known]
         if bad:
             raise ConfigError(f"--trials: unknown trial {bad[0]!r}; accepted: ids of {args.name}'s trials.parquet")
         return ids
     if args.all:
-        return list(t.trials[t.trials["status"] == "completed"]["trial_id"])
-    return list(t.front["trial_id"])
+        return list(t.trials[t.trials["status"] == COMPLETED][TRIAL_ID])
+    return list(t.front[TRIAL_ID])
 
 
-def model_files(files: SweepFiles, trial_id: str) -> tuple[Path, Path]:
+def model_files(location: SweepLocation, trial_id: str) -> tuple[Path, Path]:
     """(model.pt, state.pt) of the trial's final checkpoint: the last one holding a model."""
-    ck = files.final_checkpoint(trial_id)
+    ck = location.final_checkpoint(trial_id)
     if ck is None:
-        raise FileNotFoundError(f"trial {trial_id}: no checkpoint with model.pt under {files.uri}/trial_{trial_id}")
-    return ck / "model.pt", ck / "state.pt"
+        raise FileNotFoundError(f"trial {trial_id}: no checkpoint with {MODEL_FILE} under {location.exp_dir}/{trial_dir(trial_id)}")
+    return ck / MODEL_FILE, ck / CHECKPOINT_FILE
 
 
 def suite_config(args: argparse.Namespace) -> StrongEvalConfig:
@@ -144,7 +151,7 @@ def settings_key(cfg: StrongEvalConfig, subset_test: int | None) -> str:
 _DATA_CACHE: dict[str, Any] = {}
 
 
-def evaluate_trial(files: SweepFiles, trial_id: str, suite: StrongEvalConfig, subset_test: int | None,
+def evaluate_trial(location: SweepLocation, trial_id: str, suite: StrongEvalConfig, subset_test: int | None,
                    device: str, log) -> dict[str, Any]:
     """Load the trial's deployed model and run the strong suite on its test split."""
     import torch
@@ -155,7 +162,7 @@ def evaluate_trial(files: SweepFiles, trial_id: str, suite: StrongEvalConfig, su
     from trainables.models import build_model
     from trainables.robust_eval import strong_eval
 
-    model_pt, state_pt = model_files(files, trial_id)
+    model_pt, state_pt = model_files(location, trial_id)
     state = torch.load(state_pt, map_location="cpu", weights_only=False)
     cfg = TrainConfig.from_flat(state["config"])
     cfg.device = device
@@ -196,79 +203,50 @@ def row_values(res: dict[str, Any]) -> dict[str, Any]:
 def update_tables(t: Target, results: dict[str, dict[str, Any]]) -> list[Path]:
     """Set the strong columns of every evaluated trial in both tables (columns, not rows: a
     rerun overwrites the same cells)."""
-    from .results import write_tables
+    from search.results import write_tables
 
     def fill(df: pd.DataFrame) -> pd.DataFrame:
         df = df.copy()
         for col in COLUMNS:
-            vals = [row_values(results[tid])[col] if tid in results else None for tid in df["trial_id"]]
+            vals = [row_values(results[tid])[col] if tid in results else None for tid in df[TRIAL_ID]]
             df[col] = pd.Series(vals, index=df.index, dtype="object")
         for col in (*ACC_COLUMNS, "test_strong_n"):
             df[col] = pd.to_numeric(df[col], errors="coerce")
         return df
 
     t.trials, t.front = fill(t.trials), fill(t.front)
-    return write_tables(t.exp_dir, t.trials, t.front)
+    return write_tables(t.location.local_dir, t.trials, t.front)
 
 
 def log_mlflow(t: Target, tracking_uri: str, results: dict[str, dict[str, Any]], files: list[Path], log) -> int:
-    """Metrics and tags on each child run, a summary on the parent; returns how many child runs
-    got new metrics. A metric whose latest value on the run is already this one is not logged
-    again; a changed value (other suite settings) is logged at the next step."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
+    """Metrics and flags on each child run, a summary on the parent (search.tracking's writer);
+    returns how many child runs got new metrics."""
+    from search.tracking import SweepRun, log_strong_results
 
-    client = MlflowClient(tracking_uri)
-    parent = t.sweep.get("parent_run_id")
-    exp = t.sweep.get("experiment_id")
+    parent, exp = t.sweep.get("parent_run_id"), t.sweep.get("experiment_id")
     if not parent or not exp:
-        log("no parent run recorded in sweep.json: MLflow not updated")
+        log(f"no parent run recorded in {RECORD_FILE}: MLflow not updated")
         return 0
-    children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=50000)
-    by_trial = {r.data.tags.get("ray_trial_id"): r for r in children}
-    ts = int(time.time() * 1000)
-    logged = 0
+    metrics, flags = {}, {}
     for tid, res in results.items():
-        run = by_trial.get(tid)
-        if run is None:
-            log(f"trial {tid}: no MLflow child run under parent {parent}; skipped")
-            continue
         vals = row_values(res)
-        metrics = []
-        for k in (*ACC_COLUMNS, "test_strong_n"):
-            if vals[k] is None:
-                continue
-            if k in run.data.metrics:  # logged before: again only if other settings changed it
-                if math.isclose(run.data.metrics[k], float(vals[k])):
-                    continue
-                step = len(client.get_metric_history(run.info.run_id, k))
-            else:
-                step = 0
-            metrics.append(Metric(k, float(vals[k]), ts, step))
-        if metrics:
-            client.log_batch(run.info.run_id, metrics=metrics)
-            logged += 1
-        for f in FLAGS:
-            client.set_tag(run.info.run_id, f"sanity.{f}", "n/a" if vals[f] is None else str(bool(vals[f])).lower())
-        client.set_tag(run.info.run_id, "sanity_flags", vals["sanity_flags"] or "none")
-    front_ids = [tid for tid in t.front["trial_id"] if tid in results]
+        metrics[tid] = {k: vals[k] for k in (*ACC_COLUMNS, "test_strong_n")}
+        flags[tid] = {**{f"sanity.{f}": "n/a" if vals[f] is None else str(bool(vals[f])).lower() for f in FLAGS},
+                      "sanity_flags": vals["sanity_flags"] or "none"}
     summary = {"strong_n_evaluated": float(len(results)),
                "strong_n_flagged": float(sum(bool(r.get("sanity_flags")) for r in results.values()))}
-    aa = [results[tid]["aa_acc"] for tid in front_ids if results[tid].get("aa_acc") is not None]
+    aa = [results[tid]["aa_acc"] for tid in t.front[TRIAL_ID] if tid in results and results[tid].get("aa_acc") is not None]
     if aa:
         summary["front_max_test_aa_acc"] = float(max(aa))
         summary["front_mean_test_aa_acc"] = float(sum(aa) / len(aa))
-    prun = client.get_run(parent)
-    new = [Metric(k, v, ts, 0) for k, v in summary.items()
-           if not (k in prun.data.metrics and math.isclose(prun.data.metrics[k], v))]
-    if new:
-        client.log_batch(parent, metrics=new)
-    for f in files:
-        client.log_artifact(parent, str(f), "results")
+    logged, missing = log_strong_results(SweepRun(tracking_uri, exp, parent, t.sweep.get("name", "")), metrics, flags,
+                                         summary, files)
+    for tid in missing:
+        log(f"trial {tid}: no MLflow child run under parent {parent}; skipped")
     return logged
 
 
-def main(argv: list[str] | None = None) -> int:
+def evaluate_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     try:
@@ -284,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     key = settings_key(suite, args.subset_test)
-    store = t.state_dir / RESULTS_FILE
+    store = t.location.state_dir / STRONG_EVAL_FILE
     try:
         saved = json.loads(store.read_text())
     except (OSError, ValueError):
@@ -297,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for i, tid in enumerate(todo, 1):
             try:
-                res = evaluate_trial(t.files, tid, suite, args.subset_test, args.device, log)
+                res = evaluate_trial(t.location, tid, suite, args.subset_test, args.device, log)
             except FileNotFoundError as e:
                 print(f"warning: {e}", file=sys.stderr)
                 continue
@@ -305,16 +283,16 @@ def main(argv: list[str] | None = None) -> int:
             results[tid] = res
             saved[key] = {"settings": {"suite": dataclasses.asdict(suite), "subset_test": args.subset_test},
                           "trials": results}
-            t.state_dir.mkdir(parents=True, exist_ok=True)
+            t.location.state_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(json.dumps(saved, indent=1, default=str) + "\n", store)
-            t.files.push([store])  # on s3://, gs://: recorded where a rerun from any machine finds it
+            t.location.push([store])  # on s3://, gs://: recorded where a rerun from any machine finds it
             log(f"[{i}/{len(todo)}] recorded {tid}")
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted: finished trials are recorded; run the same command again to continue", file=sys.stderr)
     chosen = {tid: results[tid] for tid in ids if tid in results}
     files = update_tables(t, chosen)
-    shown = t.files.push(files)
+    shown = t.location.push(files)
     if not args.no_mlflow:
         uri = args.tracking_uri or t.sweep.get("tracking_uri")
         if not uri or "***" in str(uri):
@@ -322,9 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             n = log_mlflow(t, uri, chosen, files, log)
             log(f"MLflow: new metrics on {n} child run(s)")
-    from .results import format_front
+    from search.results import format_front
 
-    cols = ["trial_id", "clean_acc", "robust_acc", "channel_sparsity"]
+    cols = [TRIAL_ID, *OBJECTIVES]
     cols += [c for c in ("test_clean_acc", "test_robust_acc") if c in t.front]
     cols += ["test_aa_acc", "test_square_acc", "test_eot_pgd_acc", "sanity_flags"]
     print(f"\nPareto front of {args.name!r} with the strong evaluation:")
@@ -333,6 +311,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {', '.join(shown)}")
     return 130 if interrupted else 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -21,10 +21,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from search.storage import SweepLocation
 from trainables.cliutil import OneLineParser, fail
+from trainables.contract import (
+    CHECKPOINT_FILE,
+    COMPLETED,
+    MODEL_FILE,
+    OBJECTIVES,
+    RUN_CHECKPOINT_FILE,
+    TRIAL_ID,
+    TRIALS_TABLE,
+    table_files,
+    trial_dir,
+)
 from trainables.fileio import unwritable
-
-from .sweep_files import SweepFiles
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,44 +79,31 @@ def _load(path: Path) -> Any:
 
 
 def _from_checkpoint(d: Path, label: str, meta: dict[str, Any], state_file: str) -> Source:
-    model, state = d / "model.pt", d / state_file
+    model, state = d / MODEL_FILE, d / state_file
     if not model.exists():
-        raise BadInput(f"{d} holds no final model (model.pt): the run did not finish; accepted: a completed trial or run")
+        raise BadInput(f"{d} holds no final model ({MODEL_FILE}): the run did not finish; accepted: a completed trial or run")
     if not state.exists():
-        raise BadInput(f"{d} has model.pt but no {state_file} (the run's config)")
+        raise BadInput(f"{d} has {MODEL_FILE} but no {state_file} (the run's config)")
     st = _load(state)
     if not isinstance(st, dict) or "config" not in st:
         raise BadInput(f"{state} has no 'config'")
-    metrics = {k: st.get("metrics", {}).get(k) for k in ("clean_acc", "robust_acc", "channel_sparsity", "size_bits")}
+    metrics = {k: st.get("metrics", {}).get(k) for k in (*OBJECTIVES, "size_bits")}
     return Source(label, _load(model), st["config"], {**meta, "checkpoint": str(d), "metrics": metrics})
 
 
-def _trial_ids(files: SweepFiles) -> dict[str, str]:
+def _trial_ids(location: SweepLocation) -> dict[str, str]:
     """trial id -> status from trials.parquet (written at the end of a sweep; on s3/gs, the copy
     `locate` fetched), else the trial dirs."""
-    table = files.dir / "trials.parquet"
+    table = location.local_dir / table_files(TRIALS_TABLE)[0]
     if table.is_file():
         import pyarrow.parquet as pq
 
-        t = pq.read_table(table, columns=["trial_id", "status"]).to_pylist()
-        return {r["trial_id"]: r["status"] for r in t}
-    if files.remote:
+        t = pq.read_table(table, columns=[TRIAL_ID, "status"]).to_pylist()
+        return {r[TRIAL_ID]: r["status"] for r in t}
+    if location.remote:
         return {}
-    return {p.name[len("trial_"):]: "?" for p in files.dir.glob("trial_*") if p.is_dir()}
-
-
-def _checkpoint_via_tune(exp_dir: Path, trial_id: str) -> Path | None:
-    """Tune's own record of the trial's latest checkpoint (any trial directory naming)."""
-    from ray.tune import ExperimentAnalysis
-
-    try:
-        trials = ExperimentAnalysis(str(exp_dir)).trials
-    except Exception:  # noqa: BLE001 - no readable Tune state: the caller reports "no checkpoint"
-        return None
-    for t in trials:
-        if t.trial_id == trial_id and t.checkpoint is not None:
-            return Path(t.checkpoint.path)
-    return None
+    prefix = trial_dir("")
+    return {p.name[len(prefix):]: "?" for p in location.local_dir.glob(prefix + "*") if p.is_dir()}
 
 
 def locate(args: argparse.Namespace) -> Source:
@@ -117,36 +114,35 @@ def locate(args: argparse.Namespace) -> Source:
         d = Path(args.run).expanduser()
         if not d.is_dir():
             raise BadInput(f"--run {args.run}: no such directory; accepted: the --out of python -m trainables.train")
-        return _from_checkpoint(d, d.resolve().name, {"run": str(d.resolve())}, "checkpoint.pt")
+        return _from_checkpoint(d, d.resolve().name, {"run": str(d.resolve())}, RUN_CHECKPOINT_FILE)
     if not args.name or not args.trial:
         raise BadInput("give --name SWEEP and --trial ID (or --run DIR)")
-    files = SweepFiles(args.storage_path, args.name)
+    location = SweepLocation(args.storage_path, args.name)
     try:
-        is_sweep = bool(files.fetch("trials.parquet")) if files.remote else \
-            files.dir.is_dir() and any(files.dir.glob("experiment_state-*.json"))
+        is_sweep = bool(location.fetch(table_files(TRIALS_TABLE)[0])) if location.remote else \
+            location.local_dir.is_dir() and any(location.local_dir.glob("experiment_state-*.json"))
     except (OSError, ValueError) as e:  # unreachable storage, bad credentials, unknown bucket or scheme
         raise BadInput(f"--storage-path {args.storage_path}: cannot read it: {str(e).splitlines()[0]}") from None
     if not is_sweep:
-        parent = files.dir.parent
+        parent = location.local_dir.parent
         known = sorted(p.name for p in parent.glob("*/") if any(p.glob("experiment_state-*.json"))) \
-            if not files.remote and parent.is_dir() else []
+            if not location.remote and parent.is_dir() else []
         raise BadInput(f"--name {args.name}: no sweep of that name under {args.storage_path}; accepted: "
                        f"{', '.join(known) if known else 'the --name and --storage-path of a sweep'}")
-    trial = args.trial.removeprefix("trial_")
-    ids = _trial_ids(files)
+    trial = args.trial.removeprefix(trial_dir(""))
+    ids = _trial_ids(location)
     if trial not in ids:
         raise BadInput(f"--trial {args.trial}: sweep {args.name!r} has no such trial; accepted: {', '.join(sorted(ids)) or '(none)'}")
-    if ids[trial] not in ("completed", "?"):
-        raise BadInput(f"--trial {trial} is {ids[trial]}; accepted: a completed trial ({', '.join(i for i, s in sorted(ids.items()) if s == 'completed') or 'none'})")
-    ck = files.final_checkpoint(trial)
-    if ck is None and not files.remote:
-        ck = _checkpoint_via_tune(files.dir, trial)
+    if ids[trial] not in (COMPLETED, "?"):
+        done = ", ".join(i for i, s in sorted(ids.items()) if s == COMPLETED) or "none"
+        raise BadInput(f"--trial {trial} is {ids[trial]}; accepted: a completed trial ({done})")
+    ck = location.final_checkpoint(trial)
     if ck is None:
-        raise BadInput(f"--trial {trial}: no checkpoint with a final model found in {files.uri}")
-    return _from_checkpoint(ck, f"{args.name}-{trial}", {"sweep": args.name, "trial_id": trial}, "state.pt")
+        raise BadInput(f"--trial {trial}: no checkpoint with a final model found in {location.exp_dir}")
+    return _from_checkpoint(ck, f"{args.name}-{trial}", {"sweep": args.name, TRIAL_ID: trial}, CHECKPOINT_FILE)
 
 
-def main(argv: list[str] | None = None) -> int:
+def export_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(os.path.abspath(Path(args.out).expanduser()))
     why = unwritable(out)
@@ -184,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     problems: list[str] = []
     if args.check:
         problems += ex.check_packed(packed_path, reference)
-        line["check"] = "ok" if not problems else "failed"
+        line["check"] = "ok" if not problems else "mismatch"
     if args.onnx and not problems:
         from trainables import onnx_export as ox
 
@@ -196,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         written.append(onnx_path)
         problems += ox.check_onnx(loaded.model, onnx_path, x, noise=args.onnx_noise == "on", qdq=qdq)
         line.update(onnx=str(onnx_path), onnx_noise=args.onnx_noise, onnx_weights=args.onnx_weights,
-                    onnx_check="ok" if not problems else "failed")
+                    onnx_check="ok" if not problems else "mismatch")
     if problems:
         for p in written:
             p.unlink(missing_ok=True)
@@ -208,6 +204,3 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(line))
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

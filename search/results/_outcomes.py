@@ -10,6 +10,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from trainables.contract import COMPLETED, DIVERGED, EPOCH, FAILED, FAILURE_REASON, STOPPED, TRIAL_ID, is_completed
+
 
 def trial_outcome(trial: Any) -> tuple[str, str]:
     """(status, reason): completed | stopped (early, by the scheduler) | failed.
@@ -17,16 +19,21 @@ def trial_outcome(trial: Any) -> tuple[str, str]:
     Called from Tune's trial-complete callbacks too, where the trial's status is still RUNNING
     (Tune sets TERMINATED after the callbacks), so the status alone does not decide. A trial that
     never reported still has a last_result holding its trial_id: that is no result."""
-    last = {k: v for k, v in (trial.last_result or {}).items() if k != "trial_id"}
-    if last.get("diverged"):  # trainables.tune: non-finite loss or weights (ERROR, or stopped on it)
-        return "failed", str(last.get("failure_reason") or "DivergedError")[:500]
+    last = {k: v for k, v in (trial.last_result or {}).items() if k != TRIAL_ID}
+    if last.get(DIVERGED):  # trainables.tune: non-finite loss or weights (ERROR, or stopped on it)
+        return FAILED, str(last.get(FAILURE_REASON) or "DivergedError")[:500]
     if trial.status == "ERROR":
-        return "failed", error_reason(trial)
-    if last.get("final") and last.get("epoch", 0) >= last.get("max_epochs", 1):
-        return "completed", ""
+        return FAILED, error_reason(trial)
+    if is_completed(last):
+        return COMPLETED, ""
     if last:
-        return "stopped", f"stopped after epoch {last.get('epoch')}"
-    return "failed", "no result"
+        return STOPPED, stopped_reason(last)
+    return FAILED, "no result"
+
+
+def stopped_reason(result: dict[str, Any]) -> str:
+    """Why a trial that reported but did not complete is off the front (the scheduler stopped it)."""
+    return f"stopped after epoch {result.get(EPOCH)}"
 
 
 def error_reason(trial: Any) -> str:

@@ -1,6 +1,6 @@
 """The numbers a user compares sweeps by, for the parent run's metrics and tags.
 
-Computed from the result tables (`search.results.trials_frame` / `front_frame`), so a replay
+Computed from the result tables (`trials_frame` / `front_frame`), so a replay
 (`--resume-logging`) logs the same values as the live sweep. Objectives are the validation
 values the search optimised; the test-split values of the same trials are labelled `test_...`.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .front import hypervolume
-from .objectives import OBJECTIVES
+from search.front import hypervolume
+from trainables.contract import COMPLETED, FAILED, OBJECTIVES, STOPPED, TRIAL_ID
 
 
 def _finite(v: Any) -> bool:
@@ -34,13 +34,13 @@ def sweep_summary(trials_df: Any, front_df: Any, reference: tuple[float, ...], c
     width b among completed trials: best_clean_acc.<b>bit and best_robust_acc.<b>bit (validation,
     the objectives), with test_clean_acc.best_clean.<b>bit / test_robust_acc.best_robust.<b>bit,
     the test-split accuracy of that same trial where the trial reported it; and floor.<objective>
-    for each floor. `floors`: a `search.objectives.Floors`, or {objective: value or None}.
+    for each floor. `floors`: a `search.front.Floors`, or {objective: value or None}.
     tags: `floor` (the floors in words, or "none"),
     `front_trials` (the front's trial ids)."""
     metrics: dict[str, float] = {}
     n = len(trials_df)
     status = trials_df["status"] if n else []
-    for s in ("completed", "stopped", "failed"):
+    for s in (COMPLETED, STOPPED, FAILED):
         metrics[f"n_{s}"] = float(sum(1 for v in status if v == s))
     metrics["front_size"] = float(len(front_df))
     pts = [[float(r[m]) for m in OBJECTIVES] for _, r in front_df.iterrows()
@@ -50,10 +50,10 @@ def sweep_summary(trials_df: Any, front_df: Any, reference: tuple[float, ...], c
     metrics["cpu_hours"] = seconds * cpus_per_trial / 3600.0
     metrics["gpu_hours"] = seconds * gpus_per_trial / 3600.0
     if n and "config.bits" in trials_df:
-        done = trials_df[trials_df["status"] == "completed"]
+        done = trials_df[trials_df["status"] == COMPLETED]
         for bits, group in done.groupby("config.bits"):
             label = _bits_label(bits)
-            for obj, short in (("clean_acc", "clean"), ("robust_acc", "robust")):
+            for obj, short in ((OBJECTIVES[0], "clean"), (OBJECTIVES[1], "robust")):
                 vals = group[group[obj].map(_finite)]
                 if not len(vals):
                     continue
@@ -65,11 +65,11 @@ def sweep_summary(trials_df: Any, front_df: Any, reference: tuple[float, ...], c
     if floors is None or isinstance(floors, dict):  # {objective: floor or None}
         floor_values = {k: float(v) for k, v in (floors or {}).items() if v is not None}
         described = ", ".join(f"{k}>={v:g}" for k, v in floor_values.items()) or "none"
-    else:  # search.objectives.Floors
+    else:  # search.front.Floors
         floor_values = dict(zip(OBJECTIVES, (float(v) for v in floors.reference)))
         described = floors.describe()
     for k, v in floor_values.items():
         metrics[f"floor.{k}"] = v
     tags = {"floor": described,
-            "front_trials": ",".join(str(t) for t in (front_df["trial_id"] if len(front_df) else []))[:5000]}
+            "front_trials": ",".join(str(t) for t in (front_df[TRIAL_ID] if len(front_df) else []))[:5000]}
     return metrics, tags

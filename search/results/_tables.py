@@ -14,19 +14,31 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from search.front import Floors, feasible_mask, non_dominated_mask
+from search.redact import redact
+from trainables.contract import (
+    COMPLETED,
+    DIVERGED,
+    EPOCH,
+    FRONT_TABLE,
+    INTERRUPTED,
+    MAX_EPOCHS,
+    NODE_ID,
+    OBJECTIVES,
+    TABLE_SUFFIXES,
+    TRIAL_ID,
+    TRIALS_TABLE,
+)
 from trainables.fileio import atomic_path
 
-from .front import feasible_mask, non_dominated_mask
-from .objectives import OBJECTIVES, Floors
-from .outcomes import trial_outcome
-from .redact import redact
+from ._outcomes import trial_outcome
 
 # objectives and the other metrics are validation-split numbers; test_* come from the one
 # evaluation of the test split at the end of a trial and are reported, never selected on
-METRIC_COLUMNS = ("clean_acc", "robust_acc", "fgsm_acc", "channel_sparsity", "channel_sparsity_in",
-                  "weight_sparsity", "size_bits", "compression", "epoch", "max_epochs",
+METRIC_COLUMNS = (*OBJECTIVES, "fgsm_acc", "channel_sparsity_in",
+                  "weight_sparsity", "size_bits", "compression", EPOCH, MAX_EPOCHS,
                   "test_clean_acc", "test_robust_acc", "test_fgsm_acc", "test_cw_acc", "time_total_s")
-STRING_COLUMNS = ("node_id",)  # the Ray node that ran the trial's last epoch
+STRING_COLUMNS = (NODE_ID,)  # the Ray node that ran the trial's last epoch
 
 
 def trials_frame(trials: list[Any], floors: Floors | None = None) -> pd.DataFrame:
@@ -36,13 +48,13 @@ def trials_frame(trials: list[Any], floors: Floors | None = None) -> pd.DataFram
     rows = []
     for t in trials:
         last = t.last_result or {}
-        if t.status in ("PENDING", "RUNNING", "PAUSED") and not last.get("diverged"):
-            epoch = last.get("epoch")
-            status = "interrupted"
+        if t.status in ("PENDING", "RUNNING", "PAUSED") and not last.get(DIVERGED):
+            epoch = last.get(EPOCH)
+            status = INTERRUPTED
             reason = (f"interrupted after epoch {epoch}" if epoch else "not started") + "; --resume continues it"
         else:
             status, reason = trial_outcome(t)
-        row: dict[str, Any] = {"trial_id": t.trial_id, "trial_name": str(t), "status": status, "reason": reason}
+        row: dict[str, Any] = {TRIAL_ID: t.trial_id, "trial_name": str(t), "status": status, "reason": reason}
         for k in METRIC_COLUMNS:
             v = last.get(k)
             row[k] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
@@ -54,17 +66,17 @@ def trials_frame(trials: list[Any], floors: Floors | None = None) -> pd.DataFram
         rows.append(row)
     df = pd.DataFrame(rows)
     if not len(df):
-        df = pd.DataFrame(columns=["trial_id", "trial_name", "status", "reason", *METRIC_COLUMNS, *STRING_COLUMNS])
+        df = pd.DataFrame(columns=[TRIAL_ID, "trial_name", "status", "reason", *METRIC_COLUMNS, *STRING_COLUMNS])
     df["feasible"] = feasible_column(df, floors)
     df["pareto"] = front_mask(df)
-    return df.sort_values("trial_id").reset_index(drop=True)
+    return df.sort_values(TRIAL_ID).reset_index(drop=True)
 
 
 def feasible_column(df: pd.DataFrame, floors: Floors | None) -> list[bool]:
-    """Completed trials with finite objectives above the sweep's floors (search.front.feasible_mask);
+    """Completed trials with finite objectives above the sweep's floors (Floors.feasible, the contract's rule);
     every other row is False."""
     ok = [
-        r["status"] == "completed" and all(r[m] is not None and math.isfinite(r[m]) for m in OBJECTIVES)
+        r["status"] == COMPLETED and all(r[m] is not None and math.isfinite(r[m]) for m in OBJECTIVES)
         for _, r in df.iterrows()
     ]
     idx = [i for i, o in enumerate(ok) if o]
@@ -89,36 +101,22 @@ def front_mask(df: pd.DataFrame) -> list[bool]:
 
 
 def front_frame(df: pd.DataFrame) -> pd.DataFrame:
-    cols = ["trial_id", *OBJECTIVES] + [c for c in df.columns if c not in ("trial_id", *OBJECTIVES, "pareto")]
+    cols = [TRIAL_ID, *OBJECTIVES] + [c for c in df.columns if c not in (TRIAL_ID, *OBJECTIVES, "pareto")]
     front = df[df["pareto"]][cols] if len(df) else df
     return front.sort_values(list(OBJECTIVES), ascending=False).reset_index(drop=True)
 
 
 def write_tables(out_dir: Path, trials_df: pd.DataFrame, front_df: pd.DataFrame) -> list[Path]:
     written = []
-    for name, df in (("trials", trials_df), ("pareto", front_df)):
+    writers = dict(zip(TABLE_SUFFIXES, (pq.write_table, pacsv.write_csv)))
+    for name, df in ((TRIALS_TABLE, trials_df), (FRONT_TABLE, front_df)):
         table = pa.Table.from_pandas(_arrow_safe(df), preserve_index=False)
-        for suffix, write in ((".parquet", pq.write_table), (".csv", pacsv.write_csv)):
-            path = out_dir / f"{name}{suffix}"
+        for suffix, write in writers.items():
+            path = out_dir / f"{name}.{suffix}"
             with atomic_path(path) as tmp:
                 write(table, str(tmp))
             written.append(path)
     return written
-
-
-def upload(files: list[Path], dest_uri: str) -> list[str]:
-    """Copy result files to remote storage (s3://, gs://): the storage path named by the user is
-    where people look. An object store replaces an object in one step, so no rename is needed."""
-    import pyarrow.fs as pafs
-
-    from .state import join_uri
-
-    out = []
-    for f in files:
-        dest = join_uri(dest_uri, f.name)  # keeps a ?endpoint_override=... query last
-        pafs.copy_files(str(f), dest, destination_filesystem=None)
-        out.append(dest)
-    return out
 
 
 def _arrow_safe(df: pd.DataFrame) -> pd.DataFrame:
@@ -135,7 +133,7 @@ def format_front(front_df: pd.DataFrame) -> str:
     """The front as a terminal table."""
     if not len(front_df):
         return "(no completed trial: the front is empty)"
-    cols = ["trial_id", *OBJECTIVES, "weight_sparsity", "compression"]
+    cols = [TRIAL_ID, *OBJECTIVES, "weight_sparsity", "compression"]
     cols += [c for c in ("config.bits", "config.loss", "config.alpha", "config.beta", "config.group_lasso",
                          "config.lambda0", "config.lambda_final", "config.rho", "config.phase2_start", "config.lr") if c in front_df]
     view = front_df[cols].copy()

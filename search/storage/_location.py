@@ -1,37 +1,47 @@
-"""Where a sweep keeps what `--resume` needs: the sweep record and the Optuna study.
+"""Where a sweep lives: one model for the driver, `--resume` and the tools run after a sweep.
 
-Everything lives under the storage path, so a sweep resumes from any machine that reaches it
-(after `ray down` / `ray up`, or from another working directory):
+A sweep is the folder `<storage>/<name>/` (Tune's experiment directory) under `--storage-path`:
 
-* a directory, local or shared (NFS, CIFS, Lustre, a FUSE mount...):
-  `<storage>/<name>/brsearch/{sweep.json,optuna.journal}`; the study is an Optuna
-  `JournalStorage` file with a symlink lock, which Optuna documents as safe on shared file
-  systems (sqlite's file locking is not), and which keeps the study in memory, so the sampler
-  does not re-read every trial from a database at each suggest (about 20 ms instead of 74 ms per
-  trial at 1,000 trials, docs/benchmarks.md). A sweep started with an `optuna.db` (sqlite, before
-  the journal became the default) keeps it;
-* `s3://`, `gs://`: the driver keeps the state in a local mirror (`$BRSEARCH_STATE_CACHE`, default
-  `~/.cache/brsearch`) and uploads it to `<storage>/<name>/brsearch/` at each Tune experiment
-  checkpoint (`StateSync`), before Tune uploads its own; `--resume` downloads it first;
+* a directory, local or shared (NFS, CIFS, Lustre, a FUSE mount...): everything is read and
+  written in place; the sweep's own state is `<storage>/<name>/brsearch/{sweep.json,optuna.journal}`.
+  The study is an Optuna `JournalStorage` file with a symlink lock, which Optuna documents as
+  safe on shared file systems (sqlite's file locking is not) and which keeps the study in memory,
+  so the sampler does not re-read every trial from a database at each suggest
+  (docs/benchmarks.md, "Study storage"). A sweep started with an `optuna.db` keeps it.
+* `s3://`, `gs://` (every node of a cluster must reach the storage): the driver and the tools work
+  on a local copy (`$BRSEARCH_STATE_CACHE`, default `~/.cache/brsearch`, one folder per sweep URI,
+  the same from every working directory) holding just the files they use, fetched and pushed back
+  through pyarrow's filesystem (the client Tune itself uses; `?endpoint_override=...` works).
+  The driver pushes its state at each Tune experiment checkpoint (search.storage.StateSync) and
+  `--resume` pulls it first.
 * `--study-storage URL`: an Optuna RDB URL the user names (postgresql://, mysql://, sqlite:///)
   or a journal file path; only the sweep record then goes to the storage path.
 
-This module imports neither Optuna nor Ray (the CLI's input checks stay fast); the storage
-objects and the sync callback are in `search.study_storage`.
+Imports neither Optuna nor Ray, so the command line's checks stay fast.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-STATE_DIR = "brsearch"  # our own files inside the experiment directory
-RECORD = "sweep.json"
-STATE_FILES = ("sweep.json", "optuna.db", "optuna.journal")
+from trainables.contract import (
+    CHECKPOINT_FILE,
+    MODEL_FILE,
+    RECORD_FILE,
+    STATE_DIR,
+    STUDY_JOURNAL,
+    STUDY_SQLITE,
+    trial_dir,
+)
+
+STATE_FILES = (RECORD_FILE, STUDY_SQLITE, STUDY_JOURNAL)
+CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")  # Tune's checkpoint folder names
 
 
 def is_remote(storage: str) -> bool:
@@ -44,13 +54,18 @@ def join_uri(base: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts]) + (q + query)
 
 
-def mirror_dir(remote_state_dir: str) -> Path:
-    """The driver-local copy of a remote sweep's state: one folder per storage URI, the same on
-    every machine and from every working directory."""
+def resolve_storage(storage: str) -> str:
+    """--storage-path as the sweep records it: a URI as given, a directory absolute."""
+    if is_remote(storage):
+        return storage
+    return str(Path(os.path.expanduser(storage.replace("file://", "", 1))).resolve())
+
+
+def _cache_dir(uri: str) -> Path:
+    """The local copy of a remote sweep: one folder per experiment URI (its query left out)."""
     root = Path(os.path.expanduser(os.environ.get("BRSEARCH_STATE_CACHE", "~/.cache/brsearch")))
-    key = hashlib.sha1(remote_state_dir.partition("?")[0].encode()).hexdigest()[:16]
-    name = remote_state_dir.partition("?")[0].rstrip("/").rsplit("/", 2)[-2]
-    return root / f"{name}-{key}"
+    bare = uri.partition("?")[0].rstrip("/")
+    return root / f"{bare.rsplit('/', 1)[-1]}-{hashlib.sha1(bare.encode()).hexdigest()[:16]}"
 
 
 def study_spec_from_flag(value: str) -> dict[str, str]:
@@ -64,22 +79,30 @@ def study_spec_from_flag(value: str) -> dict[str, str]:
 
 
 def study_file_spec(state_dir: Path) -> dict[str, str]:
-    """The study file in a state folder: the journal, or the sqlite file of a sweep started
-    before the journal became the default (so its --resume finds its trials)."""
-    if (state_dir / "optuna.db").is_file() and not (state_dir / "optuna.journal").exists():
-        return {"sqlite": str(state_dir / "optuna.db")}
-    return {"journal": str(state_dir / "optuna.journal")}
+    """The study file in a state folder: the journal, or the sqlite file of a sweep started with one."""
+    if (state_dir / STUDY_SQLITE).is_file() and not (state_dir / STUDY_JOURNAL).exists():
+        return {"sqlite": str(state_dir / STUDY_SQLITE)}
+    return {"journal": str(state_dir / STUDY_JOURNAL)}
 
 
-# --- the sweep's state ---------------------------------------------------------------------------
+def mirrored_study_spec(remote_state_dir: str) -> dict[str, str]:
+    """The study file of a remote sweep in this machine's local copy (a spec {"mirror": URI} is
+    resolved here, where it is unpickled, not where the sweep started)."""
+    exp = remote_state_dir.partition("?")[0].rstrip("/").rsplit("/", 1)[0]
+    return study_file_spec(_cache_dir(exp) / STATE_DIR)
 
-@dataclass
-class SweepState:
-    """The state of sweep `name` under `storage` (a resolved local path or a URI)."""
+
+@dataclass(frozen=True)
+class SweepLocation:
+    """Sweep `name` under `storage` (a directory or an s3://, gs:// URI; `~` and `file://` are
+    resolved), with the study in `study_storage` when the user named one."""
 
     storage: str
     name: str
-    study_storage: str | None = None  # --study-storage, if any
+    study_storage: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "storage", resolve_storage(self.storage))
 
     @property
     def remote(self) -> bool:
@@ -87,82 +110,141 @@ class SweepState:
 
     @property
     def exp_dir(self) -> str:
+        """The experiment directory as Tune and the user name it: a URI, or an absolute path."""
         return join_uri(self.storage, self.name) if self.remote else os.path.join(self.storage, self.name)
 
     @property
-    def remote_dir(self) -> str:
-        return join_uri(self.storage, self.name, STATE_DIR)
+    def local_dir(self) -> Path:
+        """Where this machine reads and writes the sweep's files: the experiment directory itself,
+        or its local copy."""
+        return _cache_dir(self.exp_dir) if self.remote else Path(self.exp_dir)
 
     @property
-    def dir(self) -> Path:
-        """Where the driver reads and writes the state files."""
-        return mirror_dir(self.remote_dir) if self.remote else Path(self.exp_dir) / STATE_DIR
+    def state_dir(self) -> Path:
+        """The sweep's own files (sweep.json, the study), on this machine."""
+        return self.local_dir / STATE_DIR
 
     def study_spec(self) -> dict[str, str]:
+        """What search.storage.open_study_storage opens (and a pickled storage opens again)."""
         if self.study_storage:
             return study_spec_from_flag(self.study_storage)
         if self.remote:
-            return {"mirror": self.remote_dir}
-        return study_file_spec(self.dir)
+            return {"mirror": join_uri(self.exp_dir, STATE_DIR)}
+        return study_file_spec(self.state_dir)
 
-    # remote file access (pyarrow) --------------------------------------------------------------
-    def _fs(self, uri: str) -> tuple[Any, str]:
-        import pyarrow.fs as pafs
-
-        return pafs.FileSystem.from_uri(uri)
-
+    # --- the sweep's record --------------------------------------------------------------------
     def exists(self) -> bool:
-        """Anything stored under the sweep's experiment directory (a sweep of that name)."""
+        """Anything stored under the experiment directory (a sweep of that name)."""
         if not self.remote:
             d = Path(self.exp_dir)
             return d.exists() and any(d.iterdir())
         import pyarrow.fs as pafs
 
-        fs, path = self._fs(self.exp_dir)
+        fs, path = self._fs()
         return bool(fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
 
     def read_record(self) -> dict[str, Any] | None:
-        """sweep.json from the storage (the remote copy for s3://, gs://); None if there is none."""
+        """sweep.json from the storage itself (for s3://, gs://: the remote copy); None if none."""
         try:
-            if not self.remote:
-                return json.loads((self.dir / RECORD).read_text())
-            fs, path = self._fs(join_uri(self.remote_dir, RECORD))
-            with fs.open_input_stream(path) as f:
-                return json.loads(f.read().decode())
+            got = self.fetch(f"{STATE_DIR}/{RECORD_FILE}")
+            return json.loads(got[0].read_text()) if got else None
         except (OSError, ValueError):
             return None
 
     def write_record(self, record: dict[str, Any]) -> None:
         from trainables.fileio import atomic_write_text
 
-        self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(json.dumps(record, indent=2, default=str), self.dir / RECORD)
-        self.push()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json.dumps(record, indent=2, default=str), self.state_dir / RECORD_FILE)
+        self.push_state()
 
-    def pull(self) -> list[str]:
-        """Remote -> the local mirror (replacing it): what `--resume` needs, from the storage."""
+    def pull_state(self) -> list[str]:
+        """The stored state replaces this machine's copy (what `--resume` needs); no-op locally."""
         if not self.remote:
             return []
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        return [p.name for p in self.fetch(*(f"{STATE_DIR}/{n}" for n in STATE_FILES))]
+
+    def push_state(self) -> None:
+        """This machine's state -> the storage (an object store replaces an object in one step)."""
+        self.push([self.state_dir / n for n in STATE_FILES if (self.state_dir / n).is_file()])
+
+    # --- files of a finished sweep ---------------------------------------------------------------
+    def checkpoints(self, trial_id: str) -> list[str]:
+        """The trial's checkpoint folder names, newest first."""
+        if not self.remote:
+            d = self.local_dir / trial_dir(trial_id)
+            names = [p.name for p in d.iterdir() if p.is_dir()] if d.is_dir() else []
+        else:
+            import pyarrow.fs as pafs
+
+            fs, root = self._fs()
+            sel = pafs.FileSelector(f"{root}/{trial_dir(trial_id)}", allow_not_found=True)
+            names = [i.base_name for i in fs.get_file_info(sel) if i.type == pafs.FileType.Directory]
+        found = [(int(m.group(1)), n) for n in names if (m := CHECKPOINT_RE.match(n))]
+        return [n for _, n in sorted(found, reverse=True)]
+
+    def final_checkpoint(self, trial_id: str) -> Path | None:
+        """The newest checkpoint of the trial that holds the deployed model, with the model and the
+        training state on this machine; None if no checkpoint holds a model."""
+        for ck in self.checkpoints(trial_id):
+            got = self.fetch(*(f"{trial_dir(trial_id)}/{ck}/{f}" for f in (MODEL_FILE, CHECKPOINT_FILE)))
+            if got and got[0].name == MODEL_FILE:
+                return got[0].parent
+        return None if self.remote else self.tune_checkpoint(trial_id)
+
+    def tune_checkpoint(self, trial_id: str) -> Path | None:
+        """Tune's own record of a local trial's latest checkpoint (whatever its directory is named)."""
+        from ray.tune import ExperimentAnalysis
+
+        try:
+            trials = ExperimentAnalysis(self.exp_dir).trials
+        except Exception:  # noqa: BLE001 - no readable Tune state: the caller reports "no checkpoint"
+            return None
+        for t in trials:
+            if t.trial_id == trial_id and t.checkpoint is not None:
+                return Path(t.checkpoint.path)
+        return None
+
+    # --- the one copy routine, both ways -------------------------------------------------------
+    def _fs(self) -> tuple[Any, str]:
         import pyarrow.fs as pafs
 
-        fs, path = self._fs(self.remote_dir)
-        infos = [i for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-                 if i.type == pafs.FileType.File and i.base_name in STATE_FILES]
-        if self.dir.exists():
-            shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True)
-        for info in infos:
-            with fs.open_input_stream(info.path) as src, open(self.dir / info.base_name, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        return [i.base_name for i in infos]
+        return pafs.FileSystem.from_uri(self.exp_dir)
 
-    def push(self) -> None:
-        """The local mirror -> remote. An object store replaces an object in one step."""
+    def fetch(self, *rel: str) -> list[Path]:
+        """These experiment-relative files on this machine (copied down, replacing older copies, for
+        s3://, gs://); returns the paths of those that exist. A file gone from the storage is gone
+        from the copy too."""
         if not self.remote:
-            return
-        fs, path = self._fs(self.remote_dir)
-        for name in STATE_FILES:
-            f = self.dir / name
-            if f.is_file():
-                with open(f, "rb") as src, fs.open_output_stream(f"{path}/{name}") as dst:
-                    shutil.copyfileobj(src, dst)
+            return [self.local_dir / r for r in rel if (self.local_dir / r).is_file()]
+        import pyarrow.fs as pafs
+
+        fs, root = self._fs()
+        got = []
+        for r in rel:
+            dst = self.local_dir / r
+            if fs.get_file_info(f"{root}/{r}").type != pafs.FileType.File:
+                dst.unlink(missing_ok=True)
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(dst.name + ".part")
+            with fs.open_input_stream(f"{root}/{r}") as src, open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out)
+            os.replace(tmp, dst)
+            got.append(dst)
+        return got
+
+    def push(self, paths: list[Path]) -> list[str]:
+        """Files under `local_dir` -> the storage, at the same relative paths; returns where they
+        are (locally: the paths themselves)."""
+        if not self.remote:
+            return [str(p) for p in paths]
+        fs, root = self._fs()
+        out = []
+        for p in paths:
+            rel = p.resolve().relative_to(self.local_dir.resolve()).as_posix()
+            with open(p, "rb") as src, fs.open_output_stream(f"{root}/{rel}") as dst:
+                shutil.copyfileobj(src, dst)
+            out.append(join_uri(self.exp_dir, rel))
+        return out

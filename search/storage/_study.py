@@ -15,7 +15,7 @@ from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from ray.tune import Callback
 
-from .state import SweepState, mirror_dir, study_file_spec
+from ._location import SweepLocation, mirrored_study_spec
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def open_study_storage(spec: dict[str, str]) -> optuna.storages.BaseStorage:
     {"mirror": remote state dir} (the study file in the driver-local mirror)."""
     named = dict(spec)  # what the storage pickles as: a mirror is looked up again where it is unpickled
     if "mirror" in spec:
-        spec = study_file_spec(mirror_dir(spec["mirror"]))
+        spec = mirrored_study_spec(spec["mirror"])
     storage: optuna.storages.BaseStorage
     if "url" in spec:
         storage = _SpecRDBStorage(spec["url"])
@@ -78,12 +78,12 @@ class StateSync(Callback):
     state right after saving the searcher's, and uploads both afterwards, so the stored study is
     never older than the stored searcher."""
 
-    def __init__(self, state: SweepState) -> None:
-        self.state = state
+    def __init__(self, location: SweepLocation) -> None:
+        self.location = location
 
     def get_state(self) -> dict | None:
-        self.state.push()
+        self.location.push_state()
         return None
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self.state.push()
+        self.location.push_state()

@@ -8,7 +8,7 @@ model carries the run's params, the final epoch's metrics (linked by MLflow from
 an input example and the signature inferred from it. The model is pickled (not `torch.export`ed:
 4 s per model against 0.2 s) with `trainables/` as its code path, so `mlflow.pytorch.load_model`
 needs nothing of brsearch installed. Every call here runs on the driver's background MLflow
-thread (`search.mlflow_async`) and is idempotent: a model is looked up by its tags first.
+thread (search.tracking's queue) and is idempotent: a model is looked up by its tags first.
 """
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ from typing import Any
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
-from .redact import SECRET_PATTERN, redact
+from search.redact import SECRET_PATTERN, redact
+from trainables.contract import MODEL_FILE, TRIAL_ID, training_config
 
-MODEL_FILE = "model.pt"  # trainables.tune.MODEL_FILE (not imported: that module imports Ray)
 MODEL_TYPE = "brsearch-enresnet"
 IMAGE_SIZE = {"digits": 8, "mnist": 28, "fashion-mnist": 28, "cifar10": 32, "svhn": 32}  # input example only
-TRAINABLES = Path(__file__).resolve().parents[1] / "trainables"
+TRAINABLES = Path(__file__).resolve().parents[2] / "trainables"
 
 
 class _QuietPickleWarning(logging.Filter):
@@ -48,7 +48,7 @@ def rebuild(config: dict[str, Any], state: dict[str, Any]) -> Any:
     from trainables.config import TrainConfig
     from trainables.models import build_model
 
-    cfg = TrainConfig.from_flat({k: v for k, v in config.items() if not (k.endswith("_on") and k[:-3] in config)})
+    cfg = TrainConfig.from_flat(training_config(config))
     in_channels = int(state["members.0.conv1.weight"].shape[1])
     num_classes = int(state["members.0.fc.weight"].shape[0])
     model = build_model(cfg.depth, cfg.width, in_channels, num_classes, cfg.ensemble, cfg.noise)
@@ -66,7 +66,8 @@ def input_example(config: dict[str, Any], model: Any) -> Any:
     return np.random.default_rng(0).random((2, channels, size, size), dtype=np.float32)
 
 
-def _params(config: dict[str, Any]) -> dict[str, str]:
+def config_params(config: dict[str, Any]) -> dict[str, str]:
+    """A config as MLflow params: credentials left out (by key) or redacted (in values)."""
     return {k: redact(v)[:6000] for k, v in sorted(config.items()) if not SECRET_PATTERN.search(k)}
 
 
@@ -86,10 +87,19 @@ def find_model(client: MlflowClient, experiment_id: str, run_id: str) -> Any | N
     return ready
 
 
-def log_trial_model(client: MlflowClient, experiment_id: str, run_id: str, trial_id: str, sweep: str,
-                    parent_run_id: str, config: dict[str, Any], checkpoint: Any, step: int) -> str | None:
-    """Log the trial's final model once; returns its model id (None when the checkpoint has no
-    model file). Raises what MLflow raises, for the background queue to retry."""
+def log_trial_model(client: MlflowClient, run: Any, run_id: str, end: Any) -> str | None:
+    """Log a completed trial's final model once.
+
+    Args:
+        client: the sweep's MLflow client.
+        run: the sweep's SweepRun (experiment, parent run, sweep name).
+        run_id: the trial's child run.
+        end: the trial's TrialEnd (id, config, final checkpoint, last epoch).
+
+    Returns the model id, or None when the checkpoint has no model file. Raises what MLflow
+    raises, for the background queue to retry."""
+    experiment_id, sweep, parent_run_id = run.experiment_id, run.sweep, run.parent_run_id
+    trial_id, config, checkpoint, step = end.trial_id, end.config, end.checkpoint, end.step
     existing = find_model(client, experiment_id, run_id)
     if existing is not None:
         return existing.model_id
@@ -105,7 +115,7 @@ def log_trial_model(client: MlflowClient, experiment_id: str, run_id: str, trial
     tags = {"brsearch.kind": "trial-model", "brsearch.trial_id": trial_id, "sweep": sweep,
             "brsearch.parent_run_id": parent_run_id, "bits": str(config.get("bits", ""))}
     lm = client.create_logged_model(experiment_id, name=f"{sweep}-{trial_id}", source_run_id=run_id,
-                                    tags=tags, params=_params(config), model_type=MODEL_TYPE)
+                                    tags=tags, params=config_params(config), model_type=MODEL_TYPE)
     mlflow.pytorch.log_model(
         model, name=lm.name, model_id=lm.model_id, run_id=run_id, step=step,
         input_example=input_example(config, model), serialization_format="pickle",
@@ -169,7 +179,7 @@ def register_front(client: MlflowClient, name: str, front_df: Any, models: dict[
         aliases.append(alias)
     for m in objectives:
         if len(front_df):
-            tid = front_df.sort_values(m, ascending=False).iloc[0]["trial_id"]
+            tid = front_df.sort_values(m, ascending=False).iloc[0][TRIAL_ID]
             if tid in models:
                 alias = "best-" + m.replace("_", "-")
                 client.set_registered_model_alias(name, alias, versions[models[tid]])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .objectives import OBJECTIVES
+from trainables.contract import COMPLETED, OBJECTIVES, TRIAL_ID
 
 
 def plot_hypervolume(history: list[Any], out: Path, reference: tuple[float, ...]) -> Path:
@@ -41,7 +41,7 @@ def plot_front(trials_df: Any, front_df: Any, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = trials_df[trials_df["status"] == "completed"] if len(trials_df) else trials_df
+    done = trials_df[trials_df["status"] == COMPLETED] if len(trials_df) else trials_df
     if not len(done):
         return []
     paths = []
@@ -64,7 +64,7 @@ def plot_front(trials_df: Any, front_df: Any, out: Path) -> list[Path]:
 
     import plotly.graph_objects as go
 
-    hover = [f"{t}<br>bits={b}" for t, b in zip(done["trial_id"], done.get("config.bits", [""] * len(done)))]
+    hover = [f"{t}<br>bits={b}" for t, b in zip(done[TRIAL_ID], done.get("config.bits", [""] * len(done)))]
     on = done["pareto"].astype(bool) if "pareto" in done else [False] * len(done)
     fig3 = go.Figure()
     for flag, colour, label in ((False, "lightgray", "dominated"), (True, "crimson", "Pareto front")):

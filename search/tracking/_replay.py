@@ -15,9 +15,12 @@ from typing import Any
 
 from mlflow.entities import Metric
 
-from .objectives import OBJECTIVES
-from .outcomes import trial_outcome
-from .tracking import SweepLogger, hypervolume_metrics, result_metrics
+from search.front import Floors
+from search.results import trial_outcome
+from trainables.contract import COMPLETED, OBJECTIVES
+
+from ._callback import add_point, front_metrics, live_front
+from ._writer import SweepLogger, result_metrics, result_step
 
 
 def _records(frame: Any) -> list[dict[str, Any]]:
@@ -30,53 +33,50 @@ def _records(frame: Any) -> list[dict[str, Any]]:
     return out
 
 
-def replay(logger: SweepLogger, trials: list[Any], frames: dict[str, Any], reference: tuple[float, ...],
-           floors: Any = None) -> int:
-    """Queue every trial's run, results and end, and the missing hypervolume points; returns the
-    number of trials with results."""
+def replay(logger: SweepLogger, analysis: Any, floors: Floors | None) -> int:
+    """Queue every trial's run, results and end (from Tune's ExperimentAnalysis), and the missing
+    live front points; returns the number of trials with results."""
     completions = []  # (time, trial id, objective vector)
     stamps = []  # every result's time: epochs consumed up to a completion
     n = 0
-    for t in trials:
+    frames = analysis.trial_dataframes
+    for t in analysis.trials:
         rows = _records(frames.get(t.trial_id))
         if not rows:
             continue
         n += 1
-        finished = t.status in ("TERMINATED", "ERROR")
         logger.trial_started(t.trial_id, str(t), t.config or {}, running=False)
         for r in rows:
-            step = int(r.get("epoch", r.get("training_iteration", 0)))
+            step = result_step(r)
             logger.trial_result(t.trial_id, step, result_metrics(r, step))
             stamps.append(float(r.get("timestamp", 0)))
-        if finished:
+        if t.status in ("TERMINATED", "ERROR"):
             status, reason = trial_outcome(t)
-            last = t.last_result or rows[-1]
-            logger.trial_finished(t.trial_id, str(t), t.config or {}, status, reason,
-                                  t.checkpoint if status == "completed" else None, int(last.get("epoch", 0)))
-            if status == "completed":
+            logger.trial_finished(t, status, reason)
+            if status == COMPLETED:
+                last = t.last_result or rows[-1]
                 completions.append((float(rows[-1].get("timestamp", 0)), t.trial_id,
                                     [float(last[m]) for m in OBJECTIVES]))
-    logger.call(_replay_hypervolume, logger, sorted(completions), sorted(stamps), reference, floors,
-                label="replay hypervolume")
+    logger.call(_replay_front, logger, sorted(completions), sorted(stamps), floors, label="replay hypervolume")
     return n
 
 
-def _replay_hypervolume(logger: SweepLogger, completions: list[tuple[float, str, list[float]]],
-                        stamps: list[float], reference: tuple[float, ...], floors: Any = None) -> None:
-    """Log the hypervolume curve's points for completions beyond the last `n_completed` MLflow has
+def _replay_front(logger: SweepLogger, completions: list[tuple[float, str, list[float]]],
+                  stamps: list[float], floors: Floors | None) -> None:
+    """Log the live front's points for completions beyond the last `n_completed` MLflow has
     (the live callback logs hypervolume, n_pareto and n_completed together)."""
     client = logger.client
-    seen = client.get_metric_history(logger.parent_run_id, "n_completed")
+    seen = client.get_metric_history(logger.run.parent_run_id, "n_completed")
     have = int(max((m.value for m in seen), default=0))
     last_step = max((m.step for m in seen), default=0)
-    points: list[list[float]] = []
+    front = live_front(floors, [])
     batch: list[Metric] = []
-    for when, _tid, vec in completions:
-        points.append(vec)
-        if len(points) <= have:
+    for i, (when, _tid, vec) in enumerate(completions, 1):
+        add_point(front, floors, vec)
+        if i <= have:
             continue
         consumed = sum(1 for s in stamps if s <= when)
         last_step = max(last_step + 1, consumed)
-        batch += hypervolume_metrics(points, reference, last_step, ts=int(when * 1000), floors=floors)
+        batch += front_metrics(front, last_step, ts=int(when * 1000))
     for i in range(0, len(batch), 900):
-        client.log_batch(logger.parent_run_id, metrics=batch[i:i + 900])
+        client.log_batch(logger.run.parent_run_id, metrics=batch[i:i + 900])

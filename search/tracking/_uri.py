@@ -36,3 +36,9 @@ def ui_command(tracking_uri: str) -> str | None:
     if tracking_uri.startswith(("http://", "https://")):
         return None
     return f"mlflow ui --backend-store-uri {tracking_uri} --host {UI_HOST} --port {UI_PORT}"
+
+
+def link_lines(tracking_uri: str, experiment_id: str) -> str:
+    """`  open     <runs view>` and, for a database store, the `mlflow ui` command serving it."""
+    cmd = ui_command(tracking_uri)
+    return f"  open     {runs_view_url(tracking_uri, experiment_id)}" + (f"\n           (after: {cmd})" if cmd else "")
