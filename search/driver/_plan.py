@@ -122,7 +122,11 @@ def _check_flags(f: Flags) -> None:
 
 def prepare(flags: Flags) -> Plan:
     """All the checks, none of the writes; raises ConfigError with a one-line message. The cheap
-    checks come first, before torch, Ray and MLflow are imported (seconds), so a typo fails fast."""
+    checks come first, before torch, Ray and MLflow are imported (seconds), so a typo fails fast.
+
+    Args:
+        flags: the parsed command line (`Flags.parse`).
+    """
     if flags.resume_logging:  # the stored sweep, checked as for --resume
         flags = dataclasses.replace(flags, resume=True)
     _check_flags(flags)
@@ -246,7 +250,11 @@ def adopt_stored(flags: Flags) -> tuple[Flags, Space | None]:
     every flag of RESUMED_FLAGS left at its default takes the stored value, and with none of
     SPACE_FLAGS given the stored space (pinned values included) is used. Returns the flags and
     that space, or None when the space is to be built from the flags (and checked against the
-    stored fingerprint)."""
+    stored fingerprint).
+
+    Args:
+        flags: the command line of `--resume` (with `name` set).
+    """
     name = str(flags.name)
     try:
         stored = SweepLocation(flags.storage_path, name).read_record()
@@ -305,7 +313,13 @@ def _unreachable(host: str, port: int, timeout: float = 3.0) -> str | None:
 
 def device_refusal(device: Any, gpus: float) -> str | None:
     """Why a pinned `device` cannot work with `gpus` GPUs per trial, or None. A trial sees only
-    the GPUs Ray gives it (a fraction is one device), as trainables.tune.trial_device maps them."""
+    the GPUs Ray gives it (a fraction is one device), as trainables.tune.trial_device maps them.
+
+    Args:
+        device: the space's pinned `device` value (any type; only `cuda...` strings are
+            checked).
+        gpus: GPUs per trial.
+    """
     if not isinstance(device, str) or not device.startswith("cuda"):
         return None
     if gpus <= 0:

@@ -46,7 +46,12 @@ class Resources:
 def node_types_from_config(cfg: dict[str, Any], live_head: tuple[float, float] | None = None) -> list[NodeType]:
     """Node types of a cluster-launcher / autoscaling config. A head type with empty `resources`
     ({} = autodetect) takes the live head's (cpus, gpus) when given. The global `max_workers`
-    caps the workers of all types together (applied in `capacity`)."""
+    caps the workers of all types together (applied in `capacity`).
+
+    Args:
+        cfg: the cluster YAML as a mapping.
+        live_head: (CPUs, GPUs) of the running head, for a head type that autodetects.
+    """
     types = cfg.get("available_node_types") or {}
     head_type = cfg.get("head_node_type")
     out = []
@@ -83,7 +88,14 @@ def default_per_trial(types: list[NodeType]) -> tuple[float, float]:
 def capacity(types: list[NodeType], cpus: float, gpus: float, max_workers: int | None = None) -> int:
     """How many trials of (cpus, gpus) fit at once on the largest cluster the node types allow:
     the head's slots plus each worker type's up to its max_workers, the global max_workers
-    filled with the roomiest types first."""
+    filled with the roomiest types first.
+
+    Args:
+        types: the cluster's node types.
+        cpus: CPUs per trial.
+        gpus: GPUs per trial.
+        max_workers: the config's global worker cap, if any.
+    """
     total = sum(_slots(t, cpus, gpus) for t in types if t.head)
     workers = sorted((t for t in types if not t.head), key=lambda t: -_slots(t, cpus, gpus))
     left = max_workers if max_workers is not None else sum(t.max_count for t in workers)

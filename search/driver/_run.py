@@ -35,7 +35,14 @@ def trial_dirname(trial: Any) -> str:
 def build_tuner(plan: Plan, resources: Resources, callbacks: list[Any], options: TunerOptions = TunerOptions()) -> Any:
     """The Tuner of a new sweep: ParetoSearch over the plan's space, the --scheduler, storage and
     failure policy. `run` uses it, and the benchmarks too, so both measure the same sweep.
-    Needs `plan.location.state_dir` to exist."""
+    Needs `plan.location.state_dir` to exist.
+
+    Args:
+        plan: the validated sweep.
+        resources: CPUs and GPUs per trial and trials at once.
+        callbacks: Tune callbacks (MLflow, progress...); MO-ASHA's state callback is added here.
+        options: what benchmarks vary; the sweep uses the defaults.
+    """
     from ray import tune
 
     from search.optimizer import MOASHAScheduler, ParetoSearch, make_sampler
@@ -163,7 +170,14 @@ def end_sweep(plan: Plan, sweep_run: Any, res: Resources, *, trained: bool) -> i
     logger: the tables are complete whatever it does), then the front and the way on.
 
     Exit code: 130 when trials are left for a --resume, else 0 if any trial completed (a
-    --resume-logging: 0 when everything was logged, 1 when the server is still away)."""
+    --resume-logging: 0 when everything was logged, 1 when the server is still away).
+
+    Args:
+        plan: the sweep.
+        sweep_run: its MLflow parent run.
+        res: the resources its trials had (for the summary's CPU and GPU hours).
+        trained: False for --resume-logging, which trains nothing.
+    """
     from ray import tune
 
     from search.results import format_front, front_frame, trials_frame, write_tables

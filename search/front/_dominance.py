@@ -42,7 +42,12 @@ DEFAULT_REFERENCE: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 def feasible_mask(points, floors: Floors) -> np.ndarray:
-    """Rows (clean, robust, sparsity) above the floors (Floors.feasible, the contract's rule)."""
+    """Rows (clean, robust, sparsity) above the floors (Floors.feasible, the contract's rule).
+
+    Args:
+        points: (n, 3) rows in OBJECTIVES order.
+        floors: the sweep's floors.
+    """
     pts = _as_points(points)
     if pts.shape[0] == 0:
         return np.zeros(0, dtype=bool)
@@ -153,6 +158,10 @@ def hypervolume(points, reference: Sequence[float] = DEFAULT_REFERENCE) -> float
     other points add zero volume and are dropped, so no error is raised for them. Dominated
     points do not change the result. An empty set, or a set with no contributing point, gives
     ``0.0``. Exact, by ``moocore.hypervolume``.
+
+    Args:
+        points: (n, k) rows, every objective maximised; NaN raises ValueError.
+        reference: the lower corner (the sweep's floors).
     """
     pts, ref = _contributing(points, reference)
     if pts.shape[0] == 0:

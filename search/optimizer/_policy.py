@@ -17,7 +17,13 @@ COMPLETE_ONLY = {"gp": "waits for its start-up trials to complete and ignores st
 
 def resolve_sampler(name: str, trials: int, scheduler: str) -> str:
     """The sampler a sweep of `trials` trials under `scheduler` runs: `auto` becomes `tpe` under
-    MO-ASHA, else `gp` below GP_TRIALS trials and `tpe` from there; other names stay."""
+    MO-ASHA, else `gp` below GP_TRIALS trials and `tpe` from there; other names stay.
+
+    Args:
+        name: a SAMPLERS name.
+        trials: the sweep's trial count.
+        scheduler: `fifo` or `moasha`.
+    """
     if name != "auto":
         return name
     if scheduler == "moasha":
@@ -26,13 +32,24 @@ def resolve_sampler(name: str, trials: int, scheduler: str) -> str:
 
 
 def sampler_label(name: str, trials: int, scheduler: str) -> str:
-    """`auto (gp)`: the name the user gave and the sampler it resolved to (the sweep's header)."""
+    """`auto (gp)`: the name the user gave and the sampler it resolved to (the sweep's header).
+
+    Args:
+        name: the --sampler given.
+        trials: the sweep's trial count.
+        scheduler: `fifo` or `moasha`.
+    """
     actual = resolve_sampler(name, trials, scheduler)
     return name if actual == name else f"{name} ({actual})"
 
 
 def scheduler_gap(sampler: str, scheduler: str) -> str | None:
-    """Why `sampler` (resolved) learns little under `scheduler` (one line), or None."""
+    """Why `sampler` (resolved) learns little under `scheduler` (one line), or None.
+
+    Args:
+        sampler: the resolved sampler.
+        scheduler: `fifo` or `moasha`.
+    """
     if scheduler != "moasha" or sampler not in COMPLETE_ONLY:
         return None
     return (f"warning: --sampler {sampler} {COMPLETE_ONLY[sampler]}, and MO-ASHA stops most trials, so "

@@ -87,7 +87,13 @@ def _epsnet_position(front: np.ndarray, me: int, limit: int) -> int:
 
 
 def keeps(position: int, n: int, reduction_factor: float) -> bool:
-    """The keep rule: normalised rank position / n <= 1 / reduction_factor."""
+    """The keep rule: normalised rank position / n <= 1 / reduction_factor.
+
+    Args:
+        position: 0-based place in the rung's order.
+        n: vectors at the rung, the new one included.
+        reduction_factor: η.
+    """
     return position * reduction_factor <= n * (1 + 1e-12)
 
 
@@ -97,7 +103,15 @@ def rung_position(points, index: int = -1, tie_break: str = "crowding", limit: i
     front first, then the tie-break inside the front; exact ties resolved in the row's favour.
     With `limit`, the ε-net walk may stop early and return `limit` for any place >= limit.
     With `violations` (one per row, > 0 = infeasible): feasible rows first, in that order, then the
-    infeasible ones by increasing violation (Deb's constrained domination)."""
+    infeasible ones by increasing violation (Deb's constrained domination).
+
+    Args:
+        points: (n, k) objective vectors, maximised.
+        index: the row to place.
+        tie_break: `crowding` or `epsnet`.
+        limit: stop the ε-net walk at this place.
+        violations: per row, > 0 = below a floor.
+    """
     if tie_break not in TIE_BREAKS:
         raise ValueError(f"tie_break {tie_break!r}; accepted: {', '.join(TIE_BREAKS)}")
     pts = np.asarray(points, dtype=float)
@@ -163,6 +177,13 @@ def decide(
     :func:`rung_position` satisfies ``position / n <= 1 / reduction_factor``. ``violations``
     (recorded vectors' first, the new one's last; > 0 = below a floor) puts infeasible vectors
     behind every feasible one.
+
+    Args:
+        rung_vectors: vectors already at the rung.
+        new_vector: the arriving trial's vector.
+        reduction_factor: η.
+        tie_break: `crowding` or `epsnet`.
+        violations: recorded vectors' first, the new one's last.
     """
     return _decide_detail(rung_vectors, new_vector, reduction_factor, tie_break, violations)[0]
 

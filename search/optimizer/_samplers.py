@@ -23,7 +23,15 @@ from ._policy import resolve_sampler
 
 def make_sampler(name: str, seed: int, max_concurrent: int, trials: int | None = None,
                  scheduler: str | None = None) -> BaseSampler:
-    """`trials` and `scheduler`: the sweep's trial count and --scheduler, which `auto` needs."""
+    """`trials` and `scheduler`: the sweep's trial count and --scheduler, which `auto` needs.
+
+    Args:
+        name: a SAMPLERS name; `auto` needs `trials` and `scheduler`.
+        seed: the sampler's seed (--seed).
+        max_concurrent: trials at once (sizes TPE's constant liar and the start-up).
+        trials: the sweep's trial count.
+        scheduler: `fifo` or `moasha`.
+    """
     if name == "auto":
         if trials is None or scheduler is None:
             raise ValueError("--sampler auto needs the sweep's trial count and scheduler")

@@ -193,7 +193,12 @@ def joint_modelling_gap(sampler: str, space: Space) -> str | None:
     parameter, an `allow_zero` switch, or a define-by-run function whose parameter set varies
     drops out of it and is then sampled independently at random, every trial. TPE with
     multivariate=True, group=True (our `tpe`) models conditional spaces; `random` models nothing.
-    `sampler` is the resolved name (`search.optimizer.resolve_sampler`)."""
+    `sampler` is the resolved name (`search.optimizer.resolve_sampler`).
+
+    Args:
+        sampler: the resolved sampler.
+        space: the sweep's space.
+    """
     if sampler not in ("nsga2", "gp"):
         return None
     if space.func is not None:
@@ -229,7 +234,11 @@ def _varying_params(space: Space, samples: int = 16) -> set[str]:
 # --- loading --------------------------------------------------------------------------------
 
 def load_space(ref: str | None) -> Space:
-    """A built-in name (`paper`), a .py file (SPACE dict or space(trial)), or a .yaml file."""
+    """A built-in name (`paper`), a .py file (SPACE dict or space(trial)), or a .yaml file.
+
+    Args:
+        ref: a built-in name, a path to a .py or .yaml file, or None for `paper`.
+    """
     ref = ref or "paper"
     path = Path(ref)
     if path.suffix in (".yaml", ".yml", ".json", ".py"):

@@ -18,7 +18,11 @@ def trial_outcome(trial: Any) -> tuple[str, str]:
 
     Called from Tune's trial-complete callbacks too, where the trial's status is still RUNNING
     (Tune sets TERMINATED after the callbacks), so the status alone does not decide. A trial that
-    never reported still has a last_result holding its trial_id: that is no result."""
+    never reported still has a last_result holding its trial_id: that is no result.
+
+    Args:
+        trial: a Tune Trial (or anything with status, last_result and the error accessors).
+    """
     last = {k: v for k, v in (trial.last_result or {}).items() if k != TRIAL_ID}
     if last.get(DIVERGED):  # trainables.tune: non-finite loss or weights (ERROR, or stopped on it)
         return FAILED, str(last.get(FAILURE_REASON) or "DivergedError")[:500]

@@ -36,7 +36,16 @@ def sweep_summary(trials_df: Any, front_df: Any, reference: tuple[float, ...], c
     the test-split accuracy of that same trial where the trial reported it; and floor.<objective>
     for each floor. `floors`: a `search.front.Floors`, or {objective: value or None}.
     tags: `floor` (the floors in words, or "none"),
-    `front_trials` (the front's trial ids)."""
+    `front_trials` (the front's trial ids).
+
+    Args:
+        trials_df: the trials table.
+        front_df: the front table.
+        reference: the hypervolume's reference point.
+        cpus_per_trial: for cpu_hours.
+        gpus_per_trial: for gpu_hours.
+        floors: a `search.front.Floors`, or {objective: value or None}.
+    """
     metrics: dict[str, float] = {}
     n = len(trials_df)
     status = trials_df["status"] if n else []

@@ -44,7 +44,12 @@ STRING_COLUMNS = (NODE_ID,)  # the Ray node that ran the trial's last epoch
 def trials_frame(trials: list[Any], floors: Floors | None = None) -> pd.DataFrame:
     """One row per Tune trial: id, status (completed/stopped/failed, or interrupted for a trial an
     interrupted sweep left unfinished), reason, config, metrics. Takes the trials after
-    `Tuner.fit` returned, when their status is final."""
+    `Tuner.fit` returned, when their status is final.
+
+    Args:
+        trials: Tune's Trial objects (`ExperimentAnalysis.trials`).
+        floors: the sweep's floors, for the `feasible` column.
+    """
     rows = []
     for t in trials:
         last = t.last_result or {}
@@ -74,7 +79,12 @@ def trials_frame(trials: list[Any], floors: Floors | None = None) -> pd.DataFram
 
 def feasible_column(df: pd.DataFrame, floors: Floors | None) -> list[bool]:
     """Completed trials with finite objectives above the sweep's floors (Floors.feasible, the contract's rule);
-    every other row is False."""
+    every other row is False.
+
+    Args:
+        df: the trials table.
+        floors: the sweep's floors (None: completed with finite objectives is enough).
+    """
     ok = [
         r["status"] == COMPLETED and all(r[m] is not None and math.isfinite(r[m]) for m in OBJECTIVES)
         for _, r in df.iterrows()
@@ -107,6 +117,13 @@ def front_frame(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_tables(out_dir: Path, trials_df: pd.DataFrame, front_df: pd.DataFrame) -> list[Path]:
+    """Write both tables as Parquet and CSV, each file atomically; returns the paths.
+
+    Args:
+        out_dir: where the sweep's files live on this machine (`SweepLocation.local_dir`).
+        trials_df: the trials table.
+        front_df: the front table.
+    """
     written = []
     writers = dict(zip(TABLE_SUFFIXES, (pq.write_table, pacsv.write_csv)))
     for name, df in ((TRIALS_TABLE, trials_df), (FRONT_TABLE, front_df)):

@@ -49,7 +49,12 @@ def is_remote(storage: str) -> bool:
 
 
 def join_uri(base: str, *parts: str) -> str:
-    """base/part/... keeping a ?query (endpoint_override=... for S3-compatible servers) at the end."""
+    """base/part/... keeping a ?query (endpoint_override=... for S3-compatible servers) at the end.
+
+    Args:
+        base: a URI or path, possibly with a ?query.
+        parts: path parts to append.
+    """
     root, q, query = base.partition("?")
     return "/".join([root.rstrip("/"), *parts]) + (q + query)
 

@@ -32,7 +32,11 @@ class _SpecJournalStorage(JournalStorage):
 
 def open_study_storage(spec: dict[str, str]) -> optuna.storages.BaseStorage:
     """The Optuna storage a spec names: {"url": RDB URL}, {"sqlite": path}, {"journal": path} or
-    {"mirror": remote state dir} (the study file in the driver-local mirror)."""
+    {"mirror": remote state dir} (the study file in the driver-local mirror).
+
+    Args:
+        spec: what `SweepLocation.study_spec` or --study-storage names.
+    """
     named = dict(spec)  # what the storage pickles as: a mirror is looked up again where it is unpickled
     if "mirror" in spec:
         spec = mirrored_study_spec(spec["mirror"])

@@ -16,7 +16,12 @@ from ._writer import SweepLogger, SweepRun, result_metrics, result_step, sweep_l
 
 
 def live_front(floors: Floors | None, points: list[list[float]]) -> IncrementalFront:
-    """The front of these completed trials' objective vectors, measured against the floors."""
+    """The front of these completed trials' objective vectors, measured against the floors.
+
+    Args:
+        floors: the sweep's floors (None: every finite point counts).
+        points: completed trials' objective vectors, in completion order.
+    """
     front = IncrementalFront(floors.reference if floors is not None else (0.0,) * len(OBJECTIVES))
     for p in points:
         add_point(front, floors, p)
@@ -30,7 +35,13 @@ def add_point(front: IncrementalFront, floors: Floors | None, point: list[float]
 
 def front_metrics(front: IncrementalFront, step: int, ts: int | None = None) -> list[Metric]:
     """The parent's live curves after a completion, at step = epochs consumed so far: the
-    hypervolume and size of the feasible front, and how many trials completed."""
+    hypervolume and size of the feasible front, and how many trials completed.
+
+    Args:
+        front: the completed trials' front.
+        step: epochs consumed so far (the curves' x axis).
+        ts: the metrics' timestamp in ms (default: now).
+    """
     if not front.count:
         return []
     ts = int(time.time() * 1000) if ts is None else ts

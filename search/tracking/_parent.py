@@ -47,7 +47,15 @@ def finish_logging(run: SweepRun, end: SweepEnd, *, patience_s: float, replay_fi
     """Queue the end of the sweep's logging and wait for the background logger; returns the one
     line to print when something could not be sent, else None. `replay_first`: a resumed sweep,
     or --resume-logging: what a crashed driver or a server outage left unlogged is replayed from
-    the stored results first."""
+    the stored results first.
+
+    Args:
+        run: the sweep's parent run.
+        end: what the end logs.
+        patience_s: how long to wait for an unreachable server while nothing gets through.
+        replay_first: replay the stored results first (a resume, --resume-logging).
+        resume_hint: the command that replays the logging later.
+    """
     logger = sweep_logger(run)
     if replay_first:
         replay(logger, end.analysis, end.floors)
@@ -71,7 +79,14 @@ def finish_parent_run(client: MlflowClient, run: SweepRun, end: SweepEnd,
     children, logs the summary metrics and tags, the front as a table, PNG projections and an
     interactive 3-D HTML plot, `hypervolume.png` (the parent's hypervolume metric against epochs
     consumed), registers the front if asked, and ends the parent. Idempotent: run again by a
-    retry, a --resume or a --resume-logging, it leaves the same state."""
+    retry, a --resume or a --resume-logging, it leaves the same state.
+
+    Args:
+        client: the logger's MLflow client.
+        run: the sweep's parent run.
+        end: the sweep's tables, files, status and floors.
+        summary: (metrics, tags) from `search.results.sweep_summary`.
+    """
     parent, trials_df, front_df = run.parent_run_id, end.trials_df, end.front_df
     on_front = set(front_df[TRIAL_ID]) if len(front_df) else set()
     known = set(trials_df[TRIAL_ID]) if len(trials_df) else set()

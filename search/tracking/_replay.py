@@ -35,7 +35,13 @@ def _records(frame: Any) -> list[dict[str, Any]]:
 
 def replay(logger: SweepLogger, analysis: Any, floors: Floors | None) -> int:
     """Queue every trial's run, results and end (from Tune's ExperimentAnalysis), and the missing
-    live front points; returns the number of trials with results."""
+    live front points; returns the number of trials with results.
+
+    Args:
+        logger: the sweep's logger.
+        analysis: Tune's ExperimentAnalysis of the experiment directory.
+        floors: the sweep's floors.
+    """
     completions = []  # (time, trial id, objective vector)
     stamps = []  # every result's time: epochs consumed up to a completion
     n = 0

@@ -21,7 +21,12 @@ def runs_view_url(tracking_uri: str, experiment_id: str) -> str:
     """The link that opens the experiment's runs table. MLflow 3's UI opens an experiment on its
     GenAI (traces) page unless the URL asks for `workflowType=machine_learning`. A server's own
     URL is used (without user:password@); a database store is browsed with `mlflow ui` on
-    UI_HOST:UI_PORT."""
+    UI_HOST:UI_PORT.
+
+    Args:
+        tracking_uri: the sweep's store.
+        experiment_id: its experiment.
+    """
     if tracking_uri.startswith(("http://", "https://")):
         scheme, rest = tracking_uri.split("://", 1)
         host, _, path = rest.partition("/")
@@ -39,6 +44,11 @@ def ui_command(tracking_uri: str) -> str | None:
 
 
 def link_lines(tracking_uri: str, experiment_id: str) -> str:
-    """`  open     <runs view>` and, for a database store, the `mlflow ui` command serving it."""
+    """`  open     <runs view>` and, for a database store, the `mlflow ui` command serving it.
+
+    Args:
+        tracking_uri: the sweep's store.
+        experiment_id: its experiment.
+    """
     cmd = ui_command(tracking_uri)
     return f"  open     {runs_view_url(tracking_uri, experiment_id)}" + (f"\n           (after: {cmd})" if cmd else "")

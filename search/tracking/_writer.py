@@ -63,6 +63,13 @@ class SweepRun:
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    """The experiment's id, created on first use.
+
+    Args:
+        client: an MLflow client.
+        name: the experiment (--experiment).
+        tracking_uri: the store; a sqlite store keeps its artifacts beside the database.
+    """
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -82,13 +89,28 @@ def tags(values: dict[str, str]) -> list[RunTag]:
 
 def start_parent_run(client: MlflowClient, experiment_id: str, sweep: str, params: dict[str, Any],
                      run_tags: dict[str, str]) -> str:
+    """Create a sweep's parent run; returns its id.
+
+    Args:
+        client: an MLflow client.
+        experiment_id: the sweep's experiment.
+        sweep: the sweep's name (run name and `sweep` tag).
+        params: the plan's record, logged as params (credentials dropped or redacted).
+        run_tags: more tags (versions, floors).
+    """
     run = client.create_run(experiment_id, run_name=sweep, tags={"sweep": sweep, "brsearch.kind": "sweep", **run_tags})
     client.log_batch(run.info.run_id, params=flat_params(params))
     return run.info.run_id
 
 
 def child_runs(client: MlflowClient, run: SweepRun, trial_id: str | None = None) -> dict[str, Any]:
-    """The sweep's child runs by trial id (one trial's, if given): the one lookup every writer uses."""
+    """The sweep's child runs by trial id (one trial's, if given): the one lookup every writer uses.
+
+    Args:
+        client: an MLflow client of the sweep's store.
+        run: the sweep's parent run.
+        trial_id: one trial's run only.
+    """
     where = f"tags.{PARENT_TAG} = '{run.parent_run_id}'"
     if trial_id is not None:
         where = f"tags.{TRIAL_TAG} = '{trial_id}' and {where}"
@@ -98,7 +120,12 @@ def child_runs(client: MlflowClient, run: SweepRun, trial_id: str | None = None)
 
 def result_metrics(result: dict[str, Any], step: int) -> list[Metric]:
     """A result's finite numbers as metrics at `step`, stamped with the time the trial reported
-    it (not the time they are sent), so a resend after a lost reply or a replay is the same row."""
+    it (not the time they are sent), so a resend after a lost reply or a replay is the same row.
+
+    Args:
+        result: a Tune result dict.
+        step: its epoch.
+    """
     stamp = result.get("timestamp")
     ts = int(float(stamp) * 1000) if isinstance(stamp, (int, float)) and math.isfinite(stamp) else int(time.time() * 1000)
     out = []
@@ -230,7 +257,15 @@ def log_strong_results(run: SweepRun, per_trial: dict[str, dict[str, Any]], per_
     """`search.evaluate`'s results: metrics and tags on each trial's child run, a summary and the
     updated tables on the parent. A metric whose latest value on the run is already this one is
     not logged again; a changed value (other suite settings) is logged at the next step. Returns
-    (child runs that got new metrics, trial ids without a child run)."""
+    (child runs that got new metrics, trial ids without a child run).
+
+    Args:
+        run: the sweep's parent run.
+        per_trial: trial id -> metric name -> value (None: not measured).
+        per_trial_tags: trial id -> tag -> value.
+        summary: the parent's summary metrics.
+        files: the updated tables, logged under `results/`.
+    """
     client = MlflowClient(run.tracking_uri)
     by_trial = child_runs(client, run)
     ts = int(time.time() * 1000)
