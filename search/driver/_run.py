@@ -10,7 +10,7 @@ from typing import Any
 
 from trainables.cliutil import fail
 from trainables.config import ConfigError
-from trainables.contract import COMPLETED, OBJECTIVES, trial_dir
+from trainables.contract import COMPLETED, FRONT_TABLE, OBJECTIVES, TRIALS_TABLE, table_files, trial_dir
 
 from ._cli import Flags
 from ._plan import Plan, device_refusal, prepare
@@ -166,8 +166,9 @@ def resume_logging(plan: Plan) -> int:
 
 
 def end_sweep(plan: Plan, sweep_run: Any, res: Resources, *, trained: bool) -> int:
-    """The one end of a sweep: its tables from the stored trials, then MLflow (in the background
-    logger: the tables are complete whatever it does), then the front and the way on.
+    """The one end of a sweep: its tables from the stored trials (written after training; a
+    --resume-logging logs the stored ones, which search.evaluate may have extended), then MLflow
+    (in the background logger: the tables are complete whatever it does), then the front.
 
     Exit code: 130 when trials are left for a --resume, else 0 if any trial completed (a
     --resume-logging: 0 when everything was logged, 1 when the server is still away).
@@ -188,8 +189,12 @@ def end_sweep(plan: Plan, sweep_run: Any, res: Resources, *, trained: bool) -> i
     trials = analysis.trials
     df = trials_frame(trials, plan.floors)
     front = front_frame(df)
-    files = write_tables(location.local_dir, df, front)
-    shown = location.push(files)
+    if trained:
+        files = write_tables(location.local_dir, df, front)
+        shown = location.push(files)
+    else:  # the stored tables stay as they are: search.evaluate may have added columns to them
+        files = location.fetch(*table_files(TRIALS_TABLE), *table_files(FRONT_TABLE))
+        shown = [str(f) for f in files]
     finished = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
     interrupted = finished < int(plan.stored.get("trials", plan.flags.trials))
     end = SweepEnd(analysis, df, front, files, "KILLED" if interrupted else "FINISHED", plan.floors,
