@@ -4,10 +4,9 @@
 ones and under MO-ASHA (`search.optimizer.resolve_sampler`). With FIFO GP found the most
 hypervolume at small budgets (docs/benchmarks.md, "Search efficiency"), but it refits its
 model on every ask, in Tune's driver loop, and the cost grows with the trials and the trials
-pending: 0.85 s of CPU per ask at 100 trials with 16 pending in `benchmarks/study_storage.py`,
-and 70 s of driver-loop CPU for the first 100 trials of `benchmarks/driver_scale.py`. TPE takes
-25 ms per ask at 1,000 trials. Under MO-ASHA GP learns only from the few trials that complete,
-so most of its proposals were random start-up draws; TPE learns from the stopped ones too. The
+pending, where TPE's stays small (the figures: docs/search.md, "Samplers"). Under MO-ASHA GP
+learns only from the few trials that complete, so most of its proposals would be random start-up
+draws; TPE learns from the stopped ones too. The
 choice is made once per sweep (the trial count and scheduler are fixed on `--resume`), so a
 resumed sweep keeps its sampler.
 """
