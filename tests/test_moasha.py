@@ -104,7 +104,7 @@ def _dominates(a, b):
     return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
 
 
-def _brute_position(pts, i, tie_break):
+def _brute_position(pts, i, tie_break, finite_spread_only=False):
     """The rule written out plainly: peel non-dominated fronts; inside the trial's front order by
     crowding distance (larger first, ties share a place) or by the greedy epsilon-net (best first
     objective first, then the point farthest from those picked); count what is ahead."""
@@ -127,7 +127,7 @@ def _brute_position(pts, i, tie_break):
                 order = sorted(range(m), key=lambda u: uniq[u][d])
                 cd[uniq[order[0]]] = cd[uniq[order[-1]]] = math.inf
                 span = uniq[order[-1]][d] - uniq[order[0]][d]
-                if span > 0:
+                if span > 0 and (not finite_spread_only or math.isfinite(span)):
                     for q in range(1, m - 1):
                         cd[uniq[order[q]]] += (uniq[order[q + 1]][d] - uniq[order[q - 1]][d]) / span
         return ahead + sum(cd[tuple(pts[j])] > cd[tuple(pts[i])] for j in F)
@@ -174,6 +174,71 @@ def test_floor_decisions_match_brute_force_rule_on_random_rungs(tie_break):
         want = pos / n <= 1 / eta + 1e-12
         got = decide(pts[:-1], pts[-1], eta, tie_break=tie_break, violations=viol)
         assert got == want, (case, tie_break, eta, pts.tolist(), viol.tolist(), pos)
+
+
+def _extended_brute_position(pts, i, tie_break):
+    """The non-finite rule written out (search.optimizer's docstring): NaN is -inf; dominance
+    and crowding on the extended reals (an objective with an infinite or zero spread adds nothing
+    to interior rows); the epsilon-net on stand-ins 1 outside each column's finite range."""
+    ext = [[-math.inf if math.isnan(v) else v for v in row] for row in pts]
+    if tie_break == "crowding":
+        return _brute_position(ext, i, "crowding", finite_spread_only=True)
+    cols = list(zip(*ext))
+    finite = [[v for v in c if math.isfinite(v)] for c in cols]
+    lo = [min(f) if f else 0.0 for f in finite]
+    hi = [max(f) if f else 0.0 for f in finite]
+    stand = [[lo[d] - 1 if v == -math.inf else hi[d] + 1 if v == math.inf else v for d, v in enumerate(row)]
+             for row in ext]
+    return _brute_position(stand, i, "epsnet")
+
+
+def _mixed_rung(rng, n, k):
+    pts = np.round(rng.random((n, k)), int(rng.integers(1, 3)))
+    odd = rng.random((n, k)) < 0.2
+    pts[odd] = rng.choice([np.nan, np.inf, -np.inf], size=int(odd.sum()))
+    return pts
+
+
+@pytest.mark.parametrize("tie_break", ["crowding", "epsnet"])
+def test_non_finite_decisions_match_brute_force_rule_on_random_rungs(tie_break):
+    """Rungs that mix NaN, +inf and -inf with finite values, with and without floors."""
+    rng = np.random.default_rng(2)
+    for case in range(400):
+        n = int(rng.integers(1, 16))
+        pts = _mixed_rung(rng, n, int(rng.integers(2, 4)))
+        eta = float(rng.choice([2, 3, 4]))
+        pos = _extended_brute_position(pts.tolist(), n - 1, tie_break)
+        got = decide(pts[:-1], pts[-1], eta, tie_break=tie_break)
+        assert got == (pos / n <= 1 / eta + 1e-12), (case, tie_break, eta, pts.tolist(), pos)
+        if tie_break == "crowding":
+            assert rung_position(pts, n - 1) == pos, (case, pts.tolist())
+        viol = np.where(rng.random(n) < 0.3, np.round(rng.random(n), 1), 0.0)
+        feas = [j for j in range(n) if viol[j] <= 0]
+        if viol[-1] <= 0:
+            pos = _extended_brute_position([pts[j].tolist() for j in feas], len(feas) - 1, tie_break)
+        else:
+            pos = len(feas) + sum(viol[j] < viol[-1] for j in range(n) if viol[j] > 0)
+        got = decide(pts[:-1], pts[-1], eta, tie_break=tie_break, violations=viol)
+        assert got == (pos / n <= 1 / eta + 1e-12), (case, tie_break, eta, pts.tolist(), viol.tolist(), pos)
+
+
+def test_non_finite_objectives_worked_example():
+    """Rung (clean, robust) A .72 .37, B .21 .41, C .44 1, D .86 NaN, E .19 .69; new N .76 .08,
+    eta 3. NaN is -inf, so D is the best clean and the worst robust value. Front 0: A, C, D, N
+    (C dominates B and E). Crowding: clean sorted C .44, A .72, N .76, D .86: C and D extremes,
+    A (.76 - .44) / .42 = 0.76, N (.86 - .72) / .42 = 0.33; robust holds -inf, an infinite
+    spread, so it adds nothing (stand-ins .08 - 1 would add 0.67 to N and 0.48 to A). N is
+    behind C, D, A: position 3 of 6 > 1/3, STOP."""
+    rung = [[.72, .37], [.21, .41], [.44, 1.0], [.86, np.nan], [.19, .69]]
+    assert rung_position(rung + [[.76, .08]], -1) == 3
+    assert not decide(rung, [.76, .08], 3)
+    assert rung_position(rung + [[.76, .08]], 3) == 0  # D: an extreme of both objectives
+    # +inf is the best value: a vector with it in one objective is never dominated
+    assert rung_position([[0.9, 0.9], [0.8, 0.8], [0.1, np.inf]], -1) == 0
+    # a column all NaN: no spread, it adds nothing; the others order the interior rows:
+    # (.4, .6) gets (.5 - .1) / .8 + (.9 - .5) / .8 = 1.0, (.5, .5) gets (.9 - .4) / .8 + (.6 - .1) / .8 = 1.25
+    rung = [[np.nan, .1, .9], [np.nan, .5, .5], [np.nan, .9, .1], [np.nan, .4, .6]]
+    assert [rung_position(rung, i) for i in range(4)] == [0, 2, 0, 3]
 
 
 def test_scheduler_with_floors_stops_a_collapsed_trial_that_sparsity_alone_would_keep():

@@ -78,9 +78,12 @@ def non_dominated_mask(points) -> np.ndarray:
 
 
 def finite_order(pts: np.ndarray) -> np.ndarray:
-    """Replace -inf / +inf by values just outside each column's finite range: every comparison
-    is kept, and moocore (which ranks [-inf, -inf, 0] and [-inf, 0, -inf] as if one dominated
-    the other) only sees finite numbers."""
+    """Replace -inf / +inf by values 1 below / above each column's finite range (0 for a column
+    with no finite value): every comparison is kept, and moocore (which ranks [-inf, -inf, 0]
+    and [-inf, 0, -inf] as if one dominated the other) only sees finite numbers.
+
+    For orderings only: the stand-ins' distances to finite values are made up, so a distance
+    (the crowding distance) is computed on the original values (:func:`crowding_distance`)."""
     if np.isfinite(pts).all():
         return pts
     out = pts.copy()
@@ -115,6 +118,11 @@ def crowding_distance(points) -> np.ndarray:
     point adds ``(next - prev) / (max - min)`` for that objective, and an objective with zero
     spread adds nothing. Larger means more isolated, so it is preferred as a tie-break.
 
+    Infinite values (NaN is refused) take part as values: a row at ``-inf`` or ``+inf`` in an
+    objective is an extreme of it, and that objective's spread is infinite, so it adds nothing
+    to any interior row. This is how MO-ASHA's crowding tie-break treats non-finite objectives
+    (``search.optimizer``).
+
     Duplicate rows get the **same** distance: the distance is computed over the unique rows and
     copied back. (The textbook version gives copies of one point different distances depending
     on sort order.) With at most two distinct points, every distance is ``inf``.
@@ -135,8 +143,10 @@ def crowding_distance(points) -> np.ndarray:
         col = uniq[order, j]
         dist[order[0]] = np.inf
         dist[order[-1]] = np.inf
+        if not (np.isfinite(col[0]) and np.isfinite(col[-1])):
+            continue  # an infinite spread: the objective adds nothing
         span = col[-1] - col[0]
-        if not np.isfinite(span) or span <= 0:
+        if span <= 0:
             continue
         dist[order[1:-1]] += (col[2:] - col[:-2]) / span
     return dist[inverse]

@@ -33,8 +33,24 @@ Rungs and decisions
   trial dominating every recorded one can be stopped), the position here is the new vector's
   own place in the order. ``tests/test_moasha.py`` checks the decisions against a brute-force
   statement of the rule on random data.
-* Objectives with mode ``"min"`` are negated internally. A NaN objective counts as the worst
-  value (``-inf``) for that objective.
+* Objectives with mode ``"min"`` are negated internally.
+* **Non-finite objectives.** A NaN objective (a diverged trial, a metric that failed) counts as
+  ``-inf``, the worst value of that objective. After that the rule works on the extended reals:
+  ``-inf`` < every finite value < ``+inf``, and equal infinities are equal.
+
+  - Ranking: non-dominated sorting with those comparisons (the C ranking is given values that
+    keep every comparison, :func:`search.front.finite_order`; no comparison changes).
+  - Crowding distance: computed on the extended-real values themselves, never on stand-ins.
+    Per objective the first and last of the front's sorted distinct rows get ``inf`` (a row at
+    ``-inf`` or ``+inf`` is such an extreme), and an objective whose spread on the front is
+    infinite (any ``+-inf`` in it) or zero adds nothing to the interior rows. So a non-finite
+    value decides who is an extreme, and the distances between finite rows come only from the
+    objectives that are finite on the whole front.
+  - ε-net: Euclidean distances need numbers, so each ``-inf`` / ``+inf`` stands for 1 below /
+    above the finite range of its objective over the ranked vectors (``finite_order``).
+
+  ``tests/test_moasha.py`` checks the decisions against a brute-force statement of this rule on
+  random rungs that mix NaN and ``+-inf`` with finite values.
 * Cost: one decision is one call of moocore's non-dominated ranking (C) over the rung plus a
   tie-break on the new vector's front only, about a millisecond at 1,000 recorded vectors
   (``benchmarks/moasha_decision.py``).
@@ -53,15 +69,11 @@ from search.front import crowding_distance, finite_order
 from ._policy import DEFAULT_TIE_BREAK, TIE_BREAKS
 
 
-def _order_preserving_finite(points: np.ndarray) -> np.ndarray:
-    """Map NaN to -inf, then replace +-inf by finite values just outside each column's finite range.
-
-    This keeps every comparison used by dominance and sorting intact, and it keeps crowding
-    distances finite where they would otherwise be NaN (inf - inf).
-    """
+def _extended(points: np.ndarray) -> np.ndarray:
+    """A copy with NaN mapped to -inf (the worst value); +-inf stay as they are."""
     pts = np.array(points, dtype=float, copy=True)
     pts[np.isnan(pts)] = -np.inf
-    return finite_order(pts)
+    return pts
 
 
 # hand-written: Syne Tune is not a dependency (and its MOASHA has the searchsorted bug); stops at
@@ -130,18 +142,18 @@ def rung_position(points, index: int = -1, tie_break: str = "crowding", limit: i
         if not feasible.all():
             sub = np.flatnonzero(feasible)
             return rung_position(pts[sub], int(np.searchsorted(sub, index)), tie_break, limit)
-    pts = _order_preserving_finite(pts)
-    ranks = moocore.pareto_rank(pts, maximise=True)
+    pts = _extended(pts)
+    ordered = finite_order(pts)  # the same comparisons as pts, finite values only
+    ranks = moocore.pareto_rank(ordered, maximise=True)
     mine = ranks[index]
     ahead = int(np.count_nonzero(ranks < mine))
     in_front = np.flatnonzero(ranks == mine)
-    front = pts[in_front]
     me = int(np.searchsorted(in_front, index))  # in_front is ascending and holds index
     if tie_break == "crowding":
-        crowd = crowding_distance(front)
+        crowd = crowding_distance(pts[in_front])  # the extended-real values, no stand-ins
         return ahead + int(np.count_nonzero(crowd > crowd[me]))
-    lim = front.shape[0] if limit is None else max(0, limit - ahead)
-    return ahead + _epsnet_position(front, me, lim)
+    lim = in_front.shape[0] if limit is None else max(0, limit - ahead)
+    return ahead + _epsnet_position(ordered[in_front], me, lim)
 
 
 def _decide_detail(rung_vectors, new_vector, reduction_factor: float,
