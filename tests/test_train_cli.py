@@ -220,5 +220,5 @@ def test_evaluation_attack_flags_are_independent_of_training_ones():
                                     "--attack-bn", "train", "--lambda-final", "300"])
     cfg = config_from_args(ns, None)
     assert (cfg.train_attack.eps, cfg.eval_attack.eps, cfg.eval_attack.step) == (0.02, 0.05, 0.01)
-    assert cfg.train_attack.step == 2 / 255 and cfg.attack_bn == "train"
+    assert cfg.train_attack.step == 0.02 / 4 and cfg.attack_bn == "train"  # unset: eps / 4
     assert cfg.quant.lambda_final == 300 and cfg.quant.lambda_schedule == "final"
