@@ -3,13 +3,36 @@ Square, EOT-PGD, and the sanity battery of Carlini et al. 2019 ("On Evaluating A
 Robustness").
 
 Why: EnResNet draws fresh noise in every forward pass, so a single-draw PGD overstates its
-robustness, and quantized networks are a classic source of obfuscated gradients. AutoAttack's
-authors evaluate randomized defenses with APGD-CE + APGD-DLR, each gradient averaged over 20
-noise draws (EOT); we take that from torchattacks (docs/training.md says why that library) rather
-than re-implementing it. Square needs no gradient at all, so a model whose white-box accuracy is
-above its Square accuracy hides its gradients. The sanity battery turns the usual symptoms of a
-broken evaluation into named flags (True = tripped), each with a tolerance from the sampling
-error of the accuracies compared.
+robustness, and quantized networks are a classic source of obfuscated gradients.
+
+One scoring, on the same images, for clean and every attack (docs/training.md, "Strong
+evaluation"):
+
+* A randomized model is scored per point by its expected correctness: the fraction of
+  `score_draws` noise draws (K, default 20) that classify the point correctly. Every image scored
+  for one batch sees the same K noise seeds (common random numbers), so an image scored twice
+  gets the same score, and the difference of two scores is the effect of the images alone.
+* An attack hands back candidates, never the untouched input: its final or strongest iterates
+  (APGD's best-loss and last-misclassified iterates, Square's best query, EOT-PGD's final and
+  best-loss iterates). Its raw score of a point is the lowest score of its candidates.
+* An attack's robust score of a point is min(clean score, raw score): a point counts robust only
+  as far as it is clean-correct, so robust <= clean per point, by construction. The worst case
+  (`worst_acc`) is the per-point minimum over clean and every attack at the suite's eps, so it is
+  <= every single attack, by construction.
+
+AutoAttack-rand (APGD-CE then APGD-DLR, 100 iterations, EOT 20, 1 restart) runs torchattacks'
+own APGD iteration (`APGD.attack_single_run`); what this module replaces is its acceptance: the
+library attacks only the points one clean forward (one noise draw) gets right and hands back the
+clean image for every point it did not break in one draw. Here APGD-CE runs on every point, and
+APGD-DLR on every point CE left with a nonzero score. Fewer iterations or draws are reported as
+`apgd_acc` ("APGD-CE+DLR"), never as AutoAttack-rand. Square (torchattacks' random search) runs
+against the expected logits (the mean of `square_draws` draws), so its accept/reject steps follow
+the model's expected margin and not one draw's noise.
+
+The sanity battery compares attacks on the same images with a paired test: McNemar's exact test
+(a one-sided exact binomial test on the discordant points) on per-point outcomes, a point being
+right when the majority of its K draws is. A flag trips when the attack that should be stronger scores higher on
+significantly more points than the other (p < `alpha`).
 
 Everything runs batched on the model's device, in eval mode, seeded (without disturbing the
 caller's RNG streams), and, given the Binary-Relax handle, on the fully quantized weights.
@@ -19,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,134 +52,215 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attacks import pgd
-from .config import ConfigError
+from .config import STEP_PER_EPS, ConfigError
+from .contract import CLEAN_ACC
 
-FLAGS = ("flag_steps", "flag_eps", "flag_large_eps", "flag_blackbox", "flag_transfer", "flag_eot")
+FLAGS = ("flag_above_clean", "flag_steps", "flag_eps", "flag_large_eps", "flag_blackbox", "flag_transfer",
+         "flag_eot", "flag_aa")
 FLAG_HELP = {
+    "flag_above_clean": "an attack's images score higher than the clean ones",
     "flag_steps": "accuracy rises with more PGD steps",
     "flag_eps": "accuracy rises with a larger eps",
     "flag_large_eps": "accuracy at a very large eps is not near 0",
-    "flag_blackbox": "best white-box attack is weaker than the gradient-free Square",
-    "flag_transfer": "best white-box attack is weaker than a transfer attack",
+    "flag_blackbox": "the white-box attacks together are weaker than the gradient-free Square",
+    "flag_transfer": "the white-box attacks together are weaker than a transfer attack",
     "flag_eot": "EOT-PGD is weaker than single-draw PGD",
+    "flag_aa": "AutoAttack-rand (or APGD) is weaker than single-draw PGD",
 }
+# The published AutoAttack `rand` protocol (Croce and Hein 2020, randomized defenses).
+AA_PROTOCOL = {"aa_steps": 100, "aa_eot": 20, "aa_restarts": 1}
+WHITE_BOX = ("pgd", "eot_pgd", "aa", "apgd")
 
 
 @dataclass
 class StrongEvalConfig:
     """Attack settings of the strong suite. Defaults and their reasons: docs/training.md,
-    "Strong evaluation"."""
+    "Strong evaluation". `eps` is the caller's threat model (trainables.config.dataset_eps or the
+    trial's own evaluation eps); `pgd_step` None means eps / 4."""
 
     eps: float = 8 / 255
     pgd_steps: int = 20  # the front's PGD-20, repeated here as the reference the flags compare to
-    pgd_step: float = 2 / 255
+    pgd_step: float | None = None
     aa: bool = True
-    aa_steps: int = 10  # torchattacks' AutoAttack('rand') default; the reference code uses 100
-    aa_eot: int = 20  # noise draws per gradient, the AutoAttack `rand` setting
-    aa_restarts: int = 1
+    aa_steps: int = AA_PROTOCOL["aa_steps"]
+    aa_eot: int = AA_PROTOCOL["aa_eot"]  # noise draws per gradient
+    aa_restarts: int = AA_PROTOCOL["aa_restarts"]
     square: bool = True
     square_queries: int = 1000  # AutoAttack 'standard' uses 5000; fewer only weakens the check
     square_p_init: float = 0.8
+    square_draws: int = 0  # 0: Square queries the noise-free model; n: the mean logits of n draws
     eot_pgd: bool = True
     eot_steps: int = 20
     eot_samples: int = 10  # noise draws averaged per gradient (one batched forward)
+    score_draws: int = 20  # K: noise draws each image is scored with
     sanity: bool = True
     sanity_steps: tuple[int, ...] = (1, 5)  # PGD at these steps (and pgd_steps), same step size
     sanity_eps_factors: tuple[float, ...] = (0.5, 2.0)  # PGD-pgd_steps at these multiples of eps
     large_eps: float = 0.5  # half the pixel range: any image can be moved to mid-grey
     near_zero: float = 0.05  # the large-eps accuracy must be at most this
-    z: float = 2.0  # tolerance = z standard errors of the difference of two accuracies
+    alpha: float = 0.001  # level of each paired test (about 0.01 over the battery's comparisons)
     batch_size: int = 128
     seed: int = 0
 
+    @property
+    def step(self) -> float:
+        return self.eps * STEP_PER_EPS if self.pgd_step is None else self.pgd_step
+
+    @property
+    def aa_name(self) -> str:
+        """'aa' (AutoAttack-rand) with the published settings, 'apgd' with any other."""
+        return "aa" if all(getattr(self, k) == v for k, v in AA_PROTOCOL.items()) else "apgd"
+
     def validate(self) -> None:
         for k in ("pgd_steps", "aa_steps", "aa_eot", "aa_restarts", "square_queries", "eot_steps",
-                  "eot_samples", "batch_size"):
+                  "eot_samples", "score_draws", "batch_size"):
             v = getattr(self, k)
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{k}={v!r}; accepted: an integer >= 1")
-        for k in ("eps", "pgd_step", "large_eps"):
+        for k in ("eps", "large_eps"):
             v = getattr(self, k)
             if not 0 < v <= 1:
                 raise ConfigError(f"{k}={v!r}; accepted: a number in (0, 1] (inputs live in [0, 1])")
+        if self.pgd_step is not None and not 0 < self.pgd_step <= 1:
+            raise ConfigError(f"pgd_step={self.pgd_step!r}; accepted: a number in (0, 1] or None (eps / 4)")
         if not 0 < self.square_p_init <= 1:
             raise ConfigError(f"square_p_init={self.square_p_init!r}; accepted: a number in (0, 1]")
-        if not 0 <= self.near_zero < 1 or not self.z >= 0:
-            raise ConfigError(f"near_zero={self.near_zero!r}, z={self.z!r}; accepted: near_zero in [0, 1), z >= 0")
+        if not 0 <= self.near_zero < 1 or not 0 < self.alpha < 1:
+            raise ConfigError(f"near_zero={self.near_zero!r}, alpha={self.alpha!r}; accepted: near_zero in [0, 1), "
+                              "alpha in (0, 1)")
         if any(s < 1 for s in self.sanity_steps) or any(f <= 0 for f in self.sanity_eps_factors):
             raise ConfigError(f"sanity_steps={self.sanity_steps}, sanity_eps_factors={self.sanity_eps_factors}; "
                               "accepted: integers >= 1 and factors > 0")
 
 
+# --- scoring -------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def expected_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int, seed: int) -> torch.Tensor:
+    """Per point, the fraction of `draws` forward passes (noise draws) that classify it right.
+    The draws are seeded: the same batch of images always gets the same score (common random
+    numbers across candidates), and the caller's RNG streams are left alone."""
+    devices = [x.device] if x.device.type == "cuda" else []
+    hits = torch.zeros(len(y), device=x.device)
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for _ in range(draws):
+            hits += (model(x).argmax(1) == y).float()
+    return hits / draws
+
+
+def paired_p(hi: torch.Tensor, lo: torch.Tensor) -> float:
+    """One-sided p-value that `hi` is right on more points than `lo` beyond chance: McNemar's
+    exact test (the exact binomial test on the discordant points) on per-point outcomes, a point
+    counting as right when its score is above 1/2 (the majority vote of its K draws). Voting
+    keeps a draw's noise (0.95 against 0.9) out of the discordant pairs; only flips count."""
+    from scipy.stats import binom
+
+    d = (hi > 0.5).int().cpu() - (lo > 0.5).int().cpu()
+    up, down = int((d > 0).sum()), int((d < 0).sum())
+    if up == 0:
+        return 1.0
+    return float(binom.sf(up - 1, up + down, 0.5))
+
+
 # --- attacks -------------------------------------------------------------------------------------
+# Each attack maps (x, y) to a list of candidate images in the eps-ball; the scorer keeps, per
+# point, the candidate the model does worst on.
+
+Attack = Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]]
 
 
 def eot_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int,
-            samples: int, random_start: bool = True, only_correct: bool = True) -> torch.Tensor:
+            samples: int, random_start: bool = True) -> list[torch.Tensor]:
     """PGD whose every gradient is averaged over `samples` noise draws (expectation over
-    transformation). The draws are one batched forward of `samples` copies: the model's noise is
-    independent per element, and its batch-wide std is the same for identical copies.
-
-    only_correct: attack only the points one clean forward classifies correctly and return the
-    rest unchanged, as APGD and Square do (AutoAttack's convention); it saves the attack on points
-    that are already lost."""
+    transformation), on every point. The draws are one batched forward of `samples` copies.
+    Returns [final iterate, the iterate of highest mean loss]."""
     x = x.detach()
-    if only_correct:
-        with torch.no_grad():
-            keep = model(x).argmax(1) == y
-        out = x.clone()
-        if keep.any():
-            out[keep] = eot_pgd(model, x[keep], y[keep], eps, step, steps, samples, random_start, False)
-        return out
     x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp_(0, 1) if random_start else x.clone()
+    best, best_loss = x_adv.clone(), torch.full((len(x),), -float("inf"), device=x.device)
     yr = y.repeat(samples)
     for _ in range(steps):
         x_adv.requires_grad_(True)
         logits = model(x_adv.repeat(samples, *([1] * (x.dim() - 1))))
-        (g,) = torch.autograd.grad(F.cross_entropy(logits, yr, reduction="sum"), x_adv)
+        per = F.cross_entropy(logits, yr, reduction="none")
+        (g,) = torch.autograd.grad(per.sum(), x_adv)
         with torch.no_grad():
+            mean = per.view(samples, len(x)).mean(0)
+            better = mean > best_loss
+            best[better], best_loss[better] = x_adv[better].detach(), mean[better]
             x_adv = x_adv + step * g.sign()
             x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)
-    return x_adv.detach()
+    return [x_adv.detach(), best]
 
 
-def autoattack_rand(model: nn.Module, cfg: StrongEvalConfig):
-    """AutoAttack's randomized-defense protocol from torchattacks: APGD-CE then APGD-DLR (each on
-    the points the previous one did not break), with EOT. With the defaults this is exactly the
-    attack list of `torchattacks.AutoAttack(model, eps=eps, version='rand')` (a test checks it);
-    building it here exposes steps and restarts."""
+@contextlib.contextmanager
+def noise_off(model: nn.Module):
+    """The model without its test-time noise (every NoiseInjection's coefficient 0) inside."""
+    from .models import NoiseInjection
+
+    mods = [m for m in model.modules() if isinstance(m, NoiseInjection)]
+    saved = [m.coef for m in mods]
+    try:
+        for m in mods:
+            m.coef = 0.0
+        yield
+    finally:
+        for m, c in zip(mods, saved):
+            m.coef = c
+
+
+class MeanLogits(nn.Module):
+    """The logits averaged over `draws` noise draws (one batched forward): what Square queries,
+    so that its accept/reject steps follow the expected margin rather than one draw's noise."""
+
+    def __init__(self, model: nn.Module, draws: int) -> None:
+        super().__init__()
+        self.model, self.draws = model, draws
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.draws <= 1:
+            return self.model(x)
+        out = self.model(x.repeat(self.draws, *([1] * (x.dim() - 1))))
+        return out.view(self.draws, len(x), -1).mean(0)
+
+
+def apgd(model: nn.Module, cfg: StrongEvalConfig, loss: str):
+    """torchattacks' APGD (its iteration, step-size schedule and EOT), used through
+    `attack_single_run` only: see `aa_attack`."""
     import torchattacks
 
-    kw = {"norm": "Linf", "eps": cfg.eps, "steps": cfg.aa_steps, "n_restarts": cfg.aa_restarts,
-          "eot_iter": cfg.aa_eot, "seed": cfg.seed}
-    return torchattacks.MultiAttack([torchattacks.APGD(model, loss="ce", **kw),
-                                     torchattacks.APGD(model, loss="dlr", **kw)])
+    return torchattacks.APGD(model, norm="Linf", eps=cfg.eps, steps=cfg.aa_steps, n_restarts=1,
+                             eot_iter=cfg.aa_eot, seed=cfg.seed, loss=loss)
 
 
 def square_attack(model: nn.Module, cfg: StrongEvalConfig):
     import torchattacks
 
-    return torchattacks.Square(model, norm="Linf", eps=cfg.eps, n_queries=cfg.square_queries,
-                               n_restarts=1, p_init=cfg.square_p_init, loss="margin", seed=cfg.seed)
+    return torchattacks.Square(MeanLogits(model, cfg.square_draws), norm="Linf", eps=cfg.eps,
+                               n_queries=cfg.square_queries, n_restarts=1, p_init=cfg.square_p_init,
+                               loss="margin", seed=cfg.seed)
 
 
-def suite_attacks(model: nn.Module, cfg: StrongEvalConfig
-                  ) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
-    """name -> attack(x, y) for every attack the suite runs (the sanity variants included)."""
-    e, s, k = cfg.eps, cfg.pgd_step, cfg.pgd_steps
-    A: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-        "pgd": lambda x, y: pgd(model, x, y, e, s, k, True, "ce")}
+def suite_attacks(model: nn.Module, cfg: StrongEvalConfig) -> dict[str, Attack]:
+    """name -> attack(x, y) -> candidates, for every attack the suite runs except AutoAttack-rand
+    (whose DLR stage depends on the CE stage's scores: `aa_attack`)."""
+    e, s, k = cfg.eps, cfg.step, cfg.pgd_steps
+    A: dict[str, Attack] = {"pgd": lambda x, y: [pgd(model, x, y, e, s, k, True, "ce")]}
     if cfg.eot_pgd:
         A["eot_pgd"] = lambda x, y: eot_pgd(model, x, y, e, s, cfg.eot_steps, cfg.eot_samples)
-    if cfg.aa:
-        aa = autoattack_rand(model, cfg)
-        A["aa"] = lambda x, y: aa(x, y).detach()
     if cfg.square:
         sq = square_attack(model, cfg)
-        A["square"] = lambda x, y: sq(x, y).detach()
+
+        def square(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+            sq.init_hyperparam(x)
+            with noise_off(model) if cfg.square_draws == 0 else contextlib.nullcontext():
+                return [sq.attack_single_run(x, y)[1].detach()]
+
+        A["square"] = square
     if cfg.sanity:
-        def pgd_at(eps: float, step: float, steps: int, loss: str = "ce"):
-            return lambda x, y: pgd(model, x, y, eps, step, steps, True, loss)
+        def pgd_at(eps: float, step: float, steps: int, loss: str = "ce") -> Attack:
+            return lambda x, y: [pgd(model, x, y, eps, step, steps, True, loss)]
 
         for n in cfg.sanity_steps:
             if n != k:
@@ -169,92 +272,175 @@ def suite_attacks(model: nn.Module, cfg: StrongEvalConfig
     return A
 
 
+def aa_attack(model: nn.Module, cfg: StrongEvalConfig, score: Callable[[list[torch.Tensor]], torch.Tensor],
+              keep: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+              ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """AutoAttack-rand with one scoring: per restart, APGD-CE on every point, then APGD-DLR on
+    the points CE left with a nonzero score. Each run contributes its best-loss and its last
+    misclassified iterate (its random start when none was) as candidates. Returns the raw
+    per-point score (`score` of the candidates, its minimum). `keep` collects (indices,
+    candidate) of every run, for inspection."""
+    ce, dlr = apgd(model, cfg, "ce"), apgd(model, cfg, "dlr")
+
+    def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raw = torch.ones(len(y), device=x.device)
+        for _ in range(cfg.aa_restarts):
+            for atk in (ce, dlr):
+                todo = (raw > 0).nonzero().flatten()
+                if len(todo) == 0:
+                    break
+                best, _, _, best_adv = atk.attack_single_run(x[todo], y[todo])
+                cand = [x.clone(), x.clone()]
+                cand[0][todo], cand[1][todo] = best.detach(), best_adv.detach()
+                if keep is not None:
+                    keep.extend([(todo, best.detach()), (todo, best_adv.detach())])
+                s = score(cand)
+                raw[todo] = torch.minimum(raw[todo], s[todo])
+        return raw
+
+    return run
+
+
 # --- the suite -----------------------------------------------------------------------------------
 
 
 def strong_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: StrongEvalConfig | None = None,
                 br: Any = None, transfer_adv: torch.Tensor | None = None,
                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Accuracies (fractions of all images) under every attack of the suite, plus the sanity
-    flags. `br`: the Binary-Relax handle of a model still in training form (evaluated through
-    `br.quantized()`); None for a model that already holds its deployed weights (model.pt).
-    `transfer_adv`: adversarial examples crafted on another model (enables flag_transfer)."""
+    """Accuracies (mean per-point scores over all images) under every attack of the suite, the
+    worst case, and the sanity flags. `<attack>_acc` is the robust accuracy (per point at most
+    the clean score), `<attack>_raw_acc` the attack's images scored alone; `points` holds the
+    per-point scores (name -> CPU tensor: `clean`, robust ones under the attack's name, raw ones
+    under `<name>_raw`). `br`: the Binary-Relax handle of a model still in training form
+    (evaluated through `br.quantized()`); None for a model that already holds its deployed
+    weights (model.pt). `transfer_adv`: adversarial examples crafted on another model (enables
+    flag_transfer)."""
     cfg = cfg or StrongEvalConfig()
     cfg.validate()
     device = next(model.parameters()).device
     x, y = x.to(device), y.to(device)
     was = model.training
     model.eval()
-    correct: dict[str, int] = {}
+    raw: dict[str, list[torch.Tensor]] = {}
     seconds: dict[str, float] = {}
     quant = br.quantized() if br is not None else contextlib.nullcontext()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), quant:
             torch.manual_seed(cfg.seed)
             attacks = suite_attacks(model, cfg)
-            for i in range(0, len(x), cfg.batch_size):
+            for b, i in enumerate(range(0, len(x), cfg.batch_size)):
                 xb, yb = x[i: i + cfg.batch_size], y[i: i + cfg.batch_size]
-                batch = {"clean": xb}
+                seed = cfg.seed * 1_000_003 + b  # the batch's K noise seeds, the same for every candidate
+
+                def score(cands: list[torch.Tensor], xb=xb, yb=yb, seed=seed) -> torch.Tensor:
+                    for c in cands:  # every candidate stays in the box (the ball is each attack's)
+                        assert c.shape == xb.shape and float(c.min()) >= 0 and float(c.max()) <= 1
+                    return torch.stack([expected_correct(model, c, yb, cfg.score_draws, seed) for c in cands]).min(0).values
+
+                got = {"clean": score([xb])}
                 for name, atk in attacks.items():
                     t0 = time.perf_counter()
-                    batch[name] = atk(xb, yb).to(device)
+                    cands = atk(xb, yb)
                     seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
-                    model.eval()  # torchattacks restores the mode it found; keep eval regardless
+                    got[name] = score(cands)
+                    model.eval()
+                if cfg.aa:
+                    t0 = time.perf_counter()
+                    got[cfg.aa_name] = aa_attack(model, cfg, score)(xb, yb)
+                    seconds[cfg.aa_name] = seconds.get(cfg.aa_name, 0.0) + time.perf_counter() - t0
+                    model.eval()
                 if transfer_adv is not None:
-                    batch["transfer"] = transfer_adv[i: i + cfg.batch_size].to(device)
-                with torch.no_grad():
-                    for name, xa in batch.items():
-                        correct[name] = correct.get(name, 0) + int((model(xa).argmax(1) == yb).sum())
+                    got["transfer"] = score([transfer_adv[i: i + cfg.batch_size].to(device)])
+                for name, v in got.items():
+                    raw.setdefault(name, []).append(v.cpu())
                 if log:
                     log(f"strong eval: {min(i + cfg.batch_size, len(x))}/{len(x)} images")
     finally:
         model.train(was)
-    n = max(1, len(x))
-    acc = {f"{k}_acc": c / n for k, c in correct.items()}
-    out: dict[str, Any] = dict(acc)
-    out.update(sanity_flags(acc, len(x), cfg))
-    out["n_images"] = len(x)
-    out["seconds"] = seconds  # per attack, summed over batches (what the docs' cost table uses)
+    return summarize({k: torch.cat(v) for k, v in raw.items()}, cfg, seconds)
+
+
+def at_eps(name: str) -> bool:
+    """Whether the attack `name` of the suite works in the suite's own eps-ball."""
+    return name != "clean" and not name.startswith("pgd_eps") and name != "large_eps"
+
+
+def summarize(raw: dict[str, torch.Tensor], cfg: StrongEvalConfig, seconds: dict[str, float] | None = None
+              ) -> dict[str, Any]:
+    """Accuracies, worst case and flags from per-point raw scores (name -> tensor; `clean` and
+    one per attack). The robust score of a point is min(clean, raw); the worst case the minimum
+    over clean and every attack in the suite's eps-ball."""
+    clean = raw["clean"]
+    n = len(clean)
+    pts: dict[str, torch.Tensor] = {"clean": clean}
+    for name, r in raw.items():
+        if name != "clean":
+            pts[name] = torch.minimum(clean, r)
+            pts[f"{name}_raw"] = r
+    worst = clean.clone()
+    for name in raw:
+        if at_eps(name):
+            worst = torch.minimum(worst, pts[name])
+    pts["worst"] = worst
+    mean = (lambda t: float(t.double().mean())) if n else (lambda t: 0.0)
+    out: dict[str, Any] = {CLEAN_ACC: mean(clean)}
+    for name in raw:
+        if name != "clean":
+            out[f"{name}_acc"] = mean(pts[name])
+            out[f"{name}_raw_acc"] = mean(raw[name])
+    out["worst_acc"] = mean(worst)
+    out.update(sanity_flags(pts, cfg))
+    out["n_images"] = n
+    out["protocol"] = protocol(cfg)
+    out["seconds"] = dict(seconds or {})  # per attack, summed over batches (what the docs' cost table uses)
+    out["points"] = pts
     return out
 
 
-def tolerance(a: float, b: float, n: int, z: float) -> float:
-    """z standard errors of the difference of two accuracies on n images (treated as
-    independent, which is conservative for attacks on the same images), and at least one image."""
-    if n <= 0:
-        return 0.0
-    return max(z * math.sqrt((a * (1 - a) + b * (1 - b)) / n), 1.0 / n)
+def protocol(cfg: StrongEvalConfig) -> str:
+    """One line naming what ran (the report and search.evaluate print it)."""
+    aa = ("AutoAttack-rand (APGD-CE + APGD-DLR" if cfg.aa_name == "aa" else "APGD-CE + APGD-DLR (not AutoAttack-rand:")
+    return (f"{aa} {cfg.aa_steps} iterations, EOT {cfg.aa_eot}, {cfg.aa_restarts} restart(s)); "
+            f"eps {cfg.eps:.4g}; scored by expected correctness over {cfg.score_draws} noise draws, "
+            f"robust = clean-correct and not broken")
 
 
-def sanity_flags(acc: dict[str, float], n: int, cfg: StrongEvalConfig) -> dict[str, Any]:
-    """The Carlini et al. 2019 checks on measured accuracies (keys as `strong_eval` returns them).
-    A flag is True when its check fails beyond the sampling tolerance, False when it passes and
-    None when the attacks it needs were not run."""
-    def worse(hi: str, lo: str) -> bool | None:  # True when acc[hi] > acc[lo] beyond noise
-        if hi not in acc or lo not in acc:
+def sanity_flags(pts: dict[str, torch.Tensor], cfg: StrongEvalConfig) -> dict[str, Any]:
+    """The Carlini et al. 2019 checks on per-point scores (`summarize`'s `pts`: robust scores under
+    the attack's name, raw ones under `<name>_raw`). A flag is True when its paired test rejects
+    at `cfg.alpha` (large_eps: when its accuracy is above `near_zero`), False when it passes and
+    None when the attacks it needs were not run. `sanity_p` holds each flag's p-value."""
+    p: dict[str, float | None] = {}
+
+    def worse(hi: str, lo: str) -> float | None:  # p-value of "hi scores above lo"
+        if hi not in pts or lo not in pts:
             return None
-        return acc[hi] > acc[lo] + tolerance(acc[hi], acc[lo], n, cfg.z)
+        return paired_p(pts[hi], pts[lo])
 
-    def chain(keys: list[str]) -> bool | None:
-        keys = [k for k in keys if k in acc]
+    def chain(keys: list[str]) -> float | None:
+        keys = [k for k in keys if k in pts]
         if len(keys) < 2:
             return None
-        return any(worse(b, a) for a, b in itertools.pairwise(keys))
+        return min(paired_p(pts[b], pts[a]) for a, b in itertools.pairwise(keys))
 
     k = cfg.pgd_steps
-    steps = sorted({*cfg.sanity_steps, k})
-    factors = sorted({*cfg.sanity_eps_factors, 1.0})
-    f: dict[str, Any] = {
-        "flag_steps": chain(["pgd_acc" if s == k else f"pgd_steps{s}_acc" for s in steps]),
-        "flag_eps": chain(["pgd_acc" if e == 1 else f"pgd_eps{e:g}_acc" for e in factors]),
-        "flag_large_eps": None if "large_eps_acc" not in acc else acc["large_eps_acc"] > cfg.near_zero,
-    }
-    white = [k2 for k2 in ("pgd_acc", "eot_pgd_acc", "aa_acc") if k2 in acc]
-    best = min(white, key=lambda k2: acc[k2]) if white else None
-    f["flag_blackbox"] = worse(best, "square_acc") if best else None
-    f["flag_transfer"] = worse(best, "transfer_acc") if best else None
-    f["flag_eot"] = worse("eot_pgd_acc", "pgd_acc")
+    raws = [n for n in pts if n.endswith("_raw") and at_eps(n[:-4])]
+    p["flag_above_clean"] = min((paired_p(pts[n], pts["clean"]) for n in raws), default=None)
+    p["flag_steps"] = chain(["pgd" if s == k else f"pgd_steps{s}" for s in sorted({*cfg.sanity_steps, k})])
+    p["flag_eps"] = chain(["pgd" if e == 1 else f"pgd_eps{e:g}" for e in sorted({*cfg.sanity_eps_factors, 1.0})])
+    white = [w for w in WHITE_BOX if w in pts]
+    if white:
+        pts["white"] = torch.stack([pts[w] for w in white]).min(0).values
+    p["flag_blackbox"] = worse("white", "square") if white else None
+    p["flag_transfer"] = worse("white", "transfer") if white else None
+    p["flag_eot"] = worse("eot_pgd", "pgd")
+    p["flag_aa"] = worse("aa", "pgd") if "aa" in pts else worse("apgd", "pgd")
+    f: dict[str, Any] = {name: None if v is None else v < cfg.alpha for name, v in p.items()}
+    large = pts.get("large_eps_raw")
+    f["flag_large_eps"] = None if large is None else float(large.double().mean()) > cfg.near_zero
+    pts.pop("white", None)
     f["sanity_flags"] = ",".join(name for name in FLAGS if f[name])
+    f["sanity_p"] = {name: v for name, v in p.items() if v is not None}
     return f
 
 

@@ -3,10 +3,13 @@
 It loads each chosen trial's deployed (quantized) model from its final Tune checkpoint
 (`trial_<id>/checkpoint_*/model.pt`, with the run's config from `state.pt`), evaluates it on the
 test split with the strong suite of trainables.robust_eval (AutoAttack-rand, Square, EOT-PGD and
-the sanity flags), and then
+the sanity flags) at the trial's own evaluation eps (its `eval_attack.eps`, the dataset's default
+unless the sweep set one), and then
 
-* adds `test_aa_acc`, `test_square_acc`, `test_eot_pgd_acc`, `test_strong_pgd_acc`, the
-  `flag_*` columns and `sanity_flags` to trials.parquet and pareto.parquet (and their CSVs);
+* adds `test_aa_acc` (AutoAttack-rand; with cheaper --aa-* settings `test_apgd_acc` instead),
+  `test_square_acc`, `test_eot_pgd_acc`, `test_strong_pgd_acc`, `test_worst_acc` (per point the
+  worst of them), `test_strong_clean_acc` (the same images, the same scoring), `test_strong_eps`,
+  the `flag_*` columns and `sanity_flags` to trials.parquet and pareto.parquet (and their CSVs);
 * logs them as metrics and tags on each trial's MLflow child run (found by its `ray_trial_id` tag
   under the sweep's parent run) and a summary on the parent run;
 * prints the front again with them.
@@ -35,6 +38,7 @@ from trainables.cliutil import OneLineParser, fail
 from trainables.config import ConfigError
 from trainables.contract import (
     CHECKPOINT_FILE,
+    CLEAN_ACC,
     COMPLETED,
     FRONT_TABLE,
     MODEL_FILE,
@@ -50,9 +54,11 @@ from trainables.contract import (
 from trainables.fileio import atomic_write_text
 from trainables.robust_eval import FLAGS, StrongEvalConfig
 
-ACC_COLUMNS = {"test_aa_acc": "aa_acc", "test_square_acc": "square_acc", "test_eot_pgd_acc": "eot_pgd_acc",
-               "test_strong_pgd_acc": "pgd_acc"}
-COLUMNS = (*ACC_COLUMNS, "test_strong_n", *FLAGS, "sanity_flags")
+ACC_COLUMNS = {"test_aa_acc": "aa_acc", "test_apgd_acc": "apgd_acc", "test_square_acc": "square_acc",
+               "test_eot_pgd_acc": "eot_pgd_acc", "test_strong_pgd_acc": "pgd_acc", "test_worst_acc": "worst_acc",
+               "test_strong_clean_acc": CLEAN_ACC}
+NUMBER_COLUMNS = (*ACC_COLUMNS, "test_strong_n", "test_strong_eps")
+COLUMNS = (*NUMBER_COLUMNS, *FLAGS, "sanity_flags")
 SUITE_FLAGS = {"aa_steps": int, "aa_eot": int, "aa_restarts": int, "square_queries": int,
                "eot_steps": int, "eot_samples": int, "pgd_steps": int, "batch_size": int}
 
@@ -180,20 +186,32 @@ def evaluate_trial(location: SweepLocation, trial_id: str, suite: StrongEvalConf
     x, y = data.test.to_float(dev)
     if subset_test:
         x, y = x[:subset_test], y[:subset_test]
-    s = dataclasses.replace(suite, seed=cfg.eval_seed)
+    s = trial_suite(suite, cfg)
     t0 = time.perf_counter()
     res = strong_eval(model, x, y, s)
+    res.pop("points")
     res["wall_s"] = time.perf_counter() - t0
     res["device"] = str(dev)
-    log(f"trial {trial_id}: AA-rand {res.get('aa_acc', float('nan')):.4f}, Square "
-        f"{res.get('square_acc', float('nan')):.4f}, EOT-PGD {res.get('eot_pgd_acc', float('nan')):.4f} on "
-        f"{len(y)} images in {res['wall_s']:.0f}s; flags: {res['sanity_flags'] or 'none'}")
+    res["eps"] = s.eps
+    aa = "AA-rand" if s.aa_name == "aa" else "APGD (not AA-rand)"
+    log(f"trial {trial_id}: clean {res[CLEAN_ACC]:.4f}, {aa} {res.get(s.aa_name + '_acc', float('nan')):.4f}, "
+        f"Square {res.get('square_acc', float('nan')):.4f}, EOT-PGD {res.get('eot_pgd_acc', float('nan')):.4f}, "
+        f"worst {res['worst_acc']:.4f} at eps {s.eps:.4g} on {len(y)} images in {res['wall_s']:.0f}s; "
+        f"flags: {res['sanity_flags'] or 'none'}")
     return res
+
+
+def trial_suite(suite: StrongEvalConfig, cfg: Any) -> StrongEvalConfig:
+    """The suite at the trial's own threat model: its evaluation eps and PGD step (resolved from
+    its dataset when the sweep left them unset) and its evaluation seed."""
+    cfg.validate()
+    return dataclasses.replace(suite, eps=cfg.eval_attack.eps, pgd_step=cfg.eval_attack.step, seed=cfg.eval_seed)
 
 
 def row_values(res: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {col: res.get(key) for col, key in ACC_COLUMNS.items()}
     out["test_strong_n"] = res.get("n_images")
+    out["test_strong_eps"] = res.get("eps")
     for f in FLAGS:
         out[f] = res.get(f)
     out["sanity_flags"] = res.get("sanity_flags", "")
@@ -210,7 +228,7 @@ def update_tables(t: Target, results: dict[str, dict[str, Any]]) -> list[Path]:
         for col in COLUMNS:
             vals = [row_values(results[tid])[col] if tid in results else None for tid in df[TRIAL_ID]]
             df[col] = pd.Series(vals, index=df.index, dtype="object")
-        for col in (*ACC_COLUMNS, "test_strong_n"):
+        for col in NUMBER_COLUMNS:
             df[col] = pd.to_numeric(df[col], errors="coerce")
         return df
 
@@ -230,7 +248,7 @@ def log_mlflow(t: Target, tracking_uri: str, results: dict[str, dict[str, Any]],
     metrics, flags = {}, {}
     for tid, res in results.items():
         vals = row_values(res)
-        metrics[tid] = {k: vals[k] for k in (*ACC_COLUMNS, "test_strong_n")}
+        metrics[tid] = {k: vals[k] for k in NUMBER_COLUMNS if vals[k] is not None}
         flags[tid] = {**{f"sanity.{f}": "n/a" if vals[f] is None else str(bool(vals[f])).lower() for f in FLAGS},
                       "sanity_flags": vals["sanity_flags"] or "none"}
     summary = {"strong_n_evaluated": float(len(results)),
@@ -304,7 +322,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 
     cols = [TRIAL_ID, *OBJECTIVES]
     cols += [c for c in ("test_clean_acc", "test_robust_acc") if c in t.front]
-    cols += ["test_aa_acc", "test_square_acc", "test_eot_pgd_acc", "sanity_flags"]
+    cols += ["test_strong_clean_acc", "test_aa_acc", "test_apgd_acc", "test_square_acc", "test_eot_pgd_acc",
+             "test_worst_acc", "test_strong_eps", "sanity_flags"]
     print(f"\nPareto front of {args.name!r} with the strong evaluation:")
     print(t.front[[c for c in cols if c in t.front]].to_string(index=False, float_format=lambda v: f"{v:.4g}")
           if len(t.front) else format_front(t.front))
