@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from trainables.cliutil import OneLineParser, fail
-from trainables.config import AttackConfig, ConfigError, TrainConfig
+from trainables.config import AttackConfig, ConfigError, TrainConfig, dataset_eps
 from trainables.data import check_available, load_data
 from trainables.fileio import atomic_torch_save, atomic_write_text
 from trainables.robust_eval import StrongEvalConfig
@@ -133,12 +133,12 @@ def scale_from_args(a: argparse.Namespace) -> Scale:
     return s
 
 
-def strong_from_args(a: argparse.Namespace, scale: Scale, seed: int) -> StrongEvalConfig:
+def strong_from_args(a: argparse.Namespace, scale: Scale, seed: int, eps: float = EPS) -> StrongEvalConfig:
     over = {k: getattr(a, k) for k in STRONG_FLAGS}
     for k, v in over.items():
         if v is not None and v < 1:
             raise ConfigError(f"--{k.replace('_', '-')}={v}; accepted: an integer >= 1")
-    return strong_config(scale, over, seed)
+    return strong_config(scale, over, seed, eps)
 
 
 def cache_key(spec: RowSpec, cfg: TrainConfig, scale: Scale, seeds: list[int], data_desc: str,
@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.previous:
             previous = previous_findings(_read_previous(args.previous))
         dataset, data_desc = resolve_dataset(args)
+        eps = dataset_eps(dataset)  # the dataset's threat model (folder: the CIFAR-10 JPEG copy, 8/255)
+        strong = strong_from_args(args, scale, seeds[0], eps)
         base = TrainConfig(
             dataset=dataset, data_root=args.data_root, download=args.download,
             subset_train=scale.subset_train, subset_test=scale.subset_test,
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             group_mode="prox", group_axis="out", seed=args.seed, device=args.device, cw=True,
         )
         base.quant.bits = 32
-        base.train_attack = AttackConfig("pgd", EPS, 2.5 * EPS / scale.attack_steps,
+        base.train_attack = AttackConfig("pgd", eps, 2.5 * eps / scale.attack_steps,
                                          scale.attack_steps, True)
         base.validate()
         check_available(base)
@@ -318,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_strong": min(scale.strong_subset or len(data.test), len(data.test)),
         "augment": data.augment,
         "train_step": base.train_attack.step,
+        "eps": eps,
         "group_lasso": group_lasso, "group_shrink": group_lasso * slr,
         "sum_lr": slr, "steps": steps, "br": _br_text(base),
         "seeds": seeds, "alpha": alpha, "jobs": args.jobs, "threads": args.threads,

@@ -10,6 +10,7 @@ import torch
 
 from trainables.attacks import perturb
 from trainables.config import AttackConfig
+from trainables.contract import CLEAN_ACC
 from trainables.metrics import accuracy
 from trainables.robust_eval import StrongEvalConfig, strong_eval
 
@@ -49,7 +50,7 @@ def evaluate_row(run, spec: RowSpec, scale: Scale, seeds: list[int], strong: Str
                  ) -> tuple[dict[str, list[float]], dict[int, torch.Tensor] | None, dict[str, Any]]:
     """(per-seed accuracies in %, the row's transfer examples per seed if it is a transfer source,
     the strong suite's result). Quantized rows need their source's examples (`source_adv`)."""
-    attacks = eval_attacks(scale)
+    attacks = eval_attacks(scale, strong.eps)
     per_seed: dict[str, list[float]] = {k: [] for k in attacks}
     for s in seeds:
         res = run.evaluate(seed=s, attacks=attacks, split="test")
@@ -70,7 +71,9 @@ def evaluate_row(run, spec: RowSpec, scale: Scale, seeds: list[int], strong: Str
     k = scale.strong_subset or len(y)
     tadv = source_adv[seeds[0]][:k] if source_adv is not None else None
     res = strong_eval(run.model, x[:k], y[:k], strong, br=run.br, transfer_adv=tadv)
+    res.pop("points")
+    res["suite_clean_acc"] = res[CLEAN_ACC]  # the suite's own clean score (same images, same scoring)
     log(f"[{spec.id}] strong suite on {k} images: "
-        + " ".join(f"{n[:-4]} {100 * v:.1f}" for n, v in res.items() if n.endswith("_acc"))
+        + " ".join(f"{n[:-4]} {100 * v:.1f}" for n, v in res.items() if n.endswith("_acc") and "raw" not in n)
         + f"; flags: {res['sanity_flags'] or 'none'}")
     return per_seed, adv, res

@@ -5,15 +5,15 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainables.config import AttackConfig, ConfigError, TrainConfig
+from trainables.config import STEP_PER_EPS, AttackConfig, ConfigError, TrainConfig, dataset_eps
 from trainables.robust_eval import StrongEvalConfig
 
 REPO = Path(__file__).resolve().parents[1]
 # CI clones the repository into its own folder with shared/ beside it
 SHARED_CIFAR = REPO.parent / "shared/data/cifar10-jpeg.tar.gz"
 DEFAULT_CACHE = Path("~/.cache/brsearch")
-EPS = 8 / 255
-EVAL_STEP = 2 / 255
+EPS = dataset_eps("cifar10")  # 8/255; a --dataset run uses its own (trainables.config.dataset_eps)
+EVAL_STEP = EPS * STEP_PER_EPS  # 2/255
 
 # EnResNet poster, CIFAR-10, PGD-10 adversarial training (docs: algorithms.md section 4.1)
 REFERENCE_EN1 = {"clean": 77.21, "fgsm": 55.35, "ifgsm": 49.06}
@@ -132,22 +132,23 @@ def row_config(base: TrainConfig, spec: RowSpec, group_lasso: float) -> TrainCon
     return cfg
 
 
-def eval_attacks(scale: Scale) -> dict[str, AttackConfig | None]:
+def eval_attacks(scale: Scale, eps: float = EPS) -> dict[str, AttackConfig | None]:
     """The attacks run once per evaluation seed (the strong suite runs once per row)."""
+    step = eps * STEP_PER_EPS
     atk: dict[str, AttackConfig | None] = {
         "clean": None,
-        "fgsm": AttackConfig("fgsm", EPS, EPS, 1, False),
-        "pgd": AttackConfig("pgd", EPS, EVAL_STEP, scale.eval_steps, True),
-        "cw": AttackConfig("cw", EPS, EVAL_STEP, scale.eval_steps, True),
+        "fgsm": AttackConfig("fgsm", eps, eps, 1, False),
+        "pgd": AttackConfig("pgd", eps, step, scale.eval_steps, True),
+        "cw": AttackConfig("cw", eps, step, scale.eval_steps, True),
     }
     if scale.ifgsm:
-        atk["ifgsm"] = AttackConfig("pgd", EPS, EVAL_STEP, scale.eval_steps, False)
+        atk["ifgsm"] = AttackConfig("pgd", eps, step, scale.eval_steps, False)
     return atk
 
 
-def strong_config(scale: Scale, overrides: dict | None = None, seed: int = 1000) -> StrongEvalConfig:
+def strong_config(scale: Scale, overrides: dict | None = None, seed: int = 1000, eps: float = EPS) -> StrongEvalConfig:
     """The strong suite at the report's eps and PGD settings (the flags compare against PGD-k)."""
-    cfg = StrongEvalConfig(eps=EPS, pgd_steps=scale.eval_steps, pgd_step=EVAL_STEP, seed=seed)
+    cfg = StrongEvalConfig(eps=eps, pgd_steps=scale.eval_steps, pgd_step=eps * STEP_PER_EPS, seed=seed)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in (overrides or {}).items() if v is not None})
     cfg.validate()
     return cfg

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from trainables.contract import CHANNEL_SPARSITY
-from trainables.robust_eval import FLAGS
+from trainables.robust_eval import AA_PROTOCOL, FLAGS, StrongEvalConfig, protocol
 
 from .grid import (
     DEFAULT_SCALE,
@@ -32,6 +32,23 @@ from .verdicts import (
     verdict_b,
     verdict_c,
 )
+
+
+def eps_str(e: float) -> str:
+    """8/255 for multiples of 1/255, else the number."""
+    n = e * 255
+    return f"{round(n)}/255" if abs(n - round(n)) < 1e-6 else f"{e:g}"
+
+
+def aa_key(st: dict) -> str:
+    """The suite's result key for its APGD pair: 'aa' under the published protocol, else 'apgd'."""
+    return "aa" if all(st.get(k) == v for k, v in AA_PROTOCOL.items()) else "apgd"
+
+
+def aa_label(st: dict) -> str:
+    if aa_key(st) == "aa":
+        return "AutoAttack-rand"
+    return f"APGD-CE+DLR ({st['aa_steps']} it., EOT {st['aa_eot']})"
 
 
 def fmt(res: dict, key: str) -> str:
@@ -124,6 +141,7 @@ def render(meta: dict, R: dict[str, dict], rows: list[RowSpec], scale: Scale, fu
     w = L.append
     gl = meta["group_lasso"]
     st = meta["strong"]
+    eps = meta.get("eps", st["eps"])
     where = "CIFAR-10" if "cifar" in meta["data"].lower() else meta["data"]
     verdicts = [verdict_a(R), verdict_b(R), verdict_c(R, gl, meta["alpha"])]
     w(f"# Findings: Binary-Relax quantized, adversarially trained EnResNet on {where}")
@@ -140,8 +158,7 @@ def render(meta: dict, R: dict[str, dict], rows: list[RowSpec], scale: Scale, fu
     w("- Default scale: `python -m report` (uses the shared CIFAR-10 JPEG copy, unpacked once to "
       "`~/.cache/brsearch/cifar10-jpeg`; or `--cifar PATH`, or `--dataset cifar10 --data-root DIR "
       "--download` for torchvision's copy).")
-    w("- Paper scale (a GPU; days of compute): `python -m report --full --device cuda` (add "
-      "`--aa-steps 100` for AutoAttack's own iteration count).")
+    w("- Paper scale (a GPU; days of compute): `python -m report --full --device cuda`.")
     w("- A subset of rows: `--rows ternary-madry,ternary-mix` (each quantized row brings the float "
       "row of its loss, the transfer-attack source). Rows: " + ", ".join(f"`{r}`" for r in ROWS) + ".")
     w("- `python -m report --help` lists every flag (`--epochs`, `--subset-train`, `--subset-test`, "
@@ -161,6 +178,7 @@ def render(meta: dict, R: dict[str, dict], rows: list[RowSpec], scale: Scale, fu
     if secs:
         w("- Strong suite cost, summed over rows: " + ", ".join(
             f"{k} {v / 60:.1f} min" for k, v in sorted(secs.items(), key=lambda kv: -kv[1])) + ".")
+    w(f"- Strong-suite protocol: {protocol(StrongEvalConfig(**meta['strong']))}.")
     w(f"- Data: {meta['data']}")
     if meta.get("load"):
         w(f"- Load average at the start and the end: {meta['load']} (other jobs shared the machine "
@@ -184,10 +202,9 @@ def render(meta: dict, R: dict[str, dict], rows: list[RowSpec], scale: Scale, fu
           "13 ms per image and a PGD/CW attack step about 2.5 ms per image on one thread; the grid "
           "(9 trainings, 3 x 42 attack steps per test image per row, the transfer crafting) with "
           "1,000 test images took 32 min before the strong suite was added. The strong suite "
-          "costs about 0.8 s per image and row on one idle thread at these accuracies (its "
-          "attacks run only on the points a clean forward classifies correctly, AutoAttack's "
-          "convention), so by default it runs on the first 500 test images (about half an hour "
-          "more); `--subset-test` and `--strong-subset` are the knobs on a shared machine.")
+          "ran on the first 500 test images, its attacks on every image; its cost per row is in "
+          "the cost table below; `--subset-test`, `--strong-subset` and `--aa-steps` / `--aa-eot` "
+          "(which make it APGD, not AutoAttack-rand) are the knobs on a shared machine.")
     w(f"- Training images: {ntr} (plus {nval} held out as a validation split, unused here); "
       f"augmentation: {'random crop (pad 4) + horizontal flip' if meta['augment'] else 'none'}.")
     w(f"- Test images: {nte} (fixed subset, the same for every row); the strong suite runs on the "
@@ -197,7 +214,7 @@ def render(meta: dict, R: dict[str, dict], rows: list[RowSpec], scale: Scale, fu
       "every block (on at test time too); En1 unless stated.")
     w(f"- Training: {scale.epochs} epochs, batch {scale.batch_size}, SGD (Nesterov, momentum 0.9, "
       f"weight decay 5e-4), lr 0.1 x0.1 at 50% and 75% of the epochs; training attack PGD-"
-      f"{scale.attack_steps}, eps 8/255, step {meta['train_step'] * 255:.2f}/255 (2.5 eps / steps), "
+      f"{scale.attack_steps}, eps {eps_str(eps)}, step {meta['train_step'] * 255:.2f}/255 (2.5 eps / steps), "
       "random start.")
     w(f"- Binary-Relax: {meta['br']}; stem and 3x3 convolutions quantized (one scale per layer), 1x1 "
       "shortcuts, BN and the classifier float; ternary = the reference 0.7 mean|w| threshold rule; "
@@ -208,17 +225,26 @@ def render(meta: dict, R: dict[str, dict], rows: list[RowSpec], scale: Scale, fu
       f"{meta['sum_lr']:.1f} over {meta['steps']} optimizer steps: the total shrinkage per filter "
       "norm is then fixed, so the penalty acts at this scale).")
     w(f"- Seeded attacks: {len(meta['seeds'])} seeds of the test-time noise (seeds {meta['seeds']}), "
-      f"mean ± sd (sample sd). FGSM eps 8/255; PGD-{scale.eval_steps}: eps 8/255, step 2/255, "
+      f"mean ± sd (sample sd), one noise draw per image. FGSM eps {eps_str(eps)}; PGD-{scale.eval_steps}: "
+      f"eps {eps_str(eps)}, step {eps_str(eps / 4)}, "
       f"random start, CE loss; CW-Linf: the same PGD on the margin loss max_(j != y) Z_j - Z_y "
       "(our definition; not the rescaled C&W-L2 of the EnResNet scripts)"
       + (f"; IFGSM-{scale.eval_steps}: as PGD without random start (the EnResNet protocol)"
          if scale.ifgsm else "") + ". All on the fully quantized weights, model in eval mode.")
-    w(f"- Strong suite (trainables.robust_eval, one run per row, seed {st['seed']}, eps 8/255): "
-      f"**AutoAttack-rand** = APGD-CE then APGD-DLR from torchattacks, {st['aa_steps']} steps, "
-      f"{st['aa_restarts']} restart(s), gradients averaged over {st['aa_eot']} noise draws (EOT); "
-      f"**Square** (gradient-free, margin loss, {st['square_queries']} queries, p_init "
-      f"{st['square_p_init']:g}); **EOT-PGD-{st['eot_steps']}**: our PGD with each gradient averaged "
-      f"over {st['eot_samples']} noise draws. Accuracies there are single runs (no ±).")
+    w(f"- Strong suite (trainables.robust_eval, one run per row, seed {st['seed']}, eps {eps_str(eps)}): "
+      f"**{aa_label(st)}** = APGD-CE then APGD-DLR (torchattacks' APGD iteration on every point), "
+      f"{st['aa_steps']} iterations, {st['aa_restarts']} restart(s), gradients averaged over {st['aa_eot']} "
+      f"noise draws (EOT)" + ("" if aa_key(st) == "aa" else
+                             " — fewer than the published 100 iterations x EOT 20, so not AutoAttack-rand") +
+      f"; **Square** (gradient-free, margin loss, {st['square_queries']} queries, p_init "
+      f"{st['square_p_init']:g}, " + ("on the noise-free model" if not st.get("square_draws") else
+                                      f"on the logits averaged over {st['square_draws']} draws") +
+      f"); **EOT-PGD-{st['eot_steps']}**: our PGD with each gradient averaged over {st['eot_samples']} "
+      f"noise draws. One scoring for clean and every attack there, on the same images: each image is "
+      f"scored by its expected correctness over {st.get('score_draws', 20)} noise draws, an attack keeps "
+      "per image its strongest iterate, and an image counts robust only as far as it is clean-correct "
+      "(so every attack <= suite clean); the worst case is per image the lowest over all attacks at eps. "
+      "Single runs (no ±).")
     w(f"- Transfer: PGD-{scale.eval_steps} examples crafted white-box on the float model trained "
       "with the same loss (same seed), then classified by the quantized model.")
     w("")
@@ -229,8 +255,8 @@ def render(meta: dict, R: dict[str, dict], rows: list[RowSpec], scale: Scale, fu
     head = ["row", "model", "precision", "loss", "clean", "FGSM", f"PGD-{k}"]
     if ifg:
         head.append(f"IFGSM-{k}")
-    head += ["CW-L∞", f"EOT-PGD-{st['eot_steps']}", "AutoAttack-rand", "Square", f"transfer PGD-{k}",
-             "weight sparsity", "channel sparsity (out / in)", "size", "sanity flags"]
+    head += ["CW-L∞", "suite clean", f"EOT-PGD-{st['eot_steps']}", aa_label(st), "Square", "worst case",
+             f"transfer PGD-{k}", "weight sparsity", "channel sparsity (out / in)", "size", "sanity flags"]
     w("| " + " | ".join(head) + " |")
     w("|" + "---|" * len(head))
     for spec in rows:
@@ -241,7 +267,8 @@ def render(meta: dict, R: dict[str, dict], rows: list[RowSpec], scale: Scale, fu
         if ifg:
             cells.append(fmt(r, "ifgsm"))
         flags = tripped(r)
-        cells += [fmt(r, "cw"), fmt(r, "eot_pgd"), fmt(r, "aa"), fmt(r, "square"), fmt(r, "transfer"),
+        cells += [fmt(r, "cw"), fmt(r, "suite_clean"), fmt(r, "eot_pgd"), fmt(r, aa_key(st)), fmt(r, "square"),
+                  fmt(r, "worst"), fmt(r, "transfer"),
                   pct(100 * s["weight_sparsity"]),
                   f"{pct(100 * s[CHANNEL_SPARSITY])} / {pct(100 * s['channel_sparsity_in'])}",
                   size_str(s), ("**" + ", ".join(f.removeprefix("flag_") for f in flags) + "**") if flags else "none"]
@@ -249,8 +276,8 @@ def render(meta: dict, R: dict[str, dict], rows: list[RowSpec], scale: Scale, fu
     w("")
     w("Accuracies in % of the test images (every image counts). Seeded attacks: mean ± sd over the "
       "evaluation seeds; the sd covers the test-time noise only, not the training seed (one "
-      f"training run per row). EOT-PGD, AutoAttack-rand and Square: one run on the first {nst} test "
-      "images. Sparsity is counted on the quantized weights (stem + 3x3 convs, all members); "
+      f"training run per row). Suite clean, EOT-PGD, {aa_label(st)}, Square and the worst case: one "
+      f"run of the strong suite on the first {nst} test images, scored as above. Sparsity is counted on the quantized weights (stem + 3x3 convs, all members); "
       "channel sparsity = all-zero output filters / all-zero input channels. Size = bits of the "
       "deployed weights (b per quantized weight + one 32-bit scale per layer, 32 bits per float "
       "parameter), compression against all-float in brackets.")
@@ -261,7 +288,7 @@ def render(meta: dict, R: dict[str, dict], rows: list[RowSpec], scale: Scale, fu
         w("### En1 against En2 (float, madry)")
         w("")
         keys = [("clean", "clean"), ("fgsm", "FGSM"), ("pgd", f"PGD-{k}"), ("cw", "CW-L∞"),
-                ("aa", "AutoAttack-rand")]
+                (aa_key(st), aa_label(st))]
         if ifg:
             keys.insert(3, ("ifgsm", f"IFGSM-{k}"))
         w("En2 minus En1: " + ", ".join(f"{lab} {m(b, key) - m(a, key):+.1f} pp" for key, lab in keys)
@@ -288,20 +315,22 @@ def _sanity(L: list[str], R: dict, rows: list[RowSpec], scale: Scale, st: dict, 
     w("### Sanity battery (Carlini et al. 2019)")
     w("")
     w("Each check is a named flag; a tripped flag means that row's robust accuracies are not "
-      "trustworthy as measured. Tolerance: a difference counts only beyond "
-      f"{st['z']:g} standard errors of the difference of the two accuracies on {nst} images "
-      "(at least one image).")
+      "trustworthy as measured. Each comparison is a paired test on the same "
+      f"{nst} images: McNemar's exact test (one-sided exact binomial on the images where the two "
+      "attacks disagree, an image being right when most of its noise draws are), tripped at "
+      f"p < {st.get('alpha', 0.001):g}.")
     w("")
     for name in FLAGS:
         w(f"- {flag_line(name)}")
     steps = sorted({*st["sanity_steps"], k})
     factors = sorted({*st["sanity_eps_factors"], 1.0})
     w("")
-    w(f"Checks as run: PGD at {', '.join(map(str, steps))} steps (step 2/255); PGD-{k} at "
+    w(f"Checks as run: PGD at {', '.join(map(str, steps))} steps (step {eps_str(st['pgd_step'] or st['eps'] / 4)}); PGD-{k} at "
       f"{', '.join(f'{f:g}' for f in factors)} x eps; CW-Linf PGD-{k} at eps {st['large_eps']:g} (must "
-      f"reach at most {100 * st['near_zero']:g}% accuracy); the best white-box attack (lowest of "
-      f"PGD-{k}, EOT-PGD, AutoAttack-rand) against Square and against the transfer attack "
-      "(quantized rows); EOT-PGD against PGD.")
+      f"reach at most {100 * st['near_zero']:g}% accuracy); the white-box attacks together (per image "
+      f"the lowest of PGD-{k}, EOT-PGD, {aa_label(st)}) against Square and against the transfer attack "
+      f"(quantized rows); EOT-PGD and {aa_label(st)} against PGD-{k}; every attack's images against the "
+      "clean ones.")
     w("")
     w("| row | " + " | ".join(f"PGD-{s}" for s in steps) + " | " + " | ".join(f"{f:g} eps" for f in factors)
       + f" | eps {st['large_eps']:g} | best white-box | Square | transfer | tripped |")
@@ -315,7 +344,7 @@ def _sanity(L: list[str], R: dict, rows: list[RowSpec], scale: Scale, st: dict, 
 
         stp = [a("pgd_acc" if n == k else f"pgd_steps{n}_acc") for n in steps]
         eps = [a("pgd_acc" if f == 1 else f"pgd_eps{f:g}_acc") for f in factors]
-        white = [v for v in (s.get("pgd_acc"), s.get("eot_pgd_acc"), s.get("aa_acc")) if v is not None]
+        white = [v for v in (s.get("pgd_acc"), s.get("eot_pgd_acc"), s.get(f"{aa_key(st)}_acc")) if v is not None]
         best = f"{100 * min(white):.1f}" if white else "–"
         t = tripped(R[spec.id])
         w(f"| `{spec.id}` | " + " | ".join(stp) + " | " + " | ".join(eps)
@@ -383,8 +412,7 @@ def _limits(L: list[str], meta: dict, scale: Scale, full: bool, ntr: int, nte: i
       "zeros about 40% of normally distributed weights, and 4-bit zeros entries below max|w|/15.")
     w("- Claim (c) depends on our reconstruction of the trade-off loss (the paper's equation was "
       "not available; docs/training.md) and on one alpha and one lambda_g.")
-    w(f"- AutoAttack-rand here uses {meta['strong']['aa_steps']} APGD steps (torchattacks' default for "
-      "`version='rand'`; AutoAttack's reference code uses 100): a lower bound on what the full "
-      "protocol finds, like every attack. Passing the sanity battery rules out the usual symptoms "
+    w(f"- {aa_label(meta['strong'])} here: {meta['strong']['aa_steps']} APGD iterations, EOT "
+      f"{meta['strong']['aa_eot']}; any attack gives an upper bound on robust accuracy. Passing the sanity battery rules out the usual symptoms "
       "of masked gradients; it does not prove robustness.")
     w("")
