@@ -1,13 +1,25 @@
-"""Shared fixtures."""
+"""Shared fixtures, and one torch thread per pytest worker."""
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
-import pytest
-from hypothesis import HealthCheck, settings
+# One thread per worker, set before torch is imported: the suite runs two pytest-xdist workers on
+# two cores, and torch's default (a thread per core in each worker, plus the processes the tests
+# start) oversubscribes them, which on a loaded machine makes the fast layer many times slower
+# (docs/testing.md). The environment variables reach every subprocess a test starts (the training
+# CLI, sweeps, Ray's workers, which keep an OMP_NUM_THREADS they are given).
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = "1"
 
-from trainables.data import extract_tar
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+from trainables.data import extract_tar  # noqa: E402
+
+torch.set_num_threads(1)
 
 # property tests (tests/test_properties.py): no per-example deadline (a loaded 2-core machine
 # stalls for seconds); `--hypothesis-profile=mutmut` makes them deterministic and cheaper, so a
@@ -22,7 +34,7 @@ settings.load_profile("default")
 # Modules that are end to end throughout are marked here, so a test added to them later is too;
 # a test elsewhere that starts Ray, a subprocess or a sweep carries @pytest.mark.slow itself,
 # and so does any test that uses one of these fixtures.
-E2E_MODULES = {"test_reliability.py", "test_step_overhead.py"}
+E2E_MODULES = {"test_reliability.py"}
 E2E_FIXTURES = {"sweep", "sweep4", "diverged_sweep", "ternary_run", "cli_results", "cifar10_folder", "ray_session"}
 
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from _stats import allowed_failures
 from trainables.attacks import margin_loss, perturb, pgd, trades_kl
 from trainables.config import AttackConfig, TrainConfig
+from trainables.device import autocast
 from trainables.loop import Run
 from trainables.losses import tradeoff_loss
 from trainables.models import build_model
@@ -199,7 +200,6 @@ def trained_float_run():
     return run
 
 
-@pytest.mark.slow
 def test_pgd_is_stronger_than_fgsm_on_a_trained_model(trained_float_run):
     """PGD-10 with random start beats FGSM by a real margin, over several evaluation seeds (the
     model's noise is on, so each evaluation is one draw): at eps 0.1 FGSM leaves about 0.48 and
@@ -220,7 +220,6 @@ def test_pgd_is_stronger_than_fgsm_on_a_trained_model(trained_float_run):
     assert max(a["pgd"] for a in accs) < clean - 0.2, accs
 
 
-@pytest.mark.slow
 def test_seeded_evaluation_is_reproducible_and_noise_is_on(trained_float_run):
     """The same evaluation seed gives the same numbers; other seeds give other draws of the noise,
     so any claim about one model is a claim about a distribution (see the test above)."""
@@ -229,6 +228,24 @@ def test_seeded_evaluation_is_reproducible_and_noise_is_on(trained_float_run):
     assert trained_float_run.evaluate(seed=7, attacks=clean) == a
     draws = {trained_float_run.evaluate(seed=s, attacks=clean)["clean"] for s in range(4)}
     assert len(draws) > 1
+
+
+def test_pgd_under_fp16_autocast_moves_the_pixels_fp32_moves():
+    """PGD ascends the cross-entropy summed over the batch (EnResNet's loss). Under fp16
+    autocast (`--precision fp16`, here on the CPU) the summed loss keeps the input gradients
+    above fp16's underflow: one step moves all but about 0.005 % of the pixels (fp32: all). A
+    mean over the batch divides every gradient by n and flushes 0.28 % of them to zero, pixels
+    the attack then never moves; the bound sits between the two (seed 0, 256 images)."""
+    torch.manual_seed(0)
+    model = build_model(8, 8, 3, 10, ensemble=1, noise=0.0).eval()
+    x, y = torch.rand(256, 3, 16, 16), torch.randint(0, 10, (256,))
+    atk = AttackConfig("pgd", 0.03, 0.01, 1, False)
+    assert bool((perturb(model, x, y, atk) != x).all())  # fp32: every pixel steps
+    with autocast(torch.device("cpu"), "fp16"):
+        assert torch.is_autocast_enabled("cpu")
+        x_adv = perturb(model, x, y, atk)
+    still = int((x_adv == x).sum())
+    assert still <= 0.0005 * x.numel(), f"{still} of {x.numel()} pixels got no gradient under fp16"
 
 
 def test_mix_loss_is_the_convex_combination(model_and_batch):
@@ -323,10 +340,13 @@ def test_trades_kl_attack_starts_near_x_and_ascends_the_kl(model_and_batch):
 
 def test_trades_loss_is_natural_ce_plus_beta_kl(model_and_batch):
     """trades: CE(f(x), y) + beta KL(p(x) || p(x_adv)) with x_adv from the KL attack (the TRADES
-    objective; a reversed KL or a CE on x_adv fails here)."""
+    objective; a reversed KL or a CE on x_adv fails here). In float64, so that each part is
+    checked on its own: the KL term (about 7e-4 per image here) is 1e-3 of the total, and a
+    tolerance on the total would let a wrong beta through."""
     _, x, y = model_and_batch
     torch.manual_seed(0)
-    model = build_model(8, 8, 3, 10, ensemble=1, noise=0.0).eval()
+    model = build_model(8, 8, 3, 10, ensemble=1, noise=0.0).eval().double()
+    x = x.double()
     atk = AttackConfig("pgd", 0.05, 0.02, 3, True)
     torch.manual_seed(5)
     loss = tradeoff_loss(model, x, y, "trades", atk, beta=2.5)
@@ -335,11 +355,13 @@ def test_trades_loss_is_natural_ce_plus_beta_kl(model_and_batch):
     kl = _kl_sum(model, x, x_adv) / len(x)
     assert kl > 1e-4
     natural = F.cross_entropy(model(x), y).item()
-    assert loss.item() == pytest.approx(natural + 2.5 * kl, rel=1e-4)
+    assert loss.item() - natural == pytest.approx(2.5 * kl, rel=1e-9)
     assert loss.requires_grad
     torch.manual_seed(5)
     default = tradeoff_loss(model, x, y, "trades", atk)  # beta = 6, TRADES' default
-    assert default.item() == pytest.approx(natural + 6.0 * kl, rel=1e-4)
+    assert default.item() - natural == pytest.approx(6.0 * kl, rel=1e-9)
+    torch.manual_seed(5)
+    assert tradeoff_loss(model, x, y, "trades", atk, beta=0.0).item() == pytest.approx(natural, rel=1e-12)
 
 
 def test_unknown_loss_and_attack_are_refused(model_and_batch):

@@ -331,7 +331,6 @@ def test_cli_refuses_an_unfinished_trial(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("bits", [1, 4])
 def test_cli_exports_a_training_run(tmp_path, bits, capsys):
     from trainables.train import main as train_main

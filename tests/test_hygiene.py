@@ -52,7 +52,6 @@ def test_splits_do_not_depend_on_the_trial_seed():
         assert torch.equal(getattr(a, s).x, getattr(b, s).x) and torch.equal(getattr(a, s).y, getattr(b, s).y)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("mode, strength", [("prox", 5.0), ("penalty", 10.0)])
 def test_a_large_group_penalty_kills_channels(mode, strength):
     """Two epochs with a strong group penalty leave dead filters in the deployed (ternary)

@@ -113,7 +113,6 @@ class _Keep:
         self.reports.append(dict(metrics))
 
 
-@pytest.mark.slow
 def test_objectives_do_not_see_the_test_labels():
     """Scrambling the test labels changes the test_ metrics and nothing a search selects on."""
     cfg = _tiny_cfg()

@@ -101,7 +101,6 @@ def _check_final(metrics, hooks, epochs=1):
     assert len(hooks.reports) == epochs and [r[2] for r in hooks.reports] == [False] * (epochs - 1) + [True]
 
 
-@pytest.mark.slow
 def test_folder_dataset_tiny_tree(tmp_path):
     _write_tree(tmp_path / "imgs", per_class=(16, 5))
     cfg = TrainConfig(dataset=f"folder:{tmp_path / 'imgs'}", epochs=3, depth=8, width=4,
