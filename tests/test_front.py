@@ -15,8 +15,12 @@ from search.front import (
 )
 
 
-def test_default_reference():
-    assert DEFAULT_REFERENCE == (0.0, 0.0, 0.0)
+def test_default_reference_is_the_origin_of_the_three_objectives():
+    """Without a reference the hypervolume is measured from the origin: a point's box is the
+    product of its objectives, and a dense model (sparsity 0) adds nothing."""
+    assert hypervolume([[0.5, 0.4, 0.25]]) == 0.5 * 0.4 * 0.25
+    assert hypervolume([[0.9, 0.9, 0.0], [0.5, 0.4, 0.25]]) == 0.05
+    assert hypervolume([[0.5, 0.4, 0.25]]) == hypervolume([[0.5, 0.4, 0.25]], DEFAULT_REFERENCE)
 
 
 def test_non_dominated_mask_hand_built():

@@ -374,15 +374,23 @@ def test_missing_time_or_metric_does_not_record():
     assert all(len(r) == 0 for r in s.rung_records().values())
 
 
-def test_fifo_hooks_accept_none_controller():
-    s = make_sched()
-    tr = make_trial()
-    s.on_trial_add(None, tr)
-    report(s, tr, 1, [0.5, 0.5, 0.5])
-    s.on_trial_complete(None, tr, {"epoch": 1})
-    s.on_trial_remove(None, tr)
-    s.on_trial_error(None, tr)
-    assert "MO-ASHA" in s.debug_string()
+def test_a_finished_trial_keeps_its_rung_records():
+    """As in ASHA, a trial that completes, is removed or fails stays recorded at its rungs and
+    keeps counting in later decisions; completing records nothing new (Tune replays the final
+    result through on_trial_result, which records)."""
+    s = make_sched(reduction_factor=2)
+    done, failed = make_trial(), make_trial()
+    for tr, vec in ((done, [0.9, 0.9, 0.9]), (failed, [0.8, 0.8, 0.8])):
+        s.on_trial_add(None, tr)
+        assert report(s, tr, 1, vec) == CONTINUE
+    s.on_trial_complete(None, done, {"epoch": 2, **dict(zip(OBJ, [0.0, 0.0, 0.0]))})
+    s.on_trial_remove(None, done)
+    s.on_trial_error(None, failed)
+    assert s.rung_records() == {1: {done.trial_id: (0.9, 0.9, 0.9), failed.trial_id: (0.8, 0.8, 0.8)}, 2: {}, 4: {}}
+    assert report(s, make_trial(), 1, [0.85, 0.85, 0.85]) == CONTINUE  # position 1 of 3 <= 1/2
+    # behind all three: position 3 of 4 > 1/2; were the finished trials dropped, it would be
+    # 1 of 2 and continue
+    assert report(s, make_trial(), 1, [0.1, 0.1, 0.1]) == STOP
 
 
 def _filled_scheduler():
