@@ -56,6 +56,15 @@ def test_non_dominated_mask_edge_cases():
         non_dominated_mask([[0.5, None]])  # a metric never reported is missing, not a value
 
 
+def test_rows_without_objectives():
+    """A row with no objective is on no front (moocore refuses it) and above no floor."""
+    with pytest.raises(ValueError):
+        non_dominated_mask(np.zeros((3, 0)))
+    np.testing.assert_array_equal(feasible_mask(np.zeros((3, 0)), Floors.for_sweep("digits")), [False] * 3)
+    # three copies of the one empty row: at most two distinct points, so every distance is inf
+    np.testing.assert_array_equal(crowding_distance(np.zeros((3, 0))), [np.inf] * 3)
+
+
 def test_non_dominated_sort_fronts():
     pts = np.array([[3, 1], [1, 3], [2, 2], [1, 1], [2, 1], [0, 0], [0, 0]], dtype=float)
     fronts = non_dominated_sort(pts)

@@ -176,3 +176,28 @@ def test_size_bits_golden():
     q[1] = 0
     assert layer_bits(q, 1) == 54 + 32 + 3
     assert layer_bits(q, 2) == 2 * 54 + 32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_golden_cases_on_cuda():
+    """The same cases with the tensors on the GPU: every tensor a projection makes must be made
+    on the weights' device (an index or count made on the host meets device tensors there)."""
+    from trainables.metrics import accuracy
+
+    cuda = torch.device("cuda")
+    w = torch.tensor([3.0, -1.0, 2.0, 0.5], device=cuda)
+    p = project_ternary_exact(w)
+    assert p.device.type == "cuda"
+    _expect(p.cpu(), 2.5, [1, 0, 1, 0])
+    for bits, (w, steps) in MULTIBIT.items():
+        for iters, (scale, levels) in enumerate(steps, start=1):
+            p = project_multibit(torch.tensor(w, device=cuda), bits, iters)
+            assert p.device.type == "cuda"
+            _expect(p.cpu(), scale, levels)
+    # accuracy keeps its counts on the device: one read at the end, no sync per batch
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).to(cuda)
+    br = quantize_(model, QuantConfig(bits=32))
+    x, y = torch.rand(10, 1, 2, 2, device=cuda), torch.randint(0, 3, (10,), device=cuda)
+    want = float((model(x).argmax(1) == y).float().mean())
+    assert accuracy(model, br, x, y, {"clean": None}, batch_size=3)["clean"] == pytest.approx(want)

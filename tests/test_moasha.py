@@ -8,7 +8,7 @@ import pytest
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from search.optimizer import MOASHAScheduler, MOASHAStateCallback, decide, rung_position
+from search.optimizer import MOASHAScheduler, MOASHAStateCallback, RungRule, decide, rung_position
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
 OBJ = ["clean_acc", "robust_acc", "channel_sparsity"]
@@ -195,6 +195,8 @@ def _extended_brute_position(pts, i, tie_break):
 def _mixed_rung(rng, n, k):
     pts = np.round(rng.random((n, k)), int(rng.integers(1, 3)))
     odd = rng.random((n, k)) < 0.2
+    if rng.random() < 0.5:  # an objective with no finite value at the rung
+        odd[:, int(rng.integers(k))] = True
     pts[odd] = rng.choice([np.nan, np.inf, -np.inf], size=int(odd.sum()))
     return pts
 
@@ -251,6 +253,7 @@ def test_scheduler_with_floors_stops_a_collapsed_trial_that_sparsity_alone_would
         report(s, make_trial(), 1, good)
         # without floors the two are mutually non-dominated extremes: position 0 of 2, kept;
         # with them the collapsed one is behind the feasible one: 1/2 > 1/3
+        assert s.decisions[-1]["feasible"] is True  # violation 0: on the floor's right side
         assert report(s, make_trial(), 1, collapsed) == expected
         assert s.decisions[-1]["feasible"] is (violation is None)
     s = make_sched(reduction_factor=2, violation=floors.violation)
@@ -400,6 +403,36 @@ def _filled_scheduler():
     report(s, trials[1], 1, [0.1, 0.1, 0.1])  # stopped
     report(s, trials[2], 2, [0.5, 0.5, 0.5])
     return s, trials
+
+
+def test_the_saved_state_holds_what_a_resume_needs():
+    s, trials = _filled_scheduler()
+    state = s.get_state()
+    assert state == {
+        "version": 1, "metrics": OBJ, "modes": ["max"] * 3, "time_attr": "epoch", "milestones": [1, 3],
+        "rungs": [(1, {trials[0].trial_id: (0.9, 0.9, 0.9), trials[1].trial_id: (0.1, 0.1, 0.1),
+                       trials[2].trial_id: (0.5, 0.5, 0.5)}), (3, {})],
+        "stopped_trials": {trials[1].trial_id}, "decisions": s.decisions,
+    }
+
+
+def test_a_scheduler_pickled_before_floors_decides_without_them():
+    """A scheduler saved by a version without `violation` (tuner.pkl of an older sweep) has no
+    such attribute after unpickling: every vector counts as feasible."""
+    s = make_sched(reduction_factor=3)
+    del s.__dict__["_violation"]
+    report(s, make_trial(), 1, [0.9, 0.7, 0.0])
+    assert report(s, make_trial(), 1, [0.1, 0.0, 1.0]) == CONTINUE  # the collapsed extreme is kept
+    assert s.decisions[-1]["feasible"] is True
+
+
+def test_rung_rule_refuses_bad_parameters_with_one_clear_line():
+    with pytest.raises(ValueError, match=r"^reduction_factor must be > 1$"):
+        RungRule(1.0)
+    with pytest.raises(ValueError, match=r"^tie_break 'nope'; accepted: crowding, epsnet$"):
+        RungRule(3.0, "nope")
+    assert RungRule(1.5).decide([[0.5, 0.5]], [0.4, 0.4]) == (True, 1, 2)  # 1/2 <= 1/1.5
+    assert RungRule(3.0).decide([[0.5, 0.5]], [0.4, 0.4]) == (False, 1, 2)  # 1/2 > 1/3
 
 
 def test_save_restore_roundtrip(tmp_path):
@@ -611,6 +644,8 @@ def test_rung_position_and_decide_refuse_bad_shapes_with_one_line():
         (lambda: rung_position([0.1, 0.2]), "points must have shape (n, k), n >= 1; got (2,)"),
         (lambda: decide([[0.1, 0.2], [0.3, 0.4]], [0.1, 0.2, 0.3], 3),
          "rung vectors of shape (2, 2) do not match a new vector of length 3"),
+        (lambda: rung_position([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]], violations=[0.0, 0.0]),
+         "2 violations for 3 points"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError) as err:
@@ -619,6 +654,13 @@ def test_rung_position_and_decide_refuse_bad_shapes_with_one_line():
     assert rung_position([[0.1, 0.2], [0.3, 0.4]], index=0) == 1  # index counts from the front too
     with pytest.raises(ValueError, match=r"n >= 1; got \(0, 2\)"):
         rung_position(np.zeros((0, 2)))  # no rows, even with the right number of objectives
+
+
+def test_a_nan_violation_is_the_largest():
+    """An unknown violation (NaN) ranks behind every infeasible vector with a known one."""
+    pts = [[0.9, 0.9], [0.5, 0.5], [0.4, 0.4], [0.8, 0.8]]
+    assert rung_position(pts, -1, violations=[0.0, 0.5, 0.2, np.nan]) == 3
+    assert rung_position(pts, 1, violations=[0.0, 0.5, 0.2, np.nan]) == 2
 
 
 def test_rung_position_leaves_its_input_alone():

@@ -47,7 +47,8 @@ Rungs and decisions
     value decides who is an extreme, and the distances between finite rows come only from the
     objectives that are finite on the whole front.
   - ε-net: Euclidean distances need numbers, so each ``-inf`` / ``+inf`` stands for 1 below /
-    above the finite range of its objective over the ranked vectors (``finite_order``).
+    above the finite range of its objective over the ranked vectors (``finite_order``; -1 / +1
+    for an objective with no finite value there).
 
   ``tests/test_moasha.py`` checks the decisions against a brute-force statement of this rule on
   random rungs that mix NaN and ``+-inf`` with finite values.
