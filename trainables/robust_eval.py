@@ -81,6 +81,7 @@ class StrongEvalConfig:
     eps: float = 8 / 255
     pgd_steps: int = 20  # the front's PGD-20, repeated here as the reference the flags compare to
     pgd_step: float | None = None
+    pgd_random_start: bool = True  # of PGD-k and its step and eps variants (search.evaluate: the trial's)
     aa: bool = True
     aa_steps: int = AA_PROTOCOL["aa_steps"]
     aa_eot: int = AA_PROTOCOL["aa_eot"]  # noise draws per gradient
@@ -246,7 +247,8 @@ def suite_attacks(model: nn.Module, cfg: StrongEvalConfig) -> dict[str, Attack]:
     """name -> attack(x, y) -> candidates, for every attack the suite runs except AutoAttack-rand
     (whose DLR stage depends on the CE stage's scores: `aa_attack`)."""
     e, s, k = cfg.eps, cfg.step, cfg.pgd_steps
-    A: dict[str, Attack] = {"pgd": lambda x, y: [pgd(model, x, y, e, s, k, True, "ce")]}
+    rs = cfg.pgd_random_start
+    A: dict[str, Attack] = {"pgd": lambda x, y: [pgd(model, x, y, e, s, k, rs, "ce")]}
     if cfg.eot_pgd:
         A["eot_pgd"] = lambda x, y: eot_pgd(model, x, y, e, s, cfg.eot_steps, cfg.eot_samples)
     if cfg.square:
@@ -259,8 +261,8 @@ def suite_attacks(model: nn.Module, cfg: StrongEvalConfig) -> dict[str, Attack]:
 
         A["square"] = square
     if cfg.sanity:
-        def pgd_at(eps: float, step: float, steps: int, loss: str = "ce") -> Attack:
-            return lambda x, y: [pgd(model, x, y, eps, step, steps, True, loss)]
+        def pgd_at(eps: float, step: float, steps: int, loss: str = "ce", start: bool = rs) -> Attack:
+            return lambda x, y: [pgd(model, x, y, eps, step, steps, start, loss)]
 
         for n in cfg.sanity_steps:
             if n != k:
@@ -268,7 +270,7 @@ def suite_attacks(model: nn.Module, cfg: StrongEvalConfig) -> dict[str, Attack]:
         for f in cfg.sanity_eps_factors:
             if f != 1:
                 A[f"pgd_eps{f:g}"] = pgd_at(min(1.0, e * f), s * f, k)
-        A["large_eps"] = pgd_at(cfg.large_eps, 2.5 * cfg.large_eps / k, k, "cw")
+        A["large_eps"] = pgd_at(cfg.large_eps, 2.5 * cfg.large_eps / k, k, "cw", True)
     return A
 
 

@@ -202,10 +202,13 @@ def evaluate_trial(location: SweepLocation, trial_id: str, suite: StrongEvalConf
 
 
 def trial_suite(suite: StrongEvalConfig, cfg: Any) -> StrongEvalConfig:
-    """The suite at the trial's own threat model: its evaluation eps and PGD step (resolved from
-    its dataset when the sweep left them unset) and its evaluation seed."""
+    """The suite at the trial's own threat model: its evaluation eps, PGD step and random start
+    (resolved from its dataset when the sweep left them unset; the suite's PGD-k is then the
+    sweep's own attack, scored the suite's way, which flag_aa compares AutoAttack-rand with) and
+    its evaluation seed."""
     cfg.validate()
-    return dataclasses.replace(suite, eps=cfg.eval_attack.eps, pgd_step=cfg.eval_attack.step, seed=cfg.eval_seed)
+    return dataclasses.replace(suite, eps=cfg.eval_attack.eps, pgd_step=cfg.eval_attack.step,
+                               pgd_random_start=cfg.eval_attack.random_start, seed=cfg.eval_seed)
 
 
 def row_values(res: dict[str, Any]) -> dict[str, Any]:
