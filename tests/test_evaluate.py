@@ -111,6 +111,11 @@ def test_evaluate_adds_columns_and_mlflow_metrics_once(tmp_path, capsys):
     n_points = len(client.get_metric_history(parent.info.run_id, "strong_n_evaluated"))
     assert n_points == (1 if len(front) == 1 else 2)
 
+    # --resume-logging logs the stored tables as they are: the strong columns survive it
+    _run(tmp_path, "search.pareto", "--name", "ev", "--resume-logging", "--tracking-uri", mlflow_uri(tmp_path))
+    again = pd.read_parquet(exp / "pareto.parquet")
+    assert again["test_aa_acc"].notna().all() and list(again["trial_id"]) == list(front["trial_id"])
+
     # fewer APGD iterations are not AutoAttack-rand: they land under another name
     run_evaluate("--trials", first, "--aa-steps", "3", "--aa-eot", "2", "--subset-test", "20", "--no-mlflow")
     row = pd.read_parquet(exp / "pareto.parquet").set_index("trial_id").loc[first]
