@@ -173,6 +173,9 @@ class TrainConfig:
     # run
     seed: int = 0
     eval_seed: int = 1234
+    # the final evaluation scores each point by its expected correctness over this many noise
+    # draws (the strong suite's K; the per-epoch proxies use one draw): docs/training.md
+    eval_draws: int = 20
     device: str = "auto"
     max_grad_norm: float | None = None
     # throughput (docs/gpu.md); none changes what is computed,
@@ -228,6 +231,8 @@ class TrainConfig:
             raise ConfigError(f"proxy_bn_batches={self.proxy_bn_batches}; accepted: an integer >= 0")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r}; accepted: {', '.join(PRECISIONS)}")
+        if self.eval_draws < 1:
+            raise ConfigError(f"eval_draws={self.eval_draws}; accepted: an integer >= 1")
         if self.eval_batch_size < 1:
             raise ConfigError(f"eval_batch_size={self.eval_batch_size}; accepted: an integer >= 1")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

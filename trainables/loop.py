@@ -266,8 +266,8 @@ class Run:
         with self._eval_rng():
             torch.manual_seed(cfg.eval_seed)
             with self._deployed():
-                clean = self._accuracy(*self.val, {"clean": None})["clean"]
-                rob = self._accuracy(*self.proxy, {"pgd": atk})["pgd"]
+                clean = self._accuracy(*self.val, {"clean": None}, draws=1)["clean"]
+                rob = self._accuracy(*self.proxy, {"pgd": atk}, draws=1)["pgd"]
         return {CLEAN_ACC: clean, ROBUST_ACC: rob}
 
     def final_metrics(self) -> dict[str, float]:
@@ -281,9 +281,11 @@ class Run:
         test = self.evaluate(split="test")
         return {**val, **{f"test_{k}": v for k, v in test.items()}}
 
-    def _accuracy(self, x: torch.Tensor, y: torch.Tensor, attacks: dict[str, AttackConfig | None]) -> dict[str, float]:
+    def _accuracy(self, x: torch.Tensor, y: torch.Tensor, attacks: dict[str, AttackConfig | None],
+                  draws: int | None = None) -> dict[str, float]:
         return accuracy(self.net, self.br, x, y, attacks, self.cfg.eval_batch_size,
-                        precision=(self.device, self.cfg.precision), memory_format=self.memory_format)
+                        precision=(self.device, self.cfg.precision), memory_format=self.memory_format,
+                        draws=self.cfg.eval_draws if draws is None else draws)
 
     def evaluate(self, seed: int | None = None, attacks: dict[str, AttackConfig | None] | None = None,
                  split: str = "test") -> dict[str, float]:

@@ -57,31 +57,54 @@ def accuracy(
     model: nn.Module, br: BinaryRelax, x: torch.Tensor, y: torch.Tensor,
     attacks: dict[str, AttackConfig | None], batch_size: int = 256,
     precision: tuple[torch.device, str] | None = None,
-    memory_format: torch.memory_format = torch.contiguous_format,
+    memory_format: torch.memory_format = torch.contiguous_format, draws: int = 1,
 ) -> dict[str, float]:
     """Accuracy of the fully quantized model in eval mode on clean inputs (attack None) and
     under each attack; every image counts, not only the correctly classified ones.
 
-    x may be uint8 (scaled per batch, so a split stays uint8 on the device). The counts stay on
+    The model is randomized (noise injection), so a point's score is its expected correctness:
+    the share of `draws` forward passes that classify it right (the strong suite's scoring,
+    trainables.robust_eval). When the clean inputs are among `attacks`, a point scores under an
+    attack at most what it scores clean, so every attack's accuracy is at most the clean one by
+    construction (a point the attack missed but the clean pass got wrong is not robust).
+
+    x may be uint8 (scaled per batch, so a split stays uint8 on the device). The scores stay on
     the device and are read once at the end. precision = (device, "bf16"/"fp16") runs the
     forward passes under autocast, as training does."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros(len(attacks), dtype=torch.long, device=x.device)
+    correct = torch.zeros(len(attacks), device=x.device)
     amp = autocast(*precision) if precision is not None else contextlib.nullcontext()
+    order = sorted(range(len(attacks)), key=lambda j: list(attacks.values())[j] is not None)  # clean first
+    has_clean = any(a is None for a in attacks.values())
     try:
         with br.quantized(), amp:
             for i in range(0, len(x), batch_size):
                 xb = as_float(x[i : i + batch_size]).contiguous(memory_format=memory_format)
                 yb = y[i : i + batch_size]
-                for j, atk in enumerate(attacks.values()):
+                clean = None
+                for j in order:
+                    atk = list(attacks.values())[j]
                     xa = xb if atk is None else perturb(model, xb, yb, atk)
-                    with torch.no_grad():
-                        correct[j] += (model(xa).argmax(1) == yb).sum()
+                    score = _expected_correct(model, xa, yb, draws)
+                    if atk is None:
+                        clean = score
+                    elif has_clean:
+                        score = torch.minimum(score, clean)
+                    correct[j] += score.sum()
     finally:
         model.train(was_training)
-    counts = correct.tolist()
-    return {k: c / max(1, len(x)) for k, c in zip(attacks, counts)}
+    totals = correct.tolist()
+    return {k: c / max(1, len(x)) for k, c in zip(attacks, totals)}
+
+
+@torch.no_grad()
+def _expected_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int) -> torch.Tensor:
+    """Per point, the share of `draws` forward passes (noise draws) that classify it right."""
+    hits = torch.zeros(len(y), device=x.device)
+    for _ in range(draws):
+        hits += (model(x).argmax(1) == y).float()
+    return hits / draws
 
 
 @torch.no_grad()

@@ -39,12 +39,15 @@ FLAGS: dict[str, tuple[str, type]] = {
     "attack-bn": ("attack_bn", str), "proxy-bn-batches": ("proxy_bn_batches", int),
     "seed": ("seed", int), "device": ("device", str), "precision": ("precision", str),
     "eval-batch-size": ("eval_batch_size", int),
+    "eval-draws": ("eval_draws", int),
 }
 SWITCHES = {"download": "download", "quantize-shortcut": "quantize_shortcut",
             "quantize-fc": "quantize_fc", "no-cw": "cw", "channels-last": "channels_last",
             "compile": "compile", "deterministic": "deterministic"}
 # help for the throughput options (docs/gpu.md; CPU figures in docs/benchmarks.md)
 HELP = {
+    "eval-draws": "noise draws each image of the final evaluation is scored over (expected correctness, "
+                  "default 20; the per-epoch proxies use 1)",
     "precision": "fp32 (default), bf16 or fp16: autocast of the model's passes; the BR projections, "
                  "penalty and attack steps stay fp32. Meant for GPUs; on a CPU with AVX512-BF16 bf16 measured "
                  "1.5x faster on CIFAR-10 images, no gain on 8x8 digits; unmeasured on CPUs without it "
