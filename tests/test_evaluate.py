@@ -4,9 +4,9 @@ trials.parquet, each front trial's MLflow child run gets the metrics and flag ta
 (the command is run twice, the first time on one trial only, so the second run also resumes).
 The suite runs the published AutoAttack-rand protocol at each trial's own eps (digits' 0.1) on
 the sweep's own 100 test images: on every front row, per its definition, worst <= AA-rand <=
-clean, and AA-rand <= the sweep's own PGD on the same images (`test_robust_acc`; PGD-2 in this
-tiny sweep, scored with one noise draw, so that comparison is not by construction: it holds by a
-wide margin here). Cheaper APGD settings write `test_apgd_acc`, never `test_aa_acc`."""
+clean, and AA-rand <= the sweep's own PGD on the same images (`test_robust_acc`, PGD-2 in this
+tiny sweep, scored the same way: expected correctness over the noise draws; two different
+attacks, so that comparison is not by construction, but AA-rand is the far stronger one here). Cheaper APGD settings write `test_apgd_acc`, never `test_aa_acc`."""
 from __future__ import annotations
 
 import json
