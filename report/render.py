@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from trainables.contract import CHANNEL_SPARSITY
-from trainables.robust_eval import AA_PROTOCOL, FLAGS, StrongEvalConfig, protocol
+from trainables.robust_eval import AA_PROTOCOL, StrongEvalConfig, protocol
+from trainables.sanity import FLAGS
 
 from .grid import (
     DEFAULT_SCALE,

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from trainables.contract import CHANNEL_SPARSITY
-from trainables.robust_eval import FLAG_HELP, FLAGS
+from trainables.sanity import FLAG_HELP, FLAGS
 
 SPARSE_MIN = 10.0  # (a) "sparse": at least this % of the quantized weights are exact zeros
 UNSTRUCTURED_RATIO = 0.25  # (b) "far below": channel sparsity <= this fraction of weight sparsity
@@ -39,7 +39,7 @@ def pct(v: float) -> str:
 
 
 def tripped(res: dict) -> list[str]:
-    """The sanity flags a row tripped (names from trainables.robust_eval.FLAGS)."""
+    """The sanity flags a row tripped (names from trainables.sanity.FLAGS)."""
     s = res.get("strong", {})
     return [f for f in FLAGS if s.get(f)]
 

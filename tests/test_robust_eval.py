@@ -19,20 +19,18 @@ from torch import nn
 from trainables.attacks import pgd
 from trainables.config import AttackConfig, TrainConfig, dataset_eps
 from trainables.loop import Run
+from trainables.metrics import expected_correct
 from trainables.robust_eval import (
     AA_PROTOCOL,
-    FLAGS,
     StrongEvalConfig,
     aa_attack,
     apgd,
-    at_eps,
-    expected_correct,
-    paired_p,
     protocol,
     strong_eval,
     suite_attacks,
     summarize,
 )
+from trainables.sanity import FLAGS, at_eps, paired_p
 
 EPS = dataset_eps("digits")
 # small but real settings: fewer steps/draws/queries than the defaults, same code paths

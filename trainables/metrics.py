@@ -86,7 +86,7 @@ def accuracy(
                 for j in order:
                     atk = list(attacks.values())[j]
                     xa = xb if atk is None else perturb(model, xb, yb, atk)
-                    score = _expected_correct(model, xa, yb, draws)
+                    score = expected_correct(model, xa, yb, draws)
                     if atk is None:
                         clean = score
                     elif has_clean:
@@ -99,11 +99,20 @@ def accuracy(
 
 
 @torch.no_grad()
-def _expected_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int) -> torch.Tensor:
-    """Per point, the share of `draws` forward passes (noise draws) that classify it right."""
+def expected_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int,
+                     seed: int | None = None) -> torch.Tensor:
+    """Per point, the share of `draws` forward passes (each with its own noise draw) that classify
+    it right. With `seed` the draws are seeded and the caller's RNG streams are left alone, so
+    the same images always get the same score (common random numbers across candidates)."""
+    rng = contextlib.nullcontext()
+    if seed is not None:
+        rng = torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else [])
     hits = torch.zeros(len(y), device=x.device)
-    for _ in range(draws):
-        hits += (model(x).argmax(1) == y).float()
+    with rng:
+        if seed is not None:
+            torch.manual_seed(seed)
+        for _ in range(draws):
+            hits += (model(x).argmax(1) == y).float()
     return hits / draws
 
 

@@ -52,7 +52,8 @@ from trainables.contract import (
     trial_dir,
 )
 from trainables.fileio import atomic_write_text
-from trainables.robust_eval import FLAGS, StrongEvalConfig
+from trainables.robust_eval import StrongEvalConfig
+from trainables.sanity import FLAGS
 
 ACC_COLUMNS = {"test_aa_acc": "aa_acc", "test_apgd_acc": "apgd_acc", "test_square_acc": "square_acc",
                "test_eot_pgd_acc": "eot_pgd_acc", "test_strong_pgd_acc": "pgd_acc", "test_worst_acc": "worst_acc",
