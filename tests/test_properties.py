@@ -294,6 +294,7 @@ RANGES: dict[str, tuple[list, list]] = {
     "proxy_bn_batches": ([-1], [0, 4]),
     "precision": (["fp64", ""], ["fp32", "bf16", "fp16"]),
     "eval_batch_size": ([0], [1]),
+    "eval_draws": ([0, -1], [1, 20]),
     "device": (["gpu", "tpu"], ["auto", "cpu", "cuda", "cuda:1"]),
     "dataset": (["nope", "folder:"], ["digits", "folder:/x"]),
 }
