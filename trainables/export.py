@@ -11,11 +11,9 @@ Pure PyTorch and numpy: nothing here needs Ray, Optuna or MLflow.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ from torch import nn
 from .config import ConfigError, QuantConfig, TrainConfig
 from .contract import training_config
 from .fileio import atomic_path
-from .models import Ensemble, NoiseInjection, build_model
+from .models import Ensemble, build_model, noise
 from .quant import model_bits, quantize_, select_layers
 
 FORMAT = "brsearch-packed"
@@ -312,21 +310,6 @@ def model_from_state_dict(state_dict: dict[str, torch.Tensor], cfg: TrainConfig)
     model = build_model(**architecture(state_dict, cfg))
     model.load_state_dict(state_dict)
     return model.eval()
-
-
-@contextlib.contextmanager
-def noise(model: nn.Module, on: bool) -> Iterator[nn.Module]:
-    """Inside, the EnResNet test-time noise is as trained (on) or switched off."""
-    mods = [m for m in model.modules() if isinstance(m, NoiseInjection)]
-    saved = [m.coef for m in mods]
-    try:
-        if not on:
-            for m in mods:
-                m.coef = 0.0
-        yield model
-    finally:
-        for m, c in zip(mods, saved):
-            m.coef = c
 
 
 def example_input(header: dict[str, Any], n: int = 8, seed: int = 0) -> torch.Tensor:

@@ -5,7 +5,9 @@ the attacks are stochastic; a coefficient of 0 turns it off.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,21 @@ class NoiseInjection(nn.Module):
         if self.coef == 0:
             return x
         return x + self.coef * x.std() * torch.randn_like(x)
+
+
+@contextlib.contextmanager
+def noise(model: nn.Module, on: bool) -> Iterator[nn.Module]:
+    """Inside, the EnResNet test-time noise is as trained (on) or switched off."""
+    mods = [m for m in model.modules() if isinstance(m, NoiseInjection)]
+    saved = [m.coef for m in mods]
+    try:
+        if not on:
+            for m in mods:
+                m.coef = 0.0
+        yield model
+    finally:
+        for m, c in zip(mods, saved):
+            m.coef = c
 
 
 class PreActBlock(nn.Module):

@@ -54,6 +54,7 @@ from .attacks import pgd
 from .config import STEP_PER_EPS, ConfigError
 from .contract import CLEAN_ACC
 from .metrics import expected_correct
+from .models import noise
 from .sanity import at_eps, sanity_flags
 
 # The published AutoAttack `rand` protocol (Croce and Hein 2020, randomized defenses).
@@ -155,22 +156,6 @@ def eot_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step
     return [x_adv.detach(), best]
 
 
-@contextlib.contextmanager
-def noise_off(model: nn.Module):
-    """The model without its test-time noise (every NoiseInjection's coefficient 0) inside."""
-    from .models import NoiseInjection
-
-    mods = [m for m in model.modules() if isinstance(m, NoiseInjection)]
-    saved = [m.coef for m in mods]
-    try:
-        for m in mods:
-            m.coef = 0.0
-        yield
-    finally:
-        for m, c in zip(mods, saved):
-            m.coef = c
-
-
 class MeanLogits(nn.Module):
     """The logits averaged over `draws` noise draws (one batched forward): what Square queries,
     so that its accept/reject steps follow the expected margin rather than one draw's noise."""
@@ -216,7 +201,7 @@ def suite_attacks(model: nn.Module, cfg: StrongEvalConfig) -> dict[str, Attack]:
 
         def square(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
             sq.init_hyperparam(x)
-            with noise_off(model) if cfg.square_draws == 0 else contextlib.nullcontext():
+            with noise(model, on=cfg.square_draws != 0):  # 0: the noise-free model
                 return [sq.attack_single_run(x, y)[1].detach()]
 
         A["square"] = square
