@@ -75,21 +75,19 @@ def accuracy(
     model.eval()
     correct = torch.zeros(len(attacks), device=x.device)
     amp = autocast(*precision) if precision is not None else contextlib.nullcontext()
-    order = sorted(range(len(attacks)), key=lambda j: list(attacks.values())[j] is not None)  # clean first
-    has_clean = any(a is None for a in attacks.values())
+    ordered = sorted(enumerate(attacks.values()), key=lambda ja: ja[1] is not None)  # clean first
     try:
         with br.quantized(), amp:
             for i in range(0, len(x), batch_size):
                 xb = as_float(x[i : i + batch_size]).contiguous(memory_format=memory_format)
                 yb = y[i : i + batch_size]
                 clean = None
-                for j in order:
-                    atk = list(attacks.values())[j]
+                for j, atk in ordered:
                     xa = xb if atk is None else perturb(model, xb, yb, atk)
                     score = expected_correct(model, xa, yb, draws)
                     if atk is None:
                         clean = score
-                    elif has_clean:
+                    elif clean is not None:
                         score = torch.minimum(score, clean)
                     correct[j] += score.sum()
     finally:
