@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 from search.optimizer import DEFAULT_SAMPLER, DEFAULT_TIE_BREAK, GP_TRIALS, SAMPLERS
@@ -81,43 +82,44 @@ def build_parser() -> argparse.ArgumentParser:
 class Flags:
     """The command line after its checks (and, on `--resume`, with the stored sweep's values
     adopted): what every later step reads. Field names are the flags' (`--max-concurrent` is
-    `max_concurrent`); None means "not given, decided later" (resources: from the cluster)."""
+    `max_concurrent`); None means "not given, decided later" (resources: from the cluster). The
+    defaults are the parser's: `Flags.parse([])`."""
 
-    name: str | None = None
-    space: str | None = None
-    set: tuple[str, ...] = ()
-    dataset: str = "digits"
-    data_root: str = "./data"
-    download: bool = False
-    subset_train: int | None = None
-    subset_test: int | None = None
-    trials: int = 8
-    epochs: int = 3
-    sampler: str = DEFAULT_SAMPLER
-    scheduler: str = "fifo"
-    grace_period: int = 1
-    reduction_factor: float = 3.0
-    tie_break: str = DEFAULT_TIE_BREAK
-    min_clean_acc: float | None = None
-    min_robust_acc: float | None = None
-    seed: int = 0
-    max_concurrent: int | None = None
-    cpus_per_trial: float | None = None
-    gpus_per_trial: float | None = None
-    cluster_config: str | None = None
-    max_failures: int = 2
-    reuse_actors: bool = False
-    address: str | None = None
-    num_cpus: int | None = None
-    storage_path: str = "./brsearch_results"
-    study_storage: str | None = None
-    tracking_uri: str = "sqlite:///mlflow.db"
-    experiment: str = "brsearch"
-    resume: bool = False
-    resume_logging: bool = False
-    mlflow_wait: float = 60.0
-    register: str | None = None
-    quiet: bool = False
+    name: str | None
+    space: str | None
+    set: tuple[str, ...]
+    dataset: str
+    data_root: str
+    download: bool
+    subset_train: int | None
+    subset_test: int | None
+    trials: int
+    epochs: int
+    sampler: str
+    scheduler: str
+    grace_period: int
+    reduction_factor: float
+    tie_break: str
+    min_clean_acc: float | None
+    min_robust_acc: float | None
+    seed: int
+    max_concurrent: int | None
+    cpus_per_trial: float | None
+    gpus_per_trial: float | None
+    cluster_config: str | None
+    max_failures: int
+    reuse_actors: bool
+    address: str | None
+    num_cpus: int | None
+    storage_path: str
+    study_storage: str | None
+    tracking_uri: str
+    experiment: str
+    resume: bool
+    resume_logging: bool
+    mlflow_wait: float
+    register: str | None
+    quiet: bool
 
     @classmethod
     def parse(cls, argv: list[str] | None = None) -> Flags:
@@ -133,7 +135,9 @@ class Flags:
 
     def given(self, name: str) -> bool:
         """The flag differs from its default (so the user gave it)."""
-        return getattr(self, name) != getattr(DEFAULTS, name)
+        return getattr(self, name) != getattr(_defaults(), name)
 
 
-DEFAULTS = Flags()
+@functools.cache
+def _defaults() -> Flags:
+    return Flags.parse([])

@@ -32,6 +32,22 @@ def trial_dirname(trial: Any) -> str:
     return trial_dir(trial.trial_id)
 
 
+def _trainable(resources: Resources) -> Any:
+    """The trial function with the resources each trial asks Ray for."""
+    from ray import tune
+
+    from trainables.tune import trainable
+
+    return tune.with_resources(trainable, {"cpu": resources.cpus_per_trial, "gpu": resources.gpus_per_trial})
+
+
+def _stored_run(plan: Plan) -> Any:
+    """The MLflow parent run a stored sweep (--resume, --resume-logging) logs to."""
+    from search.tracking import SweepRun
+
+    return SweepRun(plan.tracking_uri, plan.stored["experiment_id"], plan.stored["parent_run_id"], plan.name)
+
+
 def build_tuner(plan: Plan, resources: Resources, callbacks: list[Any], options: TunerOptions = TunerOptions()) -> Any:
     """The Tuner of a new sweep: ParetoSearch over the plan's space, the --scheduler, storage and
     failure policy. `run` uses it, and the benchmarks too, so both measure the same sweep.
@@ -48,11 +64,7 @@ def build_tuner(plan: Plan, resources: Resources, callbacks: list[Any], options:
     from search.optimizer import MOASHAScheduler, ParetoSearch, make_sampler
     from search.storage import open_study_storage
 
-    trainable = options.trainable
-    if trainable is None:
-        from trainables.tune import trainable
-
-        trainable = tune.with_resources(trainable, {"cpu": resources.cpus_per_trial, "gpu": resources.gpus_per_trial})
+    trainable = options.trainable if options.trainable is not None else _trainable(resources)
     f = plan.flags
     storage = open_study_storage(plan.location.study_spec())
     sampler = make_sampler(f.sampler, f.seed, resources.max_concurrent, f.trials, f.scheduler)
@@ -87,7 +99,6 @@ def run(plan: Plan) -> int:
     from search.redact import redact, redact_obj
     from search.storage import StateSync
     from search.tracking import MLflowSweepCallback, SweepRun, get_or_create_experiment, link_lines, start_parent_run
-    from trainables.tune import trainable
 
     from ._callbacks import NoRetryOnDivergence, NoTensorBoard, ProgressCallback
 
@@ -102,7 +113,7 @@ def run(plan: Plan) -> int:
     location.state_dir.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(plan.tracking_uri)
     if plan.resume:
-        sweep_run = SweepRun(plan.tracking_uri, plan.stored["experiment_id"], plan.stored["parent_run_id"], plan.name)
+        sweep_run = _stored_run(plan)
         client.update_run(sweep_run.parent_run_id, status="RUNNING")
     else:
         experiment_id = get_or_create_experiment(client, f.experiment, plan.tracking_uri)
@@ -127,8 +138,7 @@ def run(plan: Plan) -> int:
           f"{link_lines(plan.tracking_uri, sweep_run.experiment_id)}", flush=True)
 
     if plan.resume:
-        wrapped = tune.with_resources(trainable, {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
-        tuner = tune.Tuner.restore(location.exp_dir, trainable=wrapped, resume_unfinished=True,
+        tuner = tune.Tuner.restore(location.exp_dir, trainable=_trainable(res), resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
     else:
         callbacks = [MLflowSweepCallback(sweep_run, floors=plan.floors),
@@ -155,9 +165,7 @@ def resume_logging(plan: Plan) -> int:
     server that was down at the end of the sweep), then finish the parent run. Trains nothing."""
     from mlflow.tracking import MlflowClient
 
-    from search.tracking import SweepRun
-
-    sweep_run = SweepRun(plan.tracking_uri, plan.stored["experiment_id"], plan.stored["parent_run_id"], plan.name)
+    sweep_run = _stored_run(plan)
     params = MlflowClient(plan.tracking_uri).get_run(sweep_run.parent_run_id).data.params
     res = Resources(float(params.get("cpus_per_trial", plan.flags.cpus_per_trial or 1.0)),
                     float(params.get("gpus_per_trial", 0)), int(params.get("max_concurrent", 1)), "the stored sweep")
