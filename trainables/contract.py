@@ -16,10 +16,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
-    "CHANNEL_SPARSITY", "CLEAN_ACC", "ROBUST_ACC", "CHECKPOINT_FILE", "COMPLETED", "DIVERGED", "EPOCH", "FAILED", "FAILURE_REASON", "FINAL", "FRONT_TABLE",
+    "CHANNEL_SPARSITY", "CLEAN_ACC", "ROBUST_ACC", "CHECKPOINT_FILE", "COMPLETED", "DIVERGED", "EPOCH", "FAILED", "FAILURE_REASON", "FINAL", "FRONT_FILE", "FRONT_TABLE",
     "INTERRUPTED", "LOST", "MAX_EPOCHS", "MODEL_FILE", "NODE_ID", "OBJECTIVES", "RECORD_FILE", "RUNNING", "RUN_CHECKPOINT_FILE", "RUN_METRICS_FILE",
     "STATE_DIR", "STATUSES", "STOPPED", "STRONG_EVAL_FILE", "STUDY_JOURNAL", "STUDY_SQLITE", "SWITCH_SUFFIX",
-    "TABLE_SUFFIXES", "TRIALS_TABLE", "TRIAL_ID", "is_completed", "is_feasible", "switch_name", "table_files",
+    "TABLE_SUFFIXES", "TRIALS_FILE", "TRIALS_TABLE", "TRIAL_ID", "is_completed", "is_feasible", "switch_name", "table_files",
     "training_config", "trial_dir",
 ]
 
@@ -62,6 +62,10 @@ def trial_dir(trial_id: str) -> str:
 def table_files(table: str) -> tuple[str, ...]:
     """The file names of one table (TRIALS_TABLE or FRONT_TABLE), Parquet first."""
     return tuple(f"{table}.{s}" for s in TABLE_SUFFIXES)
+
+
+TRIALS_FILE = table_files(TRIALS_TABLE)[0]  #: trials.parquet, what the tools after a sweep read
+FRONT_FILE = table_files(FRONT_TABLE)[0]  #: pareto.parquet
 
 
 # --- trial statuses (trials.parquet's `status`, MLflow's `brsearch.status` tag) ---------------

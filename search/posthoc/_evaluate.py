@@ -40,15 +40,14 @@ from trainables.contract import (
     CHECKPOINT_FILE,
     CLEAN_ACC,
     COMPLETED,
-    FRONT_TABLE,
+    FRONT_FILE,
     MODEL_FILE,
     OBJECTIVES,
     RECORD_FILE,
     STATE_DIR,
     STRONG_EVAL_FILE,
     TRIAL_ID,
-    TRIALS_TABLE,
-    table_files,
+    TRIALS_FILE,
     trial_dir,
 )
 from trainables.fileio import atomic_write_text
@@ -95,7 +94,6 @@ class Target:
     front: pd.DataFrame
 
 
-TRIALS_FILE, FRONT_FILE = table_files(TRIALS_TABLE)[0], table_files(FRONT_TABLE)[0]
 
 
 def locate(args: argparse.Namespace) -> Target:

@@ -30,8 +30,7 @@ from trainables.contract import (
     OBJECTIVES,
     RUN_CHECKPOINT_FILE,
     TRIAL_ID,
-    TRIALS_TABLE,
-    table_files,
+    TRIALS_FILE,
     trial_dir,
 )
 from trainables.fileio import unwritable
@@ -94,7 +93,7 @@ def _from_checkpoint(d: Path, label: str, meta: dict[str, Any], state_file: str)
 def _trial_ids(location: SweepLocation) -> dict[str, str]:
     """trial id -> status from trials.parquet (written at the end of a sweep; on s3/gs, the copy
     `locate` fetched), else the trial dirs."""
-    table = location.local_dir / table_files(TRIALS_TABLE)[0]
+    table = location.local_dir / TRIALS_FILE
     if table.is_file():
         import pyarrow.parquet as pq
 
@@ -119,7 +118,7 @@ def locate(args: argparse.Namespace) -> Source:
         raise BadInput("give --name SWEEP and --trial ID (or --run DIR)")
     location = SweepLocation(args.storage_path, args.name)
     try:
-        is_sweep = bool(location.fetch(table_files(TRIALS_TABLE)[0])) if location.remote else \
+        is_sweep = bool(location.fetch(TRIALS_FILE)) if location.remote else \
             location.local_dir.is_dir() and any(location.local_dir.glob("experiment_state-*.json"))
     except (OSError, ValueError) as e:  # unreachable storage, bad credentials, unknown bucket or scheme
         raise BadInput(f"--storage-path {args.storage_path}: cannot read it: {str(e).splitlines()[0]}") from None
