@@ -29,10 +29,7 @@ APGD-DLR on every point CE left with a nonzero score. Fewer iterations or draws 
 against the expected logits (the mean of `square_draws` draws), so its accept/reject steps follow
 the model's expected margin and not one draw's noise.
 
-The sanity battery compares attacks on the same images with a paired test: McNemar's exact test
-(a one-sided exact binomial test on the discordant points) on per-point outcomes, a point being
-right when the majority of its K draws is. A flag trips when the attack that should be stronger scores higher on
-significantly more points than the other (p < `alpha`).
+The sanity battery (trainables.sanity) compares the attacks on the same images with paired tests.
 
 Everything runs batched on the model's device, in eval mode, seeded (without disturbing the
 caller's RNG streams), and, given the Binary-Relax handle, on the fully quantized weights.
