@@ -18,6 +18,7 @@ ATTACK_BN_MODES = ("auto", "train", "eval")
 GROUP_AXES = ("out", "in")
 GROUP_MODES = ("penalty", "prox")
 PRECISIONS = ("fp32", "bf16", "fp16")
+LATENCY_MODES = ("end", "every", "off")
 BUILTIN_DATASETS = ("digits", "cifar10", "mnist", "fashion-mnist", "svhn")
 
 # The threat model: the default L-inf budget per dataset, on inputs in [0, 1]. The literature's
@@ -185,6 +186,12 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model: for GPUs; slower on a CPU (docs/benchmarks.md)
     deterministic: bool = False  # cuDNN deterministic algorithms, no autotuning (exact resume on CUDA)
     eval_batch_size: int = 256
+    # deployment footprint (trainables.footprint): latency of the exported ONNX model in
+    # onnxruntime, measured on the final report ("end"), on every report ("every": what a sweep
+    # with latency_ms among its objectives sets, so MO-ASHA's rungs can rank on it) or never ("off")
+    latency: str = "end"
+    latency_threads: int = 1  # onnxruntime intra-op threads: one core, as on a small device
+    latency_runs: int = 50  # timed batch-1 inferences (after 5 warm-up runs)
 
     def validate(self) -> None:
         """Check every value; first fill the attacks' unset eps and step from the dataset's
@@ -235,6 +242,11 @@ class TrainConfig:
             raise ConfigError(f"eval_draws={self.eval_draws}; accepted: an integer >= 1")
         if self.eval_batch_size < 1:
             raise ConfigError(f"eval_batch_size={self.eval_batch_size}; accepted: an integer >= 1")
+        if self.latency not in LATENCY_MODES:
+            raise ConfigError(f"latency={self.latency!r}; accepted: {', '.join(LATENCY_MODES)}")
+        for name in ("latency_threads", "latency_runs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}; accepted: an integer >= 1")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device={self.device!r}; accepted: auto, cpu, cuda, cuda:N")
 

@@ -16,7 +16,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
-    "CHANNEL_SPARSITY", "CLEAN_ACC", "ROBUST_ACC", "CHECKPOINT_FILE", "COMPLETED", "DIVERGED", "EPOCH", "FAILED", "FAILURE_REASON", "FINAL", "FRONT_FILE", "FRONT_TABLE",
+    "CHANNEL_SPARSITY", "CLEAN_ACC", "ROBUST_ACC", "DIRECTIONS", "LATENCY_MS", "LATENCY_SPREAD_MS", "LATENCY_THREADS",
+    "MAXIMIZE", "MAX_OBJECTIVES", "MINIMIZE", "MIN_OBJECTIVES", "ObjectiveError", "SIZE_KIB", "parse_objectives", "CHECKPOINT_FILE", "COMPLETED", "DIVERGED", "EPOCH", "FAILED", "FAILURE_REASON", "FINAL", "FRONT_FILE", "FRONT_TABLE",
     "INTERRUPTED", "LOST", "MAX_EPOCHS", "MODEL_FILE", "NODE_ID", "OBJECTIVES", "RECORD_FILE", "RUNNING", "RUN_CHECKPOINT_FILE", "RUN_METRICS_FILE",
     "STATE_DIR", "STATUSES", "STOPPED", "STRONG_EVAL_FILE", "STUDY_JOURNAL", "STUDY_SQLITE", "SWITCH_SUFFIX",
     "TABLE_SUFFIXES", "TRIALS_FILE", "TRIALS_TABLE", "TRIAL_ID", "is_completed", "is_feasible", "switch_name", "table_files",
@@ -27,8 +28,46 @@ __all__ = [
 CLEAN_ACC = "clean_acc"  #: accuracy on clean inputs
 ROBUST_ACC = "robust_acc"  #: accuracy under the evaluation attack (PGD)
 CHANNEL_SPARSITY = "channel_sparsity"  #: share of output channels whose weights are all zero
-#: What the sweep optimises, all maximised, all measured on the validation split (never on test).
+SIZE_KIB = "size_kib"  #: exact size of the packed export file (trainables.export.write_packed), KiB
+LATENCY_MS = "latency_ms"  #: median batch-1 inference time of the exported ONNX model in onnxruntime
+LATENCY_SPREAD_MS = "latency_iqr_ms"  #: interquartile range of the latency samples
+LATENCY_THREADS = "ort_threads"  #: onnxruntime intra-op threads the latency was measured with
+MAXIMIZE, MINIMIZE = "max", "min"  #: directions, spelled as Ray Tune's `mode`
+#: Every metric a trial reports that a sweep may optimise, with its direction.
+DIRECTIONS: dict[str, str] = {CLEAN_ACC: MAXIMIZE, ROBUST_ACC: MAXIMIZE, CHANNEL_SPARSITY: MAXIMIZE,
+                              SIZE_KIB: MINIMIZE, LATENCY_MS: MINIMIZE}
+#: What a sweep optimises by default, all maximised; every objective is measured on the validation
+#: split (never on test) or on the model itself (size, latency). `--objectives` picks 2 to 4.
 OBJECTIVES: tuple[str, ...] = (CLEAN_ACC, ROBUST_ACC, CHANNEL_SPARSITY)
+MIN_OBJECTIVES, MAX_OBJECTIVES = 2, 4
+
+
+class ObjectiveError(ValueError):
+    """An `--objectives` value that names an unknown metric or direction; the message is one line."""
+
+
+def parse_objectives(spec: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """`clean_acc,robust_acc,size_kib` (or `size_kib:min`, each name with an optional direction)
+    -> (names, directions). A direction other than the metric's own is refused: maximizing bytes
+    or minimizing accuracy is a typo, never a search anyone wants."""
+    names: list[str] = []
+    directions: list[str] = []
+    for item in (s.strip() for s in spec.split(",")):
+        name, _, direction = item.partition(":")
+        if name not in DIRECTIONS:
+            raise ObjectiveError(f"unknown objective {name!r}; accepted: {', '.join(DIRECTIONS)}")
+        want = DIRECTIONS[name]
+        if direction and direction != want:
+            raise ObjectiveError(f"unknown direction {direction!r} for {name}; accepted: {want} "
+                                 f"({name} is {'maximized' if want == MAXIMIZE else 'minimized'})")
+        if name in names:
+            raise ObjectiveError(f"objective {name!r} given twice in {spec!r}")
+        names.append(name)
+        directions.append(want)
+    if not MIN_OBJECTIVES <= len(names) <= MAX_OBJECTIVES:
+        raise ObjectiveError(f"--objectives takes {MIN_OBJECTIVES} to {MAX_OBJECTIVES} objectives; got "
+                             f"{len(names)} in {spec!r}")
+    return tuple(names), tuple(directions)
 
 # --- result keys a trial reports and the sweep reads -----------------------------------------
 EPOCH = "epoch"  #: epochs completed as of this report
@@ -106,11 +145,21 @@ def is_completed(result: Mapping[str, Any] | None) -> bool:
     return bool(result.get(FINAL)) and result.get(EPOCH, 0) >= result.get(MAX_EPOCHS, 1)
 
 
-def is_feasible(point: Sequence[float], floors: Sequence[float]) -> bool:
-    """An objective vector (in OBJECTIVES order) is above the sweep's floors (the same order):
-    clean accuracy strictly above its floor (a model at chance is useless), every other objective
-    at least its floor. A non-finite value is never feasible."""
+def is_feasible(point: Sequence[float], bounds: Sequence[float | None],
+                objectives: Sequence[str] = OBJECTIVES) -> bool:
+    """An objective vector (in `objectives` order) is within the sweep's bounds (the same order):
+    a maximized objective at least its floor, clean accuracy strictly above it (a model at chance
+    is useless), a minimized one at most its cap; None bounds nothing. A non-finite value is
+    never feasible."""
     values = [float(v) for v in point]
-    if len(values) != len(floors) or not all(math.isfinite(v) for v in values):
+    if len(values) != len(bounds) or len(values) != len(objectives) or not all(math.isfinite(v) for v in values):
         return False
-    return values[0] > floors[0] and all(v >= f for v, f in zip(values[1:], floors[1:]))
+    for v, b, name in zip(values, bounds, objectives):
+        if b is None:
+            continue
+        if DIRECTIONS.get(name, MAXIMIZE) == MINIMIZE:
+            if v > b:
+                return False
+        elif v < b or (name == CLEAN_ACC and v == b):
+            return False
+    return True

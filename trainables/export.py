@@ -211,10 +211,11 @@ def size_bits(arch: dict[str, Any], qc: QuantConfig,
     return model_bits(model, quantize_(model, qc))[0]
 
 
-def write_packed(state_dict: dict[str, torch.Tensor], cfg: TrainConfig, path: str | Path, *,
-                 image_size: int | None = None, meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Pack `state_dict` (model.pt: the quantized state dict of a model trained with `cfg`) into
-    `path`, atomically; returns the header. Every quantized layer must decode exactly."""
+def packed_file(state_dict: dict[str, torch.Tensor], cfg: TrainConfig, *, image_size: int | None = None,
+                meta: dict[str, Any] | None = None) -> tuple[dict[str, Any], bytes]:
+    """(header, file bytes) of `state_dict` (model.pt: the quantized state dict of a model trained
+    with `cfg`) packed; every quantized layer must decode exactly. A trial's `size_kib` is the
+    length of this file with no `meta` (trainables.footprint)."""
     arch = architecture(state_dict, cfg)
     q = cfg.quant
     qh = {"bits": q.bits, "ternary_mode": q.ternary_mode, "quantize_stem": q.quantize_stem,
@@ -246,8 +247,15 @@ def write_packed(state_dict: dict[str, torch.Tensor], cfg: TrainConfig, path: st
         "meta": meta or {},
     }
     raw = json.dumps(header, separators=(",", ":"), default=str).encode()
+    return header, MAGIC + struct.pack("<I", len(raw)) + raw + bytes(blob)
+
+
+def write_packed(state_dict: dict[str, torch.Tensor], cfg: TrainConfig, path: str | Path, *,
+                 image_size: int | None = None, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Pack `state_dict` into `path` (`packed_file`), atomically; returns the header."""
+    header, data = packed_file(state_dict, cfg, image_size=image_size, meta=meta)
     with atomic_path(path) as tmp:
-        tmp.write_bytes(MAGIC + struct.pack("<I", len(raw)) + raw + bytes(blob))
+        tmp.write_bytes(data)
     return header
 
 

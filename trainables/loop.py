@@ -16,8 +16,19 @@ import torch
 
 from .attacks import perturb  # noqa: F401  (re-exported for callers building custom evaluations)
 from .config import AttackConfig, TrainConfig
-from .contract import CHANNEL_SPARSITY, CLEAN_ACC, EPOCH, MAX_EPOCHS, ROBUST_ACC
+from .contract import (
+    CHANNEL_SPARSITY,
+    CLEAN_ACC,
+    EPOCH,
+    LATENCY_MS,
+    LATENCY_SPREAD_MS,
+    LATENCY_THREADS,
+    MAX_EPOCHS,
+    ROBUST_ACC,
+    SIZE_KIB,
+)
 from .data import DataBundle, EpochPlan, Split, as_float, load_data
+from .footprint import footprint
 from .device import (  # noqa: F401
     autocast,
     check_device,
@@ -38,8 +49,10 @@ from .quant import BinaryRelax, cached, export_state_dict, quantize_
 FINITE_CHECK_EVERY = 16
 
 FINAL_KEYS = (CLEAN_ACC, ROBUST_ACC, "fgsm_acc", "weight_sparsity", CHANNEL_SPARSITY,
-              "channel_sparsity_in", "size_bits", "compression", EPOCH,
+              "channel_sparsity_in", "size_bits", "compression", SIZE_KIB, EPOCH,
               "test_clean_acc", "test_robust_acc", "test_fgsm_acc")
+# reported only where onnxruntime is installed and cfg.latency asks for it
+LATENCY_KEYS = (LATENCY_MS, LATENCY_SPREAD_MS, LATENCY_THREADS)
 
 
 class DivergedError(RuntimeError):
@@ -312,6 +325,15 @@ class Run:
     def export(self) -> dict[str, torch.Tensor]:
         return export_state_dict(self.model, self.br)
 
+    def footprint(self, final: bool) -> dict[str, Any]:
+        """size_kib of the model as it would ship now, and (per cfg.latency, where onnxruntime is
+        installed) its onnxruntime latency: trainables.footprint."""
+        from .onnx_export import available
+
+        mode = self.cfg.latency
+        timed = (mode == "every" or (mode == "end" and final)) and available() is None
+        return footprint(self.export(), self.cfg, self.val[0][:1], timed)
+
 
 def train(cfg: TrainConfig, hooks: Hooks | None = None, log: Callable[[str], None] | None = None,
           data: DataBundle | None = None) -> dict[str, Any]:
@@ -340,6 +362,7 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None, log: Callable[[str], Non
         if final:
             run.deploy_bn()
             metrics.update(run.final_metrics())
+        metrics.update(run.footprint(final))
         if log:
             log(_progress_line(metrics, cfg.epochs))
         ck = {**run.state_dict(), "metrics": metrics}
