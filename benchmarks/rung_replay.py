@@ -75,14 +75,14 @@ def load_pool(paths: list[str]) -> list[list[list[float]]]:
 
 
 def hv(points: list[list[float]]) -> float:
-    feasible = [p for p in points if FLOORS.feasible(p)]
-    return hypervolume(feasible, FLOORS.reference) if feasible else 0.0
+    feasible = [p for p in points if FLOORS.feasible(dict(zip(OBJECTIVES, p)))]
+    return hypervolume(feasible, FLOORS.reference()) if feasible else 0.0
 
 
 def useless(trial: list[list[float]]) -> bool:
     """Its final vector adds no hypervolume: dense (sparsity 0, the reference) or below a floor."""
     clean, robust, sparsity = trial[-1]
-    return sparsity <= 0 or not FLOORS.feasible(trial[-1])
+    return sparsity <= 0 or not FLOORS.feasible(dict(zip(OBJECTIVES, trial[-1])))
 
 
 def replay(pool, budget: int, rng: random.Random, rung: tuple[int, float, str] | str | None) -> list[tuple[int, float]]:
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pool: {len(pool)} trials of {epochs} epochs from {len(paths)} sweeps; budget {budget} epochs")
     for e in range(epochs):
         sparse = sum(t[e][2] > 0 for t in pool)
-        below = sum(not FLOORS.feasible(t[e]) for t in pool)
+        below = sum(not FLOORS.feasible(dict(zip(OBJECTIVES, t[e]))) for t in pool)
         print(f"  after epoch {e + 1}: {sparse:3d} with channel sparsity > 0, {below:3d} below the floor")
     fifo = [replay(pool, budget, random.Random(i), None) for i in range(args.replays)]
     target = statistics.fmean(c[-1][1] for c in fifo)

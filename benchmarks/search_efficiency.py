@@ -186,8 +186,8 @@ def _budget_tools(budget: int, floors: Any) -> tuple[Any, Any]:
             vec = [float(last[m]) for m in OBJECTIVES]
             if all(math.isfinite(v) for v in vec):
                 self.points.append(vec)
-                feasible = [p for p in self.points if floors.feasible(p)]
-                self.curve.append((self.consumed, hypervolume(feasible, floors.reference)))
+                feasible = [p for p in self.points if floors.feasible(dict(zip(OBJECTIVES, p)))]
+                self.curve.append((self.consumed, hypervolume(feasible, floors.reference())))
 
     class StopAtBudget(Stopper):
         def __init__(self, rec: EpochBudget) -> None:
@@ -236,7 +236,7 @@ def run_sweep(setting: Setting, method: str, seed: int, work: Path, concurrency:
         "trials_started": len(rec.started), "completed": statuses.count("completed"),
         "stopped": statuses.count("stopped"), "failed": statuses.count("failed"),
         "points": rec.points, "events": rec.events, "results": rec.results, "wall_s": round(wall, 1),
-        "reference": list(plan.floors.reference),
+        "reference": list(plan.floors.reference()),
     }
 
 

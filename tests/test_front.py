@@ -13,6 +13,7 @@ from search.front import (
     non_dominated_mask,
     non_dominated_sort,
 )
+from trainables.contract import OBJECTIVES
 
 
 def test_default_reference_is_the_origin_of_the_three_objectives():
@@ -60,7 +61,7 @@ def test_rows_without_objectives():
     """A row with no objective is on no front (moocore refuses it) and above no floor."""
     with pytest.raises(ValueError):
         non_dominated_mask(np.zeros((3, 0)))
-    np.testing.assert_array_equal(feasible_mask(np.zeros((3, 0)), Floors.for_sweep("digits")), [False] * 3)
+    np.testing.assert_array_equal(feasible_mask([{}, {}, {}], Floors.for_sweep("digits")), [False] * 3)
     # three copies of the one empty row: at most two distinct points, so every distance is inf
     np.testing.assert_array_equal(crowding_distance(np.zeros((3, 0))), [np.inf] * 3)
 
@@ -194,8 +195,8 @@ def test_non_dominated_sort_matches_peeling_on_random_points():
 
 def test_floors_for_sweep_chance_and_user_floors(tmp_path):
     f = Floors.for_sweep("digits")
-    assert f.reference == pytest.approx((0.1, 0.0, 0.0)) and f.chance == pytest.approx(0.1)
-    assert Floors.for_sweep("digits", min_clean_acc=0.5, min_robust_acc=0.2).reference == pytest.approx((0.5, 0.2, 0.0))
+    assert f.reference() == pytest.approx((0.1, 0.0, 0.0)) and f.chance == pytest.approx(0.1)
+    assert Floors.for_sweep("digits", min_clean_acc=0.5, min_robust_acc=0.2).reference() == pytest.approx((0.5, 0.2, 0.0))
     assert Floors.for_sweep("digits", min_clean_acc=0.05).clean_acc == pytest.approx(0.1)  # never below chance
     for c in ("a", "b", "c", "d"):
         (tmp_path / "train" / c).mkdir(parents=True)
@@ -209,24 +210,53 @@ def test_feasible_mask_and_optuna_constraints_agree():
                     [0.11, 0.3, 0.0],  # feasible
                     [0.9, 0.04, 0.2],  # below the robust floor
                     [0.9, 0.05, 0.2]])  # at the robust floor: feasible
-    mask = feasible_mask(pts, f)
+    rows = [dict(zip(OBJECTIVES, p)) for p in pts]
+    mask = feasible_mask(rows, f)
     assert mask.tolist() == [False, True, False, True]
-    assert feasible_mask(pts[1:2], f).tolist() == [True]  # one row is a set like any other
+    assert feasible_mask(rows[1:2], f).tolist() == [True]  # one row is a set like any other
     empty = feasible_mask([], f)
     assert empty.dtype == bool and empty.shape == (0,)
     # the sparsity floor counts too (>=): 0 for sweeps, but a floor is a floor
-    assert feasible_mask(pts, Floors(0.1, 0.05, 0.3)).tolist() == [False, False, False, False]
-    for (c, r, s), ok in zip(pts, mask):
-        assert all(v <= 0 for v in f.constraints(c, r).values()) == ok == f.feasible((c, r, s))
+    assert feasible_mask(rows, Floors(0.1, 0.05, 0.3)).tolist() == [False, False, False, False]
+    for row, ok in zip(rows, mask):
+        assert all(v <= 0 for v in f.constraints(row).values()) == ok == f.feasible(row)
+
+
+def test_a_cap_bounds_a_minimized_objective_and_the_clean_floor_holds_without_clean_acc():
+    f = Floors.for_sweep("digits", objectives=("robust_acc", "size_kib"), max_size_kib=16.0)
+    ok = {"clean_acc": 0.9, "robust_acc": 0.5, "size_kib": 16.0}  # at the cap: feasible
+    assert f.feasible(ok) and all(v <= 0 for v in f.constraints(ok).values())
+    for bad in ({**ok, "size_kib": 16.01}, {**ok, "clean_acc": 0.1}, {**ok, "size_kib": float("nan")},
+                {"clean_acc": 0.9, "robust_acc": 0.5}):
+        assert not f.feasible(bad)
+        cs = f.constraints(bad).values()
+        assert any(not v <= 0 for v in cs), bad  # > 0 or NaN: infeasible for Optuna too
+    # MO-ASHA sees only the objectives: the cap counts at a rung, the clean floor at the end
+    assert f.violation({"robust_acc": 0.5, "size_kib": 20.0}) == pytest.approx(4.0)
+    assert f.violation({"robust_acc": 0.5, "size_kib": 10.0}) == 0.0
+    assert f.reference() == pytest.approx((0.0, -16.0))
+
+
+def test_gains_turn_a_minimized_objective_around_and_an_uncapped_reference_is_inferred():
+    f = Floors.for_sweep("digits", objectives=("clean_acc", "size_kib"))
+    pts = np.array([[0.9, 40.0], [0.8, 10.0], [0.7, 20.0]])  # the third: worse and bigger than the second
+    g = f.gains(pts)
+    assert g.tolist() == [[0.9, -40.0], [0.8, -10.0], [0.7, -20.0]]
+    assert non_dominated_mask(g).tolist() == [True, True, False]
+    ref = f.reference(g)
+    assert ref == pytest.approx((0.1, -44.0))  # 10 % beyond the largest size measured
+    # by construction: two boxes from the reference, overlapping in [0.1, 0.8] x [-44, -40]
+    want = (0.9 - 0.1) * (44 - 40) + (0.8 - 0.1) * (40 - 10)
+    assert hypervolume(g, ref) == pytest.approx(want)
 
 
 def test_hypervolume_against_the_floor_ignores_chance_models():
     f = Floors.for_sweep("digits")
     useful = [[0.6, 0.3, 0.2]]
     chance_sparse = [[0.1, 0.1, 0.9]]  # at chance, very sparse: non-dominated, but useless
-    hv = hypervolume(useful, f.reference)
+    hv = hypervolume(useful, f.reference())
     assert hv == pytest.approx(0.5 * 0.3 * 0.2)
-    assert hypervolume(useful + chance_sparse, f.reference) == pytest.approx(hv)
+    assert hypervolume(useful + chance_sparse, f.reference()) == pytest.approx(hv)
 
 
 def _table(rows):
@@ -251,9 +281,30 @@ def test_results_front_holds_only_feasible_completed_trials():
     ])
     df["feasible"] = feasible_column(df, Floors.for_sweep("digits"))
     assert df["feasible"].tolist() == [True, True, False, False, False, True]
-    df["pareto"] = front_mask(df)
+    df["pareto"] = front_mask(df, Floors.for_sweep("digits"))
     assert set(df.loc[df["pareto"], "trial_id"]) == {"a", "b"}
     assert front_frame(df)["trial_id"].tolist() == ["a", "b"]
     # without floors the chance model would be on the front: the floor is what keeps it off
     df2 = df.drop(columns=["feasible"])
     assert "chance" in set(df2.loc[front_mask(df2), "trial_id"])
+
+
+def test_results_front_minimizes_size_kib():
+    """A 2-objective sweep with a minimized objective: the front trades accuracy for bytes."""
+    from search.results import feasible_column, front_frame, front_mask
+
+    f = Floors.for_sweep("digits", objectives=("clean_acc", "size_kib"))
+    df = _table([
+        {"trial_id": "big", "clean_acc": 0.95, "robust_acc": 0.5, "size_kib": 90.0},
+        {"trial_id": "small", "clean_acc": 0.85, "robust_acc": 0.4, "size_kib": 12.0},
+        {"trial_id": "worse", "clean_acc": 0.80, "robust_acc": 0.4, "size_kib": 30.0},  # dominated by small
+        {"trial_id": "tiny_chance", "clean_acc": 0.10, "robust_acc": 0.1, "size_kib": 3.0},  # at chance
+    ])
+    df["feasible"] = feasible_column(df, f)
+    df["pareto"] = front_mask(df, f)
+    assert set(df.loc[df["pareto"], "trial_id"]) == {"big", "small"}
+    front = front_frame(df, f)
+    assert front["trial_id"].tolist() == ["big", "small"] and list(front.columns[:3]) == ["trial_id", "clean_acc", "size_kib"]
+    # planted fault: read as maximized, the bigger model would dominate and "small" drop off
+    maximized = Floors.for_sweep("digits", objectives=("clean_acc", "channel_sparsity"))
+    assert non_dominated_mask(maximized.gains(df.loc[:2, ["clean_acc", "size_kib"]].to_numpy())).tolist() == [True, False, False]

@@ -295,6 +295,9 @@ RANGES: dict[str, tuple[list, list]] = {
     "precision": (["fp64", ""], ["fp32", "bf16", "fp16"]),
     "eval_batch_size": ([0], [1]),
     "eval_draws": ([0, -1], [1, 20]),
+    "latency": (["final", "", "always"], ["end", "every", "off"]),
+    "latency_threads": ([0], [1, 4]),
+    "latency_runs": ([0], [1, 50]),
     "device": (["gpu", "tpu"], ["auto", "cpu", "cuda", "cuda:1"]),
     "dataset": (["nope", "folder:"], ["digits", "folder:/x"]),
 }

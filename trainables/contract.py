@@ -12,7 +12,7 @@ before anything heavy is imported.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
@@ -145,21 +145,20 @@ def is_completed(result: Mapping[str, Any] | None) -> bool:
     return bool(result.get(FINAL)) and result.get(EPOCH, 0) >= result.get(MAX_EPOCHS, 1)
 
 
-def is_feasible(point: Sequence[float], bounds: Sequence[float | None],
-                objectives: Sequence[str] = OBJECTIVES) -> bool:
-    """An objective vector (in `objectives` order) is within the sweep's bounds (the same order):
-    a maximized objective at least its floor, clean accuracy strictly above it (a model at chance
-    is useless), a minimized one at most its cap; None bounds nothing. A non-finite value is
-    never feasible."""
-    values = [float(v) for v in point]
-    if len(values) != len(bounds) or len(values) != len(objectives) or not all(math.isfinite(v) for v in values):
-        return False
-    for v, b, name in zip(values, bounds, objectives):
-        if b is None:
+def is_feasible(values: Mapping[str, Any], bounds: Mapping[str, float | None]) -> bool:
+    """A trial's metrics (name -> value) are within the sweep's bounds (name -> bound): a maximized
+    metric at least its floor, clean accuracy strictly above it (a model at chance is useless), a
+    minimized one at most its cap; a None bound only asks for a finite value. A missing or
+    non-finite value is never feasible."""
+    for name, bound in bounds.items():
+        v = values.get(name)
+        if v is None or isinstance(v, bool) or not math.isfinite(float(v)):
+            return False
+        if bound is None:
             continue
         if DIRECTIONS.get(name, MAXIMIZE) == MINIMIZE:
-            if v > b:
+            if float(v) > bound:
                 return False
-        elif v < b or (name == CLEAN_ACC and v == b):
+        elif float(v) < bound or (name == CLEAN_ACC and float(v) == bound):
             return False
     return True

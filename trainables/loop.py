@@ -28,7 +28,6 @@ from .contract import (
     SIZE_KIB,
 )
 from .data import DataBundle, EpochPlan, Split, as_float, load_data
-from .footprint import footprint
 from .device import (  # noqa: F401
     autocast,
     check_device,
@@ -39,6 +38,7 @@ from .device import (  # noqa: F401
     set_deterministic,
     set_rng_state,
 )
+from .footprint import footprint
 from .losses import group_penalty, group_prox_, tradeoff_loss
 from .metrics import accuracy, bn_recalibrated, recalibrate_bn_, structure_metrics
 from .models import Ensemble, build_model

@@ -9,7 +9,7 @@ from ray.tune import Callback
 from ray.tune.logger import TBXLoggerCallback
 
 from search.results import trial_outcome
-from trainables.contract import DIVERGED, OBJECTIVES
+from trainables.contract import DIRECTIONS, DIVERGED
 
 
 class ProgressCallback(Callback):
@@ -34,7 +34,7 @@ class ProgressCallback(Callback):
         self.done += 1
         status, reason = trial_outcome(trial)
         r = trial.last_result or {}
-        objs = "  ".join(f"{m} {r[m]:.4f}" for m in OBJECTIVES
+        objs = "  ".join(f"{m} {r[m]:.4g}" for m in DIRECTIONS
                          if isinstance(r.get(m), (int, float)) and math.isfinite(r[m]))
         print(" ".join(p for p in (f"[{self.done}/{self.total}] {trial.trial_id} {status}:", objs, reason) if p), flush=True)
 

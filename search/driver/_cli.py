@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from search.optimizer import DEFAULT_SAMPLER, DEFAULT_TIE_BREAK, GP_TRIALS, SAMPLERS
 from trainables.cliutil import OneLineParser
+from trainables.contract import DIRECTIONS, OBJECTIVES
 
 DESCRIPTION = """The distributed Pareto sweep.
 
@@ -44,6 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-clean-acc", type=float,
                    help="floor: trials at or below it are infeasible (default: chance, 1/number of classes)")
     p.add_argument("--min-robust-acc", type=float, help="floor: trials below it are infeasible (default 0)")
+    p.add_argument("--objectives", default=",".join(OBJECTIVES),
+                   help=f"2 to 4 of {', '.join(f'{m} ({d})' for m, d in DIRECTIONS.items())}, comma-separated, "
+                        "each optionally NAME:DIRECTION (default: %(default)s)")
+    p.add_argument("--max-size-kib", type=float, help="cap: trials whose packed file is larger are infeasible")
+    p.add_argument("--max-latency-ms", type=float,
+                   help="cap: trials whose ONNX model is slower in onnxruntime are infeasible (needs onnxruntime)")
+    p.add_argument("--warm-start", action="append", default=[], metavar="NAME",
+                   help="seed the study with the finished trials of an earlier sweep NAME under the same "
+                        "--storage-path (repeatable; not re-run, labelled imported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-concurrent", type=int,
                    help="trials at once (default: what the cluster can grow to, so pending trials make the autoscaler add nodes)")
@@ -102,6 +112,10 @@ class Flags:
     tie_break: str
     min_clean_acc: float | None
     min_robust_acc: float | None
+    objectives: str
+    max_size_kib: float | None
+    max_latency_ms: float | None
+    warm_start: tuple[str, ...]
     seed: int
     max_concurrent: int | None
     cpus_per_trial: float | None
@@ -129,6 +143,7 @@ class Flags:
     def from_namespace(cls, args: argparse.Namespace) -> Flags:
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
         values["set"] = tuple(values.get("set") or ())
+        values["warm_start"] = tuple(values.get("warm_start") or ())
         if values.get("sampler") is None:
             values["sampler"] = DEFAULT_SAMPLER
         return cls(**values)

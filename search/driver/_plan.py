@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import socket
@@ -31,9 +32,11 @@ from search.optimizer import (
 )
 from search.storage import SweepLocation, is_remote, study_spec_from_flag
 from trainables.config import ConfigError, TrainConfig
+from trainables.contract import LATENCY_MS, ObjectiveError, parse_objectives
 from trainables.fileio import unwritable
 
 from ._cli import Flags
+from ._warm import Imported, import_trials
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -50,6 +53,7 @@ class Plan:
     address: str | None
     floors: Floors
     stored: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # sweep.json, on --resume
+    imported: Imported | None = None  # --warm-start: earlier sweeps' finished trials
 
     @property
     def resume(self) -> bool:
@@ -70,6 +74,8 @@ class Plan:
             "tracking_uri": self.tracking_uri, "experiment": f.experiment,
             "grace_period": f.grace_period, "reduction_factor": f.reduction_factor,
             "tie_break": f.tie_break, "min_clean_acc": f.min_clean_acc, "min_robust_acc": f.min_robust_acc,
+            "objectives": list(self.floors.objectives), "max_size_kib": f.max_size_kib,
+            "max_latency_ms": f.max_latency_ms, "warm_start": list(f.warm_start),
             "reuse_actors": f.reuse_actors, "register": f.register,
             "study_storage": f.study_storage, "study_spec": self.location.study_spec(),
         }
@@ -97,6 +103,20 @@ def _check_flags(f: Flags) -> None:
         v = getattr(f, flag)
         if v is not None and not 0.0 <= v < 1.0:
             raise ConfigError(f"--{flag.replace('_', '-')} {v}; accepted: a number in [0, 1)")
+    try:
+        objectives, _ = parse_objectives(f.objectives)
+    except ObjectiveError as e:
+        raise ConfigError(f"--objectives: {e}") from None
+    for flag in ("max_size_kib", "max_latency_ms"):
+        v = getattr(f, flag)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ConfigError(f"--{flag.replace('_', '-')} {v}; accepted: a number > 0")
+    if LATENCY_MS in objectives or f.max_latency_ms is not None:
+        from trainables.onnx_export import available
+
+        missing = available()
+        if missing:
+            raise ConfigError(f"{'--objectives ' + LATENCY_MS if LATENCY_MS in objectives else '--max-latency-ms'}: {missing}")
     if f.reduction_factor <= 1:
         raise ConfigError(f"--reduction-factor {f.reduction_factor}; accepted: a number > 1")
     if (f.cpus_per_trial is not None and f.cpus_per_trial <= 0) or (f.gpus_per_trial is not None and f.gpus_per_trial < 0):
@@ -146,7 +166,9 @@ def prepare(flags: Flags) -> Plan:
     for gap in (joint_modelling_gap(sampler, space), scheduler_gap(sampler, flags.scheduler)):
         if gap:
             print(gap, file=sys.stderr, flush=True)
-    floors = Floors.for_sweep(str(space.fixed.get("dataset", flags.dataset)), flags.min_clean_acc, flags.min_robust_acc)
+    floors = Floors.for_sweep(str(space.fixed.get("dataset", flags.dataset)), flags.min_clean_acc, flags.min_robust_acc,
+                              max_size_kib=flags.max_size_kib, max_latency_ms=flags.max_latency_ms,
+                              objectives=parse_objectives(flags.objectives)[0])
     address = flags.address or os.environ.get("RAY_ADDRESS")
     if not address or address == "local":  # on a cluster, each trial checks its data where it runs
         from trainables.data import check_available
@@ -158,6 +180,11 @@ def prepare(flags: Flags) -> Plan:
     plan = Plan(flags, name, space, location, tracking_uri, address, floors)
     if flags.resume:
         plan = _check_resumable(plan)
+    if flags.warm_start:  # reads the earlier sweeps only; refuses a conflicting one here
+        imported = import_trials(flags.storage_path, flags.warm_start, space, floors, name)
+        for line in imported.notes:
+            print(line, file=sys.stderr, flush=True)
+        plan = dataclasses.replace(plan, imported=imported)
     elif location.exists():
         from search.redact import redact
 
@@ -181,6 +208,8 @@ def _space_of(flags: Flags) -> Space:
     for k in ("subset_train", "subset_test"):
         if getattr(flags, k) is not None:
             base[k] = getattr(flags, k)
+    if LATENCY_MS in parse_objectives(flags.objectives)[0] or flags.max_latency_ms is not None:
+        base["latency"] = "every"  # MO-ASHA's rungs and the floors read it on every report
     space = load_space(flags.space or ("digits" if flags.dataset == "digits" else "paper"))
     return space.pin({**base, **parse_sets(list(flags.set))})
 
@@ -237,11 +266,12 @@ def _check_resumable(plan: Plan) -> Plan:
 
 # flags that define a sweep: `--name X --resume` takes them from the stored sweep.json unless given
 RESUMED_FLAGS = ("trials", "epochs", "dataset", "sampler", "scheduler", "seed", "grace_period", "tie_break",
-                 "min_clean_acc", "min_robust_acc",
+                 "min_clean_acc", "min_robust_acc", "objectives", "max_size_kib", "max_latency_ms", "warm_start",
                  "reduction_factor", "experiment", "tracking_uri", "register", "study_storage",
                  "cpus_per_trial", "gpus_per_trial", "max_concurrent")
 FIXED_ON_RESUME = ("trials", "sampler", "scheduler", "seed", "grace_period", "reduction_factor", "experiment",
-                   "tie_break", "min_clean_acc", "min_robust_acc", "max_concurrent", "study_storage")
+                   "tie_break", "min_clean_acc", "min_robust_acc", "objectives", "max_size_kib", "max_latency_ms",
+                   "max_concurrent", "study_storage")
 SPACE_FLAGS = ("space", "set", "dataset", "data_root", "download", "subset_train", "subset_test", "epochs")
 
 
@@ -267,6 +297,14 @@ def adopt_stored(flags: Flags) -> tuple[Flags, Space | None]:
         v = stored.get(k)
         if v is None or "***" in str(v):  # not stored, or redacted
             continue
+        if k == "warm_start":
+            v = tuple(v)
+        if k == "objectives":  # stored as names; compared by names, whatever spelling was given
+            v = ",".join(v)
+            try:
+                flags = dataclasses.replace(flags, objectives=",".join(parse_objectives(flags.objectives)[0]))
+            except ObjectiveError:
+                pass  # check_flags says why
         if not flags.given(k):
             flags = dataclasses.replace(flags, **{k: v})
         elif k in FIXED_ON_RESUME and getattr(flags, k) != v and not (

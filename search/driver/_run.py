@@ -10,7 +10,7 @@ from typing import Any
 
 from trainables.cliutil import fail
 from trainables.config import ConfigError
-from trainables.contract import COMPLETED, FRONT_TABLE, OBJECTIVES, TRIALS_TABLE, table_files, trial_dir
+from trainables.contract import COMPLETED, FRONT_TABLE, TRIALS_TABLE, table_files, trial_dir
 
 from ._cli import Flags
 from ._plan import Plan, device_refusal, prepare
@@ -68,11 +68,16 @@ def build_tuner(plan: Plan, resources: Resources, callbacks: list[Any], options:
     f = plan.flags
     storage = open_study_storage(plan.location.study_spec())
     sampler = make_sampler(f.sampler, f.seed, resources.max_concurrent, f.trials, f.scheduler)
-    searcher = ParetoSearch(plan.space, sampler, plan.name, storage, floors=plan.floors, total_trials=f.trials)
+    searcher = ParetoSearch(plan.space, sampler, plan.name, storage, objectives=plan.floors.objectives,
+                            floors=plan.floors, total_trials=f.trials)
+    if plan.imported is not None:
+        from ._warm import seed_study
+
+        seed_study(searcher.study, plan.imported)
     callbacks = list(callbacks)
     scheduler = None
     if f.scheduler == "moasha":
-        scheduler = MOASHAScheduler(list(OBJECTIVES), ["max"] * len(OBJECTIVES), grace_period=f.grace_period,
+        scheduler = MOASHAScheduler(list(plan.floors.objectives), list(plan.floors.directions), grace_period=f.grace_period,
                                     reduction_factor=f.reduction_factor, max_t=f.epochs, tie_break=f.tie_break,
                                     violation=plan.floors.violation)  # below the floor: ranked last
         callbacks.append(scheduler.state_callback())
@@ -120,8 +125,9 @@ def run(plan: Plan) -> int:
         parent = start_parent_run(
             client, experiment_id, plan.name,
             {**{k: v for k, v in plan.record().items() if k != "space"}, "max_concurrent": res.max_concurrent,
-             "gpus_per_trial": res.gpus_per_trial, "cpus_per_trial": res.cpus_per_trial, "objectives": ",".join(OBJECTIVES),
-             **plan.floors.as_params(), "hv_reference": ",".join(f"{v:g}" for v in plan.floors.reference)},
+             "gpus_per_trial": res.gpus_per_trial, "cpus_per_trial": res.cpus_per_trial, "objectives": ",".join(plan.floors.objectives),
+             **plan.floors.as_params(),
+             "hv_reference": ",".join("inferred" if v is None else f"{v:g}" for v in plan.floors.fixed_reference)},
             {**_version_tags(), "brsearch.floor": plan.floors.describe()},
         )
         sweep_run = SweepRun(plan.tracking_uri, experiment_id, parent, plan.name)
@@ -132,7 +138,9 @@ def run(plan: Plan) -> int:
     print(f"brsearch: sweep {plan.name!r}: {f.trials} trials x {f.epochs} epochs, sampler {plan.sampler_label}, "
           f"scheduler {f.scheduler}, {res.max_concurrent} at once ({res.cpus_per_trial:g} CPU, {res.gpus_per_trial:g} GPU each), "
           f"from {res.source}\n"
-          f"  floor    {plan.floors.describe()} (hypervolume reference; trials below it are infeasible)\n"
+          f"  optimise {', '.join(f'{m} ({d})' for m, d in zip(plan.floors.objectives, plan.floors.directions))}"
+          f"{f' + {len(plan.imported.trials)} imported trials' if plan.imported else ''}\n"
+          f"  bounds   {plan.floors.describe()} (hypervolume reference; trials outside are infeasible)\n"
           f"  results  {redact(location.exp_dir)}\n  mlflow   {redact(plan.tracking_uri)} "
           f"(experiment {f.experiment!r}, parent run {sweep_run.parent_run_id})\n"
           f"{link_lines(plan.tracking_uri, sweep_run.experiment_id)}", flush=True)
@@ -195,8 +203,8 @@ def end_sweep(plan: Plan, sweep_run: Any, res: Resources, *, trained: bool) -> i
     location = plan.location
     analysis = tune.ExperimentAnalysis(location.exp_dir)
     trials = analysis.trials
-    df = trials_frame(trials, plan.floors)
-    front = front_frame(df)
+    df = trials_frame(trials, plan.floors, plan.imported.rows if plan.imported else ())
+    front = front_frame(df, plan.floors)
     if trained:
         files = write_tables(location.local_dir, df, front)
         shown = location.push(files)
@@ -213,7 +221,7 @@ def end_sweep(plan: Plan, sweep_run: Any, res: Resources, *, trained: bool) -> i
     below = int((df["status"] == COMPLETED).sum() - df["feasible"].sum()) if len(df) else 0
     print(f"\nfloor: {plan.floors.describe()}; {below} completed trial(s) below it kept off the front")
     print(f"Pareto front of {plan.name!r} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}):")
-    print(format_front(front))
+    print(format_front(front, plan.floors))
     print(f"\nwrote {', '.join(shown)}")
     print(link_lines(plan.tracking_uri, sweep_run.experiment_id), flush=True)
     if unsent:

@@ -5,6 +5,6 @@ from search._lazy import attach
 __all__, __getattr__, __dir__ = attach(__name__, {
     "_dominance": ["DEFAULT_REFERENCE", "crowding_distance", "feasible_mask", "finite_order", "hypervolume",
                    "non_dominated_mask", "non_dominated_sort"],
-    "_floors": ["Floors", "num_classes"],
+    "_floors": ["Floors", "infer_reference", "num_classes"],
     "_incremental": ["IncrementalFront"],
 })

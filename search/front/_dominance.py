@@ -2,8 +2,9 @@
 from moocore (C implementations), the crowding distance, and the useful floor of a sweep.
 
 All functions take ``points`` as an array of shape ``(n, k)``: one row per trial, one column per
-objective, every objective maximized. (For our sweeps the objectives are ``clean_acc``,
-``robust_acc`` and ``channel_sparsity``, all in ``[0, 1]``.) NaN is rejected with ``ValueError``,
+objective, every objective maximized. (By default the objectives are ``clean_acc``,
+``robust_acc`` and ``channel_sparsity``, all in ``[0, 1]``; a sweep that minimizes ``size_kib``
+or ``latency_ms`` passes them negated, as ``Floors.gains`` does.) NaN is rejected with ``ValueError``,
 because a NaN row is neither dominated nor dominating and would silently corrupt a front.
 
 Dominance: ``a`` dominates ``b`` iff ``a >= b`` in every objective and ``a > b`` in at least one.
@@ -20,9 +21,10 @@ The useful floor
 ----------------
 A sweep's hypervolume reference point is its *floor* (``Floors.reference``): chance-level
 clean accuracy (1 / number of classes) or the user's ``--min-clean-acc``, robust accuracy 0 or
-``--min-robust-acc``, channel sparsity 0. A trial is feasible iff its clean accuracy is strictly
-above the clean floor (a model at chance is useless) and its robust accuracy at least the robust
-floor (:func:`feasible_mask`). Infeasible trials never enter the front or the hypervolume. A
+``--min-robust-acc``, channel sparsity 0, and a minimized objective's cap (or, uncapped, a
+reference inferred from the points). A trial is feasible iff its clean accuracy is strictly
+above the clean floor (a model at chance is useless), its robust accuracy at least the robust
+floor and every capped objective at most its cap (:func:`feasible_mask`). Infeasible trials never enter the front or the hypervolume. A
 point adds volume only if it strictly beats the floor in every objective, so a dense model
 (channel sparsity 0) is on the front if non-dominated but adds no volume: the hypervolume
 measures the trade-off the sweep is for.
@@ -30,7 +32,8 @@ measures the trade-off the sweep is for.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import moocore
 import numpy as np
@@ -41,17 +44,14 @@ from ._floors import Floors
 DEFAULT_REFERENCE: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
-def feasible_mask(points, floors: Floors) -> np.ndarray:
-    """Rows (clean, robust, sparsity) above the floors (Floors.feasible, the contract's rule).
+def feasible_mask(rows: Sequence[Mapping[str, Any]], floors: Floors) -> np.ndarray:
+    """Rows (a trial's metrics, name -> value) within the bounds (Floors.feasible, the contract's rule).
 
     Args:
-        points: (n, 3) rows in OBJECTIVES order.
-        floors: the sweep's floors.
+        rows: one mapping per trial, holding at least the bounded metrics.
+        floors: the sweep's objectives and bounds.
     """
-    pts = _as_points(points)
-    if pts.shape[0] == 0:
-        return np.zeros(0, dtype=bool)
-    return np.array([floors.feasible(p) for p in pts], dtype=bool)
+    return np.array([floors.feasible(r) for r in rows], dtype=bool)
 
 
 def _as_points(points, name: str = "points") -> np.ndarray:

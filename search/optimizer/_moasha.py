@@ -44,7 +44,7 @@ import numpy as np
 from ray.tune.callback import Callback
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from trainables.contract import EPOCH, TRIAL_ID
+from trainables.contract import EPOCH, MAXIMIZE, MINIMIZE, TRIAL_ID
 
 from ._policy import TIE_BREAKS
 from ._ranking import RungRule
@@ -102,7 +102,7 @@ class MOASHAScheduler(FIFOScheduler):
         modes = [modes] * len(metrics) if isinstance(modes, str) else list(modes)
         if len(modes) != len(metrics):
             raise ValueError(f"{len(modes)} modes for {len(metrics)} metrics")
-        bad = [m for m in modes if m not in ("max", "min")]
+        bad = [m for m in modes if m not in (MAXIMIZE, MINIMIZE)]
         if bad:
             raise ValueError(f"modes must be 'max' or 'min'; got {bad}")
         if not grace_period > 0:
@@ -122,7 +122,7 @@ class MOASHAScheduler(FIFOScheduler):
         # Tune's strict metric check needs a *string* here (see module docstring).
         self._metric = metrics[0]
         self._mode = modes[0]
-        self._signs = np.array([1.0 if m == "max" else -1.0 for m in modes])
+        self._signs = np.array([1.0 if m == MAXIMIZE else -1.0 for m in modes])
         self._time_attr = time_attr
         self._grace_period = grace_period
         self._reduction_factor = float(reduction_factor)

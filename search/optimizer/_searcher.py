@@ -36,7 +36,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search.front import Floors
 from search.results import stopped_reason
-from trainables.contract import DIVERGED, FAILURE_REASON, OBJECTIVES, is_completed
+from trainables.contract import DIRECTIONS, DIVERGED, FAILURE_REASON, OBJECTIVES, is_completed
 
 from ._space import Space
 
@@ -59,7 +59,7 @@ class ParetoSearch(OptunaSearch):
         self.sample_ahead_after = sample_ahead_after
         self._ahead: Future | None = None
         self._ahead_pool: ThreadPoolExecutor | None = None
-        super().__init__(space=space.suggest, metric=list(objectives), mode=["max"] * len(objectives),
+        super().__init__(space=space.suggest, metric=list(objectives), mode=[DIRECTIONS[m] for m in objectives],
                          sampler=sampler, study_name=study_name, storage=storage)
         self.pruned: set[str] = set()
         self.diverged_trials: dict[str, str] = {}  # trial id -> reason (non-finite loss or weights)
@@ -163,7 +163,7 @@ class ParetoSearch(OptunaSearch):
                 ot.set_user_attr("brsearch_reason", reason)
             floors = getattr(self, "floors", None)
             if state == TrialState.COMPLETE and floors is not None:
-                for key, c in floors.constraints(values[0], values[1]).items():
+                for key, c in floors.constraints(result or {}).items():
                     ot.set_constraint(key, c)
             self._ot_study.tell(ot, values, state=state)
         except Exception as exc:  # never leave a zombie RUNNING trial behind

@@ -9,6 +9,6 @@ from search._lazy import attach
 __all__, __getattr__, __dir__ = attach(__name__, {
     "_outcomes": ["stopped_reason", "trial_outcome"],
     "_summary": ["sweep_summary"],
-    "_tables": ["METRIC_COLUMNS", "feasible_column", "format_front", "front_frame", "front_mask", "trials_frame",
+    "_tables": ["IMPORTED_COLUMN", "METRIC_COLUMNS", "feasible_column", "format_front", "front_frame", "front_mask", "trials_frame",
                 "write_tables"],
 })

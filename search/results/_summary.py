@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from search.front import hypervolume
-from trainables.contract import COMPLETED, FAILED, OBJECTIVES, STOPPED, TRIAL_ID
+from search.front import Floors, hypervolume
+from trainables.contract import CLEAN_ACC, COMPLETED, FAILED, OBJECTIVES, ROBUST_ACC, STOPPED, TRIAL_ID
 
 
 def _finite(v: Any) -> bool:
@@ -25,7 +25,7 @@ def _bits_label(b: Any) -> str:
         return f"{b}bit"
 
 
-def sweep_summary(trials_df: Any, front_df: Any, reference: tuple[float, ...], cpus_per_trial: float,
+def sweep_summary(trials_df: Any, front_df: Any, reference: tuple[float, ...] | None, cpus_per_trial: float,
                   gpus_per_trial: float, floors: Any = None) -> tuple[dict[str, float], dict[str, str]]:
     """(metrics, tags) for the parent run.
 
@@ -41,7 +41,8 @@ def sweep_summary(trials_df: Any, front_df: Any, reference: tuple[float, ...], c
     Args:
         trials_df: the trials table.
         front_df: the front table.
-        reference: the hypervolume's reference point.
+        reference: the hypervolume's reference point (gain space); with `floors` a Floors, the
+            sweep's own (`Floors.reference` over its feasible trials) is used instead.
         cpus_per_trial: for cpu_hours.
         gpus_per_trial: for gpu_hours.
         floors: a `search.front.Floors`, or {objective: value or None}.
@@ -52,8 +53,15 @@ def sweep_summary(trials_df: Any, front_df: Any, reference: tuple[float, ...], c
     for s in (COMPLETED, STOPPED, FAILED):
         metrics[f"n_{s}"] = float(sum(1 for v in status if v == s))
     metrics["front_size"] = float(len(front_df))
-    pts = [[float(r[m]) for m in OBJECTIVES] for _, r in front_df.iterrows()
-           if all(_finite(r[m]) for m in OBJECTIVES)] if len(front_df) else []
+    if isinstance(floors, Floors):  # the sweep's objectives; an inferred reference from its feasible trials
+        objectives = floors.objectives
+        feasible = trials_df[trials_df["feasible"].astype(bool)] if n and "feasible" in trials_df else trials_df.iloc[0:0]
+        reference = floors.reference(floors.gains(feasible[list(objectives)].to_numpy(dtype=float)) if len(feasible) else ())
+        signs = floors.signs
+    else:
+        objectives, signs = OBJECTIVES, [1.0] * len(OBJECTIVES)
+    pts = [[s_ * float(r[m]) for s_, m in zip(signs, objectives)] for _, r in front_df.iterrows()
+           if all(_finite(r[m]) for m in objectives)] if len(front_df) else []
     metrics["hypervolume"] = float(hypervolume(pts, reference)) if pts else 0.0
     seconds = sum(float(v) for v in (trials_df["time_total_s"] if n and "time_total_s" in trials_df else []) if _finite(v))
     metrics["cpu_hours"] = seconds * cpus_per_trial / 3600.0
@@ -62,7 +70,7 @@ def sweep_summary(trials_df: Any, front_df: Any, reference: tuple[float, ...], c
         done = trials_df[trials_df["status"] == COMPLETED]
         for bits, group in done.groupby("config.bits"):
             label = _bits_label(bits)
-            for obj, short in ((OBJECTIVES[0], "clean"), (OBJECTIVES[1], "robust")):
+            for obj, short in ((CLEAN_ACC, "clean"), (ROBUST_ACC, "robust")):
                 vals = group[group[obj].map(_finite)]
                 if not len(vals):
                     continue
@@ -75,7 +83,7 @@ def sweep_summary(trials_df: Any, front_df: Any, reference: tuple[float, ...], c
         floor_values = {k: float(v) for k, v in (floors or {}).items() if v is not None}
         described = ", ".join(f"{k}>={v:g}" for k, v in floor_values.items()) or "none"
     else:  # search.front.Floors
-        floor_values = dict(zip(OBJECTIVES, (float(v) for v in floors.reference)))
+        floor_values = {k: float(v) for k, v in floors.bounds.items() if v is not None}
         described = floors.describe()
     for k, v in floor_values.items():
         metrics[f"floor.{k}"] = v

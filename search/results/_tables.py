@@ -17,14 +17,21 @@ import pyarrow.parquet as pq
 from search.front import Floors, feasible_mask, non_dominated_mask
 from search.redact import redact
 from trainables.contract import (
+    CHANNEL_SPARSITY,
     COMPLETED,
+    DIRECTIONS,
     DIVERGED,
     EPOCH,
     FRONT_TABLE,
     INTERRUPTED,
+    LATENCY_MS,
+    LATENCY_SPREAD_MS,
+    LATENCY_THREADS,
     MAX_EPOCHS,
+    MINIMIZE,
     NODE_ID,
     OBJECTIVES,
+    SIZE_KIB,
     TABLE_SUFFIXES,
     TRIAL_ID,
     TRIALS_TABLE,
@@ -35,13 +42,15 @@ from ._outcomes import trial_outcome
 
 # objectives and the other metrics are validation-split numbers; test_* come from the one
 # evaluation of the test split at the end of a trial and are reported, never selected on
-METRIC_COLUMNS = (*OBJECTIVES, "fgsm_acc", "channel_sparsity_in",
-                  "weight_sparsity", "size_bits", "compression", EPOCH, MAX_EPOCHS,
+METRIC_COLUMNS = (*OBJECTIVES, SIZE_KIB, LATENCY_MS, LATENCY_SPREAD_MS, LATENCY_THREADS, "fgsm_acc",
+                  "channel_sparsity_in", "weight_sparsity", "size_bits", "compression", EPOCH, MAX_EPOCHS,
                   "test_clean_acc", "test_robust_acc", "test_fgsm_acc", "test_cw_acc", "time_total_s")
 STRING_COLUMNS = (NODE_ID,)  # the Ray node that ran the trial's last epoch
+IMPORTED_COLUMN = "imported_from"  # the earlier sweep a warm-started sweep's row came from
 
 
-def trials_frame(trials: list[Any], floors: Floors | None = None) -> pd.DataFrame:
+def trials_frame(trials: list[Any], floors: Floors | None = None,
+                 imported: list[dict[str, Any]] | tuple = ()) -> pd.DataFrame:
     """One row per Tune trial: id, status (completed/stopped/failed, or interrupted for a trial an
     interrupted sweep left unfinished), reason, config, metrics. Takes the trials after
     `Tuner.fit` returned, when their status is final.
@@ -49,6 +58,8 @@ def trials_frame(trials: list[Any], floors: Floors | None = None) -> pd.DataFram
     Args:
         trials: Tune's Trial objects (`ExperimentAnalysis.trials`).
         floors: the sweep's floors, for the `feasible` column.
+        imported: rows of earlier sweeps' tables a warm start imported (`imported_from` set);
+            they count for the front like the sweep's own trials.
     """
     rows = []
     for t in trials:
@@ -69,51 +80,55 @@ def trials_frame(trials: list[Any], floors: Floors | None = None) -> pd.DataFram
             v = v if isinstance(v, (int, float, bool)) or v is None else redact(v)  # logged to MLflow too
             row[f"config.{k}"] = v
         rows.append(row)
+    for r in imported:
+        rows.append({k: v for k, v in r.items() if k not in ("feasible", "pareto")})
     df = pd.DataFrame(rows)
     if not len(df):
         df = pd.DataFrame(columns=[TRIAL_ID, "trial_name", "status", "reason", *METRIC_COLUMNS, *STRING_COLUMNS])
+    if imported:
+        df[IMPORTED_COLUMN] = df[IMPORTED_COLUMN].where(df[IMPORTED_COLUMN].notna(), None)
     df["feasible"] = feasible_column(df, floors)
-    df["pareto"] = front_mask(df)
+    df["pareto"] = front_mask(df, floors)
     return df.sort_values(TRIAL_ID).reset_index(drop=True)
 
 
 def feasible_column(df: pd.DataFrame, floors: Floors | None) -> list[bool]:
-    """Completed trials with finite objectives above the sweep's floors (Floors.feasible, the contract's rule);
-    every other row is False.
+    """Completed trials with finite objectives within the sweep's bounds (Floors.feasible, the
+    contract's rule); every other row is False.
 
     Args:
         df: the trials table.
-        floors: the sweep's floors (None: completed with finite objectives is enough).
+        floors: the sweep's objectives and bounds (None: the default objectives, no floors:
+            completed with finite objectives is enough).
     """
-    ok = [
-        r["status"] == COMPLETED and all(r[m] is not None and math.isfinite(r[m]) for m in OBJECTIVES)
-        for _, r in df.iterrows()
-    ]
-    idx = [i for i, o in enumerate(ok) if o]
-    if idx and floors is not None:
-        pts = df.iloc[idx][list(OBJECTIVES)].to_numpy(dtype=float)
-        for i, on in zip(idx, feasible_mask(pts, floors)):
-            ok[i] = bool(on)
-    return ok
+    rule = floors or Floors(-math.inf, -math.inf, -math.inf)
+    rows = [{m: r.get(m) for m in rule.bounds} for r in df.to_dict("records")]
+    done = [r["status"] == COMPLETED for r in df.to_dict("records")]
+    return [bool(d and on) for d, on in zip(done, feasible_mask(rows, rule))]
 
 
-def front_mask(df: pd.DataFrame) -> list[bool]:
-    """Non-dominated among the feasible trials (completed, finite objectives, above the floors;
-    the `feasible` column); everything else is off. Stopped (PRUNED) trials never count."""
-    ok = list(df["feasible"]) if "feasible" in df else feasible_column(df, None)
+def front_mask(df: pd.DataFrame, floors: Floors | None = None) -> list[bool]:
+    """Non-dominated among the feasible trials (completed, finite objectives, within the bounds;
+    the `feasible` column), every objective in its own direction; everything else is off.
+    Stopped (PRUNED) trials never count."""
+    rule = floors or Floors(0.0)
+    ok = list(df["feasible"]) if "feasible" in df else feasible_column(df, floors)
     mask = [False] * len(df)
     idx = [i for i, o in enumerate(ok) if o]
     if idx:
-        pts = df.iloc[idx][list(OBJECTIVES)].to_numpy(dtype=float)
-        for i, on in zip(idx, non_dominated_mask(pts)):
+        pts = df.iloc[idx][list(rule.objectives)].to_numpy(dtype=float)
+        for i, on in zip(idx, non_dominated_mask(rule.gains(pts))):
             mask[i] = bool(on)
     return mask
 
 
-def front_frame(df: pd.DataFrame) -> pd.DataFrame:
-    cols = [TRIAL_ID, *OBJECTIVES] + [c for c in df.columns if c not in (TRIAL_ID, *OBJECTIVES, "pareto")]
+def front_frame(df: pd.DataFrame, floors: Floors | None = None) -> pd.DataFrame:
+    """The front's rows, objectives first, best first by the first objective."""
+    objectives = list((floors or Floors(0.0)).objectives)
+    cols = [TRIAL_ID, *objectives] + [c for c in df.columns if c not in (TRIAL_ID, *objectives, "pareto")]
     front = df[df["pareto"]][cols] if len(df) else df
-    return front.sort_values(list(OBJECTIVES), ascending=False).reset_index(drop=True)
+    ascending = [DIRECTIONS[m] == MINIMIZE for m in objectives]
+    return front.sort_values(objectives, ascending=ascending).reset_index(drop=True)
 
 
 def write_tables(out_dir: Path, trials_df: pd.DataFrame, front_df: pd.DataFrame) -> list[Path]:
@@ -146,11 +161,13 @@ def _arrow_safe(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def format_front(front_df: pd.DataFrame) -> str:
-    """The front as a terminal table."""
+def format_front(front_df: pd.DataFrame, floors: Floors | None = None) -> str:
+    """The front as a terminal table: the objectives, then the footprint and the main settings."""
     if not len(front_df):
         return "(no completed trial: the front is empty)"
-    cols = [TRIAL_ID, *OBJECTIVES, "weight_sparsity", "compression"]
+    objectives = list((floors or Floors(0.0)).objectives)
+    cols = [TRIAL_ID, *objectives] + [c for c in (CHANNEL_SPARSITY, SIZE_KIB, LATENCY_MS, "weight_sparsity", "compression")
+                                      if c in front_df and c not in objectives]
     cols += [c for c in ("config.bits", "config.loss", "config.alpha", "config.beta", "config.group_lasso",
                          "config.lambda0", "config.lambda_final", "config.rho", "config.phase2_start", "config.lr") if c in front_df]
     view = front_df[cols].copy()

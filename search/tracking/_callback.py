@@ -3,6 +3,7 @@ run's live front metrics (computed here and only here; the replay uses them too)
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from mlflow.entities import Metric
@@ -15,22 +16,34 @@ from trainables.contract import COMPLETED, OBJECTIVES
 from ._writer import SweepLogger, SweepRun, result_metrics, result_step, sweep_logger
 
 
-def live_front(floors: Floors | None, points: list[list[float]]) -> IncrementalFront:
-    """The front of these completed trials' objective vectors, measured against the floors.
+def live_front(floors: Floors | None, rows: list[Mapping[str, float]]) -> IncrementalFront:
+    """The front of these completed trials, measured against the floors.
 
     Args:
-        floors: the sweep's floors (None: every finite point counts).
-        points: completed trials' objective vectors, in completion order.
+        floors: the sweep's objectives and bounds (None: the default objectives, every finite
+            point counts).
+        rows: completed trials' metrics (`front_row`), in completion order.
     """
-    front = IncrementalFront(floors.reference if floors is not None else (0.0,) * len(OBJECTIVES))
-    for p in points:
-        add_point(front, floors, p)
+    floors = floors or Floors(0.0)
+    front = IncrementalFront(floors.fixed_reference)
+    for r in rows:
+        add_point(front, floors, r)
     return front
 
 
-def add_point(front: IncrementalFront, floors: Floors | None, point: list[float]) -> None:
-    """One more completed trial; below the floors it is counted but stays off the front."""
-    front.add(point, feasible=floors is None or floors.feasible(point))
+def front_row(floors: Floors | None, result: Mapping[str, Any]) -> dict[str, float]:
+    """What the live front keeps of a completed trial's last result: the metrics its objectives
+    and bounds read."""
+    floors = floors or Floors(0.0)
+    return {m: float(result[m]) if result.get(m) is not None else float("nan") for m in floors.bounds}
+
+
+def add_point(front: IncrementalFront, floors: Floors | None, row: Mapping[str, float]) -> None:
+    """One more completed trial; outside the bounds it is counted but stays off the front."""
+    if isinstance(row, (list, tuple)):  # a point saved by an earlier version: default objectives
+        row = dict(zip(OBJECTIVES, row))
+    floors = floors or Floors(0.0)
+    front.add(floors.gains(floors.point(row))[0], feasible=floors.feasible(row))
 
 
 def front_metrics(front: IncrementalFront, step: int, ts: int | None = None) -> list[Metric]:
@@ -101,7 +114,7 @@ class MLflowSweepCallback(Callback):
         status, reason = trial_outcome(trial)
         self.logger.trial_finished(trial, status, reason)
         if status == COMPLETED:
-            point = [float(trial.last_result[m]) for m in OBJECTIVES]
+            point = front_row(self.floors, trial.last_result)
             self.points[trial.trial_id] = point
             if "_front" not in self.__dict__:  # first use, or after a restore: all completed points
                 self._front = live_front(self.floors, list(self.points.values()))

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from search.front import Floors
 from search.redact import redact
 from search.results import sweep_summary
-from trainables.contract import COMPLETED, FAILED, LOST, OBJECTIVES, STOPPED, TRIAL_ID
+from trainables.contract import COMPLETED, FAILED, LOST, STOPPED, TRIAL_ID
 
 from ._models import register_front, tag_front
 from ._plots import plot_front, plot_hypervolume
@@ -59,7 +59,7 @@ def finish_logging(run: SweepRun, end: SweepEnd, *, patience_s: float, replay_fi
     logger = sweep_logger(run)
     if replay_first:
         replay(logger, end.analysis, end.floors)
-    summary = sweep_summary(end.trials_df, end.front_df, end.floors.reference, end.cpus_per_trial,
+    summary = sweep_summary(end.trials_df, end.front_df, None, end.cpus_per_trial,
                             end.gpus_per_trial, end.floors)
     logger.call(finish_parent_run, logger.client, run, end, summary, label="finish parent run")
     t0 = time.monotonic()
@@ -109,7 +109,7 @@ def finish_parent_run(client: MlflowClient, run: SweepRun, end: SweepEnd,
             client.log_artifact(parent, str(path), "plots")
         history = client.get_metric_history(parent, "hypervolume")
         if history:
-            client.log_artifact(parent, str(plot_hypervolume(history, Path(d), end.floors.reference)), "plots")
+            client.log_artifact(parent, str(plot_hypervolume(history, Path(d), end.floors.fixed_reference)), "plots")
     # the final front's size and hypervolume as the latest points of the live curves; the rest at
     # step = trials finished. A value already there (a retry, a resume with nothing new) is not sent.
     ts = int(time.time() * 1000)
@@ -122,7 +122,7 @@ def finish_parent_run(client: MlflowClient, run: SweepRun, end: SweepEnd,
     current = client.get_run(parent).data.metrics
     metrics = [Metric(k, v, ts, step) for k, (v, step) in values.items() if current.get(k) != v]
     if end.register:
-        aliases = register_front(client, end.register, front_df, models, run_ids, OBJECTIVES)
+        aliases = register_front(client, end.register, front_df, models, run_ids, end.floors.objectives)
         run_tags["registered_model"] = f"{end.register} ({len(aliases)} aliases)"
     client.log_batch(parent, metrics=metrics, tags=tags(run_tags))
     client.set_terminated(parent, end.status)

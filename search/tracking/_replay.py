@@ -17,9 +17,9 @@ from mlflow.entities import Metric
 
 from search.front import Floors
 from search.results import trial_outcome
-from trainables.contract import COMPLETED, OBJECTIVES
+from trainables.contract import COMPLETED
 
-from ._callback import add_point, front_metrics, live_front
+from ._callback import add_point, front_metrics, front_row, live_front
 from ._writer import SweepLogger, result_metrics, result_step
 
 
@@ -42,7 +42,7 @@ def replay(logger: SweepLogger, analysis: Any, floors: Floors | None) -> int:
         analysis: Tune's ExperimentAnalysis of the experiment directory.
         floors: the sweep's floors.
     """
-    completions = []  # (time, trial id, objective vector)
+    completions = []  # (time, trial id, the metrics the front reads)
     stamps = []  # every result's time: epochs consumed up to a completion
     n = 0
     frames = analysis.trial_dataframes
@@ -61,13 +61,12 @@ def replay(logger: SweepLogger, analysis: Any, floors: Floors | None) -> int:
             logger.trial_finished(t, status, reason)
             if status == COMPLETED:
                 last = t.last_result or rows[-1]
-                completions.append((float(rows[-1].get("timestamp", 0)), t.trial_id,
-                                    [float(last[m]) for m in OBJECTIVES]))
+                completions.append((float(rows[-1].get("timestamp", 0)), t.trial_id, front_row(floors, last)))
     logger.call(_replay_front, logger, sorted(completions), sorted(stamps), floors, label="replay hypervolume")
     return n
 
 
-def _replay_front(logger: SweepLogger, completions: list[tuple[float, str, list[float]]],
+def _replay_front(logger: SweepLogger, completions: list[tuple[float, str, dict[str, float]]],
                   stamps: list[float], floors: Floors | None) -> None:
     """Log the live front's points for completions beyond the last `n_completed` MLflow has
     (the live callback logs hypervolume, n_pareto and n_completed together)."""
