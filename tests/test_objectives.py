@@ -146,7 +146,7 @@ def test_a_size_objective_sweep_then_warm_started_sweeps(tmp_path):
     `--warm-start`ed from it imports its finished trials (not re-run, labelled), and its first
     proposal differs from a cold start's with the same seed: TPE fits on the imported trials."""
     common = [*TINY, "--epochs", "1", "--sampler", "tpe", "--objectives", "clean_acc,size_kib", "--max-concurrent", "2"]
-    proc = run_cli(tmp_path, "--name", "a", "--trials", "4", *common, "--set", "bits=1")
+    proc = run_cli(tmp_path, "--name", "a", "--trials", "4", *common, "--set", "bits=1", "--register", "m")
     assert proc.returncode == 0, _explain(proc)
     rows = _trials(tmp_path, "a")
     done = [r for r in rows if r["status"] == "completed"]
@@ -157,6 +157,13 @@ def test_a_size_objective_sweep_then_warm_started_sweeps(tmp_path):
     parents, children = split_runs(mlflow_runs(tmp_path))
     assert parents[0].data.params["objectives"] == "clean_acc,size_kib" and len(children) == 4
     assert all(SIZE_KIB in c.data.metrics for c in children)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    front = [r for r in rows if r["pareto"]]
+    smallest = min(front, key=lambda r: r[SIZE_KIB])[SIZE_KIB]
+    best = client.get_model_version_by_alias("m", "best-size-kib")
+    assert best.tags["brsearch.trial_id"] in {r["trial_id"] for r in front if r[SIZE_KIB] == smallest}
 
     # a conflicting space is refused before anything is written
     proc = run_cli(tmp_path, "--name", "bad", "--trials", "1", *common, "--set", "bits=1", "--set", "width=8",

@@ -20,7 +20,7 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from search.redact import SECRET_PATTERN, redact
-from trainables.contract import MODEL_FILE, TRIAL_ID, training_config
+from trainables.contract import DIRECTIONS, MINIMIZE, MODEL_FILE, TRIAL_ID, training_config
 
 MODEL_TYPE = "brsearch-enresnet"
 IMAGE_SIZE = {"digits": 8, "mnist": 28, "fashion-mnist": 28, "cifar10": 32, "svhn": 32}  # input example only
@@ -153,7 +153,7 @@ def register_front(client: MlflowClient, name: str, front_df: Any, models: dict[
                    run_ids: dict[str, str], objectives: tuple[str, ...]) -> list[str]:
     """Register each front model as a version of `name` (once, also across --resume), with the
     aliases `front-<trial id>` and `best-<objective>` for the front's best trial on each
-    objective. Returns the aliases set."""
+    objective (the smallest, for a minimized one). Returns the aliases set."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -179,7 +179,7 @@ def register_front(client: MlflowClient, name: str, front_df: Any, models: dict[
         aliases.append(alias)
     for m in objectives:
         if len(front_df):
-            tid = front_df.sort_values(m, ascending=False).iloc[0][TRIAL_ID]
+            tid = front_df.sort_values(m, ascending=DIRECTIONS.get(m) == MINIMIZE).iloc[0][TRIAL_ID]
             if tid in models:
                 alias = "best-" + m.replace("_", "-")
                 client.set_registered_model_alias(name, alias, versions[models[tid]])
