@@ -98,6 +98,7 @@ class Run:
     curve: list[tuple[float, float]] = field(default_factory=lambda: [(0.0, 0.0)])  # (time, hv)
     started: int = 0
     completed: int = 0
+    configs: list[int] = field(default_factory=list)  # pool indices, in the order started
     stopped: list[int] = field(default_factory=list)  # pool indices of stopped trials
 
 
@@ -181,6 +182,7 @@ def replay(curves: list[Curve], epochs: int, method: str, sampler: str, seed: in
         if k is None:
             return
         run.started += 1
+        run.configs.append(k)
         trial = _Trial(tid)
         if method == "asha":
             sched.on_trial_add(None, trial)
@@ -249,6 +251,13 @@ def bootstrap(fn, n: int, rng: np.random.Generator, reps: int = 1000) -> tuple[f
     vals = [fn(rng.integers(0, n, n)) for _ in range(reps)]
     vals = [v for v in vals if math.isfinite(v)] or [math.nan]
     return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
+
+
+def hypervolume_of(curves: list[Curve], idx: set[int], floors: Any) -> float:
+    from search.front import hypervolume
+
+    pts = [curves[i].final for i in idx if curves[i].final is not None and floors.feasible(curves[i].final)]
+    return hypervolume(pts, floors.reference) if pts else 0.0
 
 
 def pool_front(curves: list[Curve], floors: Any) -> set[int]:
