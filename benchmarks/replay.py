@@ -20,8 +20,12 @@ the configuration is drawn uniformly from the unused ones. A worker idles once t
 
 Methods: `fifo` (every trial runs all epochs), `moasha` / `moasha-epsnet` (the CLI's grace period
 1, eta 3, with crowding or the epsilon-net), `asha` (Ray's ASHAScheduler on the mean of the
-objectives: what a Ray Tune or Optuna user does today) and `oracle` (stops after the first epoch
-exactly the trials whose final vector is not on the pool's front: the bound).
+objectives: what a Ray Tune or Optuna user does today), `synetune` (Syne Tune 0.16's MOASHA rung
+rule as shipped: its `Bracket` with `NonDominatedPriority`, which returns an argsort that the
+bracket then reads as priorities), `synetune-patched` (the same with the argsort turned into
+ranks; both without floors, which Syne Tune lacks; they need `pip install syne-tune` importable)
+and `oracle` (stops after the first epoch exactly the trials whose final vector is not on the
+pool's front: the bound).
 
 Metrics, over `--seeds` replays per method: the hypervolume of the completed feasible trials
 against the floors over simulated time; ERT (expected running time) to reach FIFO's median and
@@ -56,7 +60,7 @@ from trainables.contract import DIVERGED, EPOCH, FINAL, MAX_EPOCHS, OBJECTIVES  
 
 DATA = REPO / "benchmarks" / "data"
 RECORDINGS = (DATA / "curves_digits.parquet", DATA / "curves_digits_pilot.parquet")  # the first that exists
-METHODS = ("fifo", "moasha", "moasha-epsnet", "asha", "oracle")
+METHODS = ("fifo", "moasha", "moasha-epsnet", "asha", "synetune", "synetune-patched", "oracle")
 PREFIX = "p_"  # record_curves' parameter columns
 
 
@@ -148,6 +152,29 @@ class Picker:
         return k
 
 
+class SyneTuneRule:
+    """Syne Tune 0.16's MOASHA decision (grace 1, eta 3, one bracket) on our maximised objectives
+    (negated: Syne Tune minimises). `patched`: NonDominatedPriority's argsort becomes ranks."""
+
+    def __init__(self, epochs: int, patched: bool):
+        from syne_tune.optimizer.schedulers.asha import Bracket
+        from syne_tune.optimizer.schedulers.multiobjective.multiobjective_priority import NonDominatedPriority
+
+        order = NonDominatedPriority()
+
+        def ranks(x: np.ndarray) -> np.ndarray:
+            o = np.asarray(order(x))
+            r = np.empty(len(o))
+            r[o] = np.arange(len(o))
+            return r
+
+        self.bracket = Bracket(1, epochs, 3, 0, ranks if patched else order)
+
+    def stop(self, trial_id: str, epoch: int, vec: np.ndarray) -> bool:
+        metrics = {f"m{i}": -float(v) for i, v in enumerate(vec)}
+        return str(self.bracket.on_result(trial_id=trial_id, cur_iter=epoch, metrics=metrics)).endswith("STOP")
+
+
 class _Trial:
     """What a Tune scheduler reads of a trial (hashable, as Ray's ASHA needs)."""
 
@@ -174,6 +201,8 @@ def replay(curves: list[Curve], epochs: int, method: str, sampler: str, seed: in
     elif method == "asha":
         sched = ASHAScheduler(metric="scalar", mode="max", time_attr=EPOCH, max_t=epochs, grace_period=1,
                               reduction_factor=3)
+    elif method.startswith("synetune"):
+        sched = SyneTuneRule(epochs, patched=method.endswith("patched"))
     run, done, events = Run(), [], []
 
     def start(w: int, t: float) -> None:
@@ -207,6 +236,8 @@ def replay(curves: list[Curve], epochs: int, method: str, sampler: str, seed: in
                 stop = sched.on_trial_result(None, trial, result) == TrialScheduler.STOP
             elif method == "asha":
                 stop = sched.on_trial_result(None, trial, {**result, "scalar": float(np.mean(vec))}) == TrialScheduler.STOP
+            elif method.startswith("synetune"):
+                stop = sched.stop(tid, e, vec)
             elif method == "oracle":
                 stop = e == 1 and k not in front
         if stop:
@@ -289,6 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"error: --methods {' '.join(bad)}; accepted: {', '.join(METHODS)}", file=sys.stderr)
         return 2
+    if any(m.startswith("synetune") for m in a.methods):
+        try:
+            import syne_tune  # noqa: F401
+        except ImportError:
+            print("error: --methods synetune needs Syne Tune importable; accepted: pip install syne-tune "
+                  "(or its folder on PYTHONPATH)", file=sys.stderr)
+            return 2
     if a.seeds < 2 or a.workers < 1:
         print("error: --seeds >= 2 and --workers >= 1 accepted", file=sys.stderr)
         return 2

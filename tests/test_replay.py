@@ -105,3 +105,14 @@ def test_record_curves_records_every_epoch_and_resumes(tmp_path):
     assert df["final"].tolist().count(True) == 2 and (df["report_s"] > 0).all()
     assert np.isfinite(df[["clean_acc", "robust_acc", "channel_sparsity"]].to_numpy()).all()
     assert {"p_lr", "p_bits", "p_group_lasso"} <= set(df.columns)
+
+
+def test_syne_tune_rule_as_shipped_stops_a_trial_that_dominates_its_rung():
+    """Syne Tune 0.16's bracket reads NonDominatedPriority's argsort as priorities: a vector that
+    dominates its whole rung is stopped; with the argsort turned into ranks it continues."""
+    pytest.importorskip("syne_tune")
+    rp = _load("replay")
+    rung = [[0.5, 0.5], [0.4, 0.4], [0.3, 0.3], [0.9, 0.9]]
+    for patched, want in ((False, True), (True, False)):
+        rule = rp.SyneTuneRule(27, patched)
+        assert [rule.stop(str(i), 1, np.array(v)) for i, v in enumerate(rung)][-1] is want
