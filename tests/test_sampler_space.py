@@ -362,3 +362,49 @@ def test_stopped_trials_stay_pruned_and_rank_between_feasible_and_below_the_floo
     assert 0 < viol["3"] < viol["4"] < viol["0"] < viol["chance"]
     assert by["chance"].state == TrialState.COMPLETE
     assert s.study.best_trials == []  # Optuna's front: completed and feasible only
+
+
+def test_a_tell_after_the_snapshot_is_not_repeated_on_resume(tmp_path, caplog):
+    """The searcher's state is saved (Tune's snapshot), a trial is then told PRUNED, the driver dies.
+    The restored searcher knows Optuna has that outcome: the repeated run's end is not told again
+    (no UpdateFinishedTrialError), and MO-ASHA stops the repeated run at its first result, so
+    Optuna and the sweep's tables agree. A real journal storage, reopened as after a crash."""
+    from types import SimpleNamespace
+
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from search.optimizer import MOASHAScheduler
+
+    def searcher():
+        storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+        return ParetoSearch(load_space("digits"), make_sampler("random", 0, 2), "r", storage,
+                            floors=Floors.for_sweep("digits"))
+
+    first = searcher()
+    for tid in ("a", "b", "c"):
+        first.suggest(tid)
+    first.on_trial_complete("a", {"final": True, "epoch": 3, "max_epochs": 3, "clean_acc": 0.8,
+                                  "robust_acc": 0.3, "channel_sparsity": 0.1})
+    first.save(str(tmp_path / "searcher.pkl"))  # Tune's snapshot: b and c running
+    first.on_trial_complete("b", {"epoch": 1, "max_epochs": 3, "clean_acc": 0.5, "robust_acc": 0.2,
+                                  "channel_sparsity": 0.0})  # told, then the crash
+
+    second = searcher()
+    second.restore(str(tmp_path / "searcher.pkl"))
+    assert second.settled == {"b": TrialState.PRUNED}
+    assert (second.settled_stop("b"), second.settled_stop("c"), second.settled_stop("a")) == (True, None, None)
+    sched = MOASHAScheduler(["clean_acc", "robust_acc", "channel_sparsity"], "max", max_t=3)
+    controller = SimpleNamespace(search_alg=SimpleNamespace(searcher=second))  # Tune's wrapper chain
+    for tid in ("b", "c"):
+        sched.on_trial_add(controller, SimpleNamespace(trial_id=tid))
+    assert "b" in sched.stopped_trials and "c" not in sched.stopped_trials
+    # the repeated run ends differently (completed): Optuna keeps PRUNED, nothing raises or is re-told
+    second.on_trial_complete("b", {"final": True, "epoch": 3, "max_epochs": 3, "clean_acc": 0.9,
+                                   "robust_acc": 0.4, "channel_sparsity": 0.2})
+    second.on_trial_complete("c", {"final": True, "epoch": 3, "max_epochs": 3, "clean_acc": 0.7,
+                                   "robust_acc": 0.3, "channel_sparsity": 0.1})
+    states = {t.user_attrs["ray_trial_id"]: t.state for t in second.study.trials}
+    assert states == {"a": TrialState.COMPLETE, "b": TrialState.PRUNED, "c": TrialState.COMPLETE}
+    assert "b" in second.pruned
+    assert not [r for r in caplog.records if "tell failed" in r.getMessage()]
