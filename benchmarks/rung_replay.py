@@ -15,7 +15,9 @@ that sees only the past can stop better, so the oracle bounds what a rung rule c
 sampler. All with 2 trials at once in lock-step epochs and the same epoch budget (12 full trials).
 Each replay draws the trials in a new random order; the figure is search_efficiency's: the
 fraction of the budget at which the hypervolume of the completed trials first reaches random
-FIFO's mean final hypervolume (never: 1.0), averaged over `--replays`. Consecutive groups of 5
+FIFO's mean final hypervolume (never: 1.0), averaged over `--replays`. Trials are drawn from the
+pool without replacement (a new permutation when it is used up). `benchmarks/replay.py` replays
+recorded 27-epoch curves with a simulated clock, ERT and a real oracle bound instead. Consecutive groups of 5
 replays stand for one 5-seed run of search_efficiency: the table gives the sd of such a run's
 mean and how often a run meets <= 0.5.
 
@@ -85,12 +87,21 @@ def useless(trial: list[list[float]]) -> bool:
     return sparsity <= 0 or not FLOORS.feasible(dict(zip(OBJECTIVES, trial[-1])))
 
 
+def draw_order(n: int, draws: int, rng: random.Random) -> list[int]:
+    """`draws` pool indices, popped from the end: without replacement while the pool lasts, then
+    from a fresh permutation, so a rule that starts more trials is not handed repeats earlier."""
+    out: list[int] = []
+    while len(out) < draws:
+        out.extend(rng.sample(range(n), n))
+    return out[:draws][::-1]
+
+
 def replay(pool, budget: int, rng: random.Random, rung: tuple[int, float, str] | str | None) -> list[tuple[int, float]]:
     """One sweep on the pool: FIFO (rung None), MO-ASHA (grace, eta, tie-break; with the floors) or
     "oracle": after epoch 1, stop exactly the trials that will end `useless` (it reads the future).
     Returns the hypervolume curve [(epochs consumed, hypervolume)]."""
     epochs = len(pool[0])
-    order = [rng.randrange(len(pool)) for _ in range(budget)]  # with replacement: any pool size
+    order = draw_order(len(pool), budget + WORKERS, rng)  # every trial consumes >= 1 epoch: never runs out
     sched = None
     if isinstance(rung, tuple):  # the sweep's own scheduler, fed every epoch's result (it reads only trial.trial_id)
         grace, eta, tie = rung

@@ -292,6 +292,84 @@ def test_driver_sigkill_then_resume(tmp_path):
            since_kill_s=round(time.monotonic() - t_kill, 1), survivors=sorted(set(survivors)))
 
 
+# a driver that dies right after telling Optuna a trial's outcome, before Tune snapshots it: the
+# fault is planted in the real driver (the searcher's tell), everything else is `search.pareto`
+CRASH_AFTER_TELL = """
+import json, os, signal, sys
+from pathlib import Path
+from search.optimizer import ParetoSearch
+exp = Path(sys.argv[1])
+tell = ParetoSearch.on_trial_complete
+
+
+def unfinished_in_snapshot(searcher, trial_id):
+    files = sorted(exp.glob("experiment_state-*.json"))
+    try:
+        status = {json.loads(t)["trial_id"]: json.loads(t)["status"]
+                  for t, _ in json.loads(files[-1].read_text())["trial_data"]}
+    except (IndexError, ValueError, KeyError, OSError):
+        return False
+    asked = {t.user_attrs.get("ray_trial_id") for t in searcher.study.get_trials(deepcopy=False)}
+    return status.get(trial_id) in ("RUNNING", "PENDING") and asked <= set(status)  # no orphans
+
+
+def crash_after_tell(self, trial_id, result=None, error=False):
+    tell(self, trial_id, result, error)
+    if trial_id in self.pruned and unfinished_in_snapshot(self, trial_id):
+        print(f"CRASH after telling {trial_id}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+ParetoSearch.on_trial_complete = crash_after_tell
+from search.pareto import main
+sys.exit(main(sys.argv[2:]))
+"""
+OPTUNA_STATE = {"completed": "COMPLETE", "stopped": "PRUNED", "failed": "FAIL"}
+
+
+def test_resume_after_a_tell_past_the_snapshot_agrees_with_optuna(tmp_path):
+    """The driver dies after telling Optuna that MO-ASHA stopped a trial, while Tune's last
+    snapshot still has that trial running; --resume runs it again. It ends as Optuna has it
+    (stopped), with no second tell, and every trial's Optuna state agrees with trials.parquet."""
+    name, epochs = "told", 3
+    args = ["--name", name, "--trials", "8", "--epochs", str(epochs), "--max-concurrent", "2",
+            "--scheduler", "moasha", "--sampler", "random", "--storage-path", str(tmp_path / "results"),
+            "--tracking-uri", mlflow_uri(tmp_path), *TINY]
+    exp_dir = tmp_path / "results" / name
+    first = subprocess.Popen([sys.executable, "-c", CRASH_AFTER_TELL, str(exp_dir), *args], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                             start_new_session=True)
+    try:
+        out, _ = first.communicate(timeout=600)
+    finally:
+        try:
+            os.killpg(first.pid, signal.SIGKILL)  # the killed driver's Ray instance
+        except (ProcessLookupError, PermissionError):
+            pass
+    crashed = re.search(r"CRASH after telling (\w+)", out)
+    assert first.returncode == -signal.SIGKILL and crashed, out[-3000:]
+    tid = crashed.group(1)
+    assert snapshot(exp_dir)[tid][0] in ("RUNNING", "PENDING")
+    told = {t.user_attrs["ray_trial_id"]: t.state.name for t in optuna_trials(exp_dir, name)}
+    assert told[tid] == "PRUNED"
+
+    second = Sweep([*args, "--resume"], tmp_path)
+    rc = second.wait(600)
+    second.save(tmp_path / "second.log")
+    assert rc == 0, second.text[-4000:]
+    assert "optuna tell failed" not in second.text and "marking FAIL" not in second.text, second.text[-4000:]
+    assert re.search(rf"told to Optuna after its last snapshot \([^)]*{tid} PRUNED", second.text), second.text[-4000:]
+    assert len(results_of(exp_dir / f"trial_{tid}")) >= 1  # it did run again
+
+    df = pd.read_parquet(exp_dir / "trials.parquet").set_index("trial_id")
+    trials = {t.user_attrs["ray_trial_id"]: t for t in optuna_trials(exp_dir, name)}
+    assert df.loc[tid, "status"] == "stopped"
+    assert {k: OPTUNA_STATE[v] for k, v in df["status"].items()} == {k: trials[k].state.name for k in df.index}
+    assert set(trials) == set(df.index)  # no Optuna trial outside trials.parquet
+    for k in df.index[df["status"] == "completed"]:  # and the values the sampler learned are the table's
+        assert trials[k].values == pytest.approx([df.loc[k, m] for m in ("clean_acc", "robust_acc", "channel_sparsity")])
+
+
 # --- 2. a worker node is lost mid-trial -----------------------------------------------------------
 
 def test_worker_node_lost_mid_trial(tmp_path):

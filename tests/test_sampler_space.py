@@ -308,3 +308,103 @@ def test_rays_slow_space_warning_is_not_shown_for_the_samplers_fit(monkeypatch):
     with warnings.catch_warnings(record=True) as caught:
         assert s.suggest("t1")
     assert not [w for w in caught if "Define-by-run" in str(w.message)], [str(w.message) for w in caught]
+
+
+# --- stopped trials: how far each got is what TPE learns from them ------------------------------
+
+def _stopped_study(progress: dict[int, int], completed_at_chance: bool = False) -> ParetoSearch:
+    """A TPE sweep of 30 trials that MO-ASHA stopped after `progress[i]` of 27 epochs (default 1),
+    told through the sweep's searcher; optionally one more completed at chance (below the floor)."""
+    space = load_space("digits")
+    s = ParetoSearch(space, make_sampler("tpe", 0, 2), "stops", optuna.storages.InMemoryStorage(),
+                     floors=Floors.for_sweep("digits"))
+    for i in range(30):
+        s.suggest(str(i))
+        s.on_trial_complete(str(i), {"epoch": progress.get(i, 1), "max_epochs": 27, "clean_acc": 0.9,
+                                     "robust_acc": 0.5, "channel_sparsity": 0.0})
+    if completed_at_chance:
+        s.suggest("chance")
+        s.on_trial_complete("chance", {"final": True, "epoch": 27, "max_epochs": 27, "clean_acc": 0.1,
+                                       "robust_acc": 0.0, "channel_sparsity": 0.9})
+    return s
+
+
+def _proposals(s: ParetoSearch, n: int = 12) -> list[float]:
+    out = []
+    for i in range(n):
+        params = s.suggest(f"next{i}")
+        out.append(params["lr"])
+    return out
+
+
+def test_tpe_proposals_depend_on_how_far_stopped_trials_got():
+    """Two sweeps whose stopped trials differ only in the epochs they ran: TPE's "good" group is
+    the trials that got furthest, so it proposes near the high-lr trials in one sweep and near the
+    low-lr ones in the other. (Before, every PRUNED trial looked alike: both sweeps proposed the same.)"""
+    probe = _stopped_study({})
+    lrs = {int(t.user_attrs["ray_trial_id"]): t.params["lr"] for t in probe.study.trials}
+    order = sorted(lrs, key=lrs.get)
+    high = {i: 9 for i in order[-4:]}  # the four highest learning rates got to the third rung
+    low = {i: 9 for i in order[:4]}
+    a, b = _proposals(_stopped_study(high)), _proposals(_stopped_study(low))
+    assert a != b
+    mid = sorted(lrs.values())[len(lrs) // 2]
+    assert sum(x > mid for x in a) > sum(x > mid for x in b), (a, b)
+
+
+def test_stopped_trials_stay_pruned_and_rank_between_feasible_and_below_the_floor():
+    s = _stopped_study({3: 9, 4: 3}, completed_at_chance=True)
+    by = {t.user_attrs["ray_trial_id"]: t for t in s.study.trials}
+    assert all(by[str(i)].state == TrialState.PRUNED and by[str(i)].values is None for i in range(30))
+    assert s.pruned == {str(i) for i in range(30)}
+    viol = {k: sum(v for v in t.constraints.values() if v > 0) for k, t in by.items()}
+    # further = smaller violation; every stopped trial ahead of a completed trial at chance
+    assert 0 < viol["3"] < viol["4"] < viol["0"] < viol["chance"]
+    assert by["chance"].state == TrialState.COMPLETE
+    assert s.study.best_trials == []  # Optuna's front: completed and feasible only
+
+
+def test_a_tell_after_the_snapshot_is_not_repeated_on_resume(tmp_path, caplog):
+    """The searcher's state is saved (Tune's snapshot), a trial is then told PRUNED, the driver dies.
+    The restored searcher knows Optuna has that outcome: the repeated run's end is not told again
+    (no UpdateFinishedTrialError), and MO-ASHA stops the repeated run at its first result, so
+    Optuna and the sweep's tables agree. A real journal storage, reopened as after a crash."""
+    from types import SimpleNamespace
+
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from search.optimizer import MOASHAScheduler
+
+    def searcher():
+        storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+        return ParetoSearch(load_space("digits"), make_sampler("random", 0, 2), "r", storage,
+                            floors=Floors.for_sweep("digits"))
+
+    first = searcher()
+    for tid in ("a", "b", "c"):
+        first.suggest(tid)
+    first.on_trial_complete("a", {"final": True, "epoch": 3, "max_epochs": 3, "clean_acc": 0.8,
+                                  "robust_acc": 0.3, "channel_sparsity": 0.1})
+    first.save(str(tmp_path / "searcher.pkl"))  # Tune's snapshot: b and c running
+    first.on_trial_complete("b", {"epoch": 1, "max_epochs": 3, "clean_acc": 0.5, "robust_acc": 0.2,
+                                  "channel_sparsity": 0.0})  # told, then the crash
+
+    second = searcher()
+    second.restore(str(tmp_path / "searcher.pkl"))
+    assert second.settled == {"b": TrialState.PRUNED}
+    assert (second.settled_stop("b"), second.settled_stop("c"), second.settled_stop("a")) == (True, None, None)
+    sched = MOASHAScheduler(["clean_acc", "robust_acc", "channel_sparsity"], "max", max_t=3)
+    controller = SimpleNamespace(search_alg=SimpleNamespace(searcher=second))  # Tune's wrapper chain
+    for tid in ("b", "c"):
+        sched.on_trial_add(controller, SimpleNamespace(trial_id=tid))
+    assert "b" in sched.stopped_trials and "c" not in sched.stopped_trials
+    # the repeated run ends differently (completed): Optuna keeps PRUNED, nothing raises or is re-told
+    second.on_trial_complete("b", {"final": True, "epoch": 3, "max_epochs": 3, "clean_acc": 0.9,
+                                   "robust_acc": 0.4, "channel_sparsity": 0.2})
+    second.on_trial_complete("c", {"final": True, "epoch": 3, "max_epochs": 3, "clean_acc": 0.7,
+                                   "robust_acc": 0.3, "channel_sparsity": 0.1})
+    states = {t.user_attrs["ray_trial_id"]: t.state for t in second.study.trials}
+    assert states == {"a": TrialState.COMPLETE, "b": TrialState.PRUNED, "c": TrialState.COMPLETE}
+    assert "b" in second.pruned
+    assert not [r for r in caplog.records if "tell failed" in r.getMessage()]

@@ -192,10 +192,22 @@ class MOASHAScheduler(FIFOScheduler):
                 return False
         return True
 
+    def on_trial_add(self, tune_controller, trial: Trial) -> None:
+        """A run Tune repeats after `--resume` whose outcome the searcher told Optuna before the
+        crash (after Tune's last snapshot, which this state comes from) ends as Optuna has it:
+        stopped at its first result, or never stopped (`ParetoSearch.settled_stop`)."""
+        stop = _settled_stop(tune_controller, trial.trial_id)
+        if stop:
+            self.stopped_trials.add(trial.trial_id)
+        elif stop is not None:
+            self.__dict__.setdefault("_exempt", set()).add(trial.trial_id)
+
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
         trial_id = trial.trial_id
         if trial_id in self.stopped_trials:
             return TrialScheduler.STOP
+        if trial_id in self.__dict__.get("_exempt", ()):
+            return TrialScheduler.CONTINUE
         t = result.get(self._time_attr)
         if t is None:
             self._warn_once(
@@ -336,6 +348,20 @@ class MOASHAScheduler(FIFOScheduler):
         if key not in self._warned_missing:
             self._warned_missing.add(key)
             logger.warning(msg, *args)
+
+
+def _settled_stop(tune_controller: Any, trial_id: str) -> bool | None:
+    """Ask the searcher behind Tune's search algorithm (and a ConcurrencyLimiter) whether a
+    repeated run must stop; None when no searcher in the chain knows (`ParetoSearch.settled_stop`)."""
+    searcher = getattr(tune_controller, "search_alg", None)
+    for _ in range(4):
+        if searcher is None:
+            return None
+        ask = getattr(searcher, "settled_stop", None)
+        if ask is not None:
+            return ask(trial_id)
+        searcher = getattr(searcher, "searcher", None)
+    return None
 
 
 class MOASHAStateCallback(Callback):

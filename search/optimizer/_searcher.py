@@ -7,6 +7,17 @@ logged), and (c) trials asked after the last experiment checkpoint stay RUNNING 
 `ParetoSearch` tells PRUNED, FAIL and reconciles such orphans, and records each completed
 trial's floors as Optuna constraints (`Trial.set_constraint`, Optuna 5's constraints API), so
 samplers treat trials below the useful floor as infeasible and `Study.best_trials` leaves them out.
+
+Stopped trials. Ray reports no intermediate values for several objectives (Optuna's `Trial.report`
+is single-objective), so without more every PRUNED trial looks alike to TPE, which ranks PRUNED
+trials by their last intermediate value and otherwise by trial number: a trial stopped at the last
+rung counts as one stopped at the first, and the lowest-numbered stopped trials fill TPE's "good"
+group while few trials have completed. Each PRUNED trial therefore carries one constraint,
+`UNFINISHED`: the share of its epochs it did not run, times `UNFINISHED_SCALE`. TPE files
+infeasible trials after the feasible ones and ranks them by their summed violation, so stopped
+trials now rank by how far they got, behind every completed feasible trial, ahead of every completed
+trial below the floors (those carry at least 1e-9, `Floors.constraints`). NSGA-II and GP sample from
+COMPLETE trials only and are unchanged.
 Only public Optuna APIs are used.
 
 Sampling ahead. At 1,000 trials TPE takes about 20-30 ms per suggest (it rebuilds its Parzen
@@ -36,7 +47,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search.front import Floors
 from search.results import stopped_reason
-from trainables.contract import DIRECTIONS, DIVERGED, FAILURE_REASON, OBJECTIVES, is_completed
+from trainables.contract import DIRECTIONS, DIVERGED, EPOCH, FAILURE_REASON, MAX_EPOCHS, OBJECTIVES, is_completed
 
 from ._space import Space
 
@@ -45,6 +56,8 @@ log = logging.getLogger(__name__)
 SAMPLE_AHEAD_AFTER = 100  # trials handed out before sampling moves off the loop (module docstring)
 AHEAD_REASON = "sampled ahead, never run"
 _SAMPLING_AHEAD: weakref.WeakSet = weakref.WeakSet()  # searchers of this process with a sample in flight
+UNFINISHED = "unfinished"  # a PRUNED trial's constraint: the share of its epochs not run (module docstring)
+UNFINISHED_SCALE = 1e-10  # below the 1e-9 of a completed trial at its clean floor (Floors.constraints)
 AHEAD_STATS = {"used": 0, "waited_s": 0.0}  # this process: samples taken, and the loop's wait for them (benchmarks)
 
 
@@ -158,23 +171,37 @@ class ParetoSearch(OptunaSearch):
         state, values, reason = self.outcome(result, error)
         if trial_id in getattr(self, "diverged_trials", {}):
             state, values, reason = TrialState.FAIL, None, self.diverged_trials[trial_id]
+        told = getattr(self, "settled", {}).get(trial_id)
+        if told is not None:  # told before the crash (`restore`): Optuna keeps that outcome
+            if told != state:
+                log.warning("trial %s ended %s when run again after the resume, but Optuna has it %s "
+                            "from before the crash; Optuna keeps %s", trial_id, state.name, told.name, told.name)
+            state = told
+        else:
+            self._tell(trial_id, ot, state, values, reason, result)
+        if state == TrialState.PRUNED:
+            self.pruned.add(trial_id)
+        self._completed_trials.add(trial_id)
+
+    def _tell(self, trial_id: str, ot: optuna.trial.Trial, state: TrialState, values: list[float] | None,
+              reason: str, result: dict | None) -> None:
         try:
             if reason:
                 ot.set_user_attr("brsearch_reason", reason)
+            if state == TrialState.PRUNED:
+                ot.set_constraint(UNFINISHED, unfinished(result))
             floors = getattr(self, "floors", None)
             if state == TrialState.COMPLETE and floors is not None:
                 for key, c in floors.constraints(result or {}).items():
                     ot.set_constraint(key, c)
             self._ot_study.tell(ot, values, state=state)
         except Exception as exc:  # never leave a zombie RUNNING trial behind
-            log.warning("optuna tell failed for %s (%s); marking FAIL", trial_id, exc)
             try:
                 self._ot_study.tell(ot, state=TrialState.FAIL)
-            except Exception:
-                pass
-        if state == TrialState.PRUNED:
-            self.pruned.add(trial_id)
-        self._completed_trials.add(trial_id)
+                log.warning("optuna tell failed for %s (%s); marked it FAIL", trial_id, exc)
+            except Exception:  # finished already: the state it has stays
+                now = self._ot_study.get_trials(deepcopy=False)[ot.number].state
+                log.warning("optuna tell failed for %s (%s); Optuna keeps it %s", trial_id, exc, now.name)
 
     def outcome(self, result: dict | None, error: bool) -> tuple[TrialState, list[float] | None, str]:
         if result and result.get(DIVERGED):  # trainables.tune's last report of a diverged trial
@@ -198,9 +225,31 @@ class ParetoSearch(OptunaSearch):
         super().restore(checkpoint_path)
         self.__dict__.setdefault("diverged_trials", {})
         self._ahead, self._ahead_pool = None, None
+        self.settled = self.told_after_snapshot()
+        if self.settled:
+            log.warning("%d trial(s) Tune runs again were told to Optuna after its last snapshot (%s); "
+                        "Optuna keeps those outcomes and MO-ASHA ends the runs the same way",
+                        len(self.settled), ", ".join(f"{t} {s.name}" for t, s in sorted(self.settled.items())))
         n = self.reconcile_orphans()
         if n:
             log.warning("marked %d Optuna trial(s) orphaned by a crash as FAIL", n)
+
+    def told_after_snapshot(self) -> dict[str, TrialState]:
+        """After a restore: the trials Tune will run again (unfinished in its snapshot) whose
+        outcome Optuna already has, because the tell came after the snapshot. A second tell
+        would raise `UpdateFinishedTrialError`; Optuna's first outcome stands instead."""
+        finished = {t.number: t.state for t in self._ot_study.get_trials(deepcopy=False) if t.state.is_finished()}
+        return {tid: finished[ot.number] for tid, ot in self._ot_trials.items()
+                if tid not in self._completed_trials and ot.number in finished}
+
+    def settled_stop(self, trial_id: str) -> bool | None:
+        """How a run Tune repeats after a resume must end to agree with Optuna: True when Optuna
+        has it PRUNED (stop it), False when COMPLETE (never stop it), None otherwise (a trial not
+        told before the crash, or FAIL: a divergence repeats from its checkpoint by itself)."""
+        told = getattr(self, "settled", {}).get(trial_id)
+        if told == TrialState.PRUNED:
+            return True
+        return False if told == TrialState.COMPLETE else None
 
     def reconcile_orphans(self) -> int:
         """After a restore: Optuna trials left RUNNING that Tune no longer tracks become FAIL, so
@@ -214,6 +263,15 @@ class ParetoSearch(OptunaSearch):
                 self._ot_study.tell(t.number, state=TrialState.FAIL)
                 n += 1
         return n
+
+
+def unfinished(result: dict | None) -> float:
+    """A stopped trial's UNFINISHED constraint: (1 - epochs run / its budget) x UNFINISHED_SCALE,
+    in (0, UNFINISHED_SCALE]; the further it got, the smaller (a result without epochs: the most)."""
+    result = result or {}
+    budget = max(1, int(result.get(MAX_EPOCHS) or 1))
+    done = min(max(0, int(result.get(EPOCH) or 0)), budget - 1)  # stopped: never the whole budget
+    return UNFINISHED_SCALE * (1 - done / budget)
 
 
 def settle_sampled_ahead() -> None:
