@@ -244,9 +244,9 @@ def replay(curves: list[Curve], epochs: int, method: str, sampler: str, seed: in
             searcher.on_trial_complete(tid, result)
             if last and not c.diverged and e >= epochs:
                 run.completed += 1
-                if floors.feasible(vec):
+                if floors.feasible(dict(zip(OBJECTIVES, vec))):
                     done.append(tuple(map(float, vec)))
-                    run.curve.append((t, hypervolume(done, floors.reference)))
+                    run.curve.append((t, hypervolume(done, floors.reference())))
             else:
                 run.stopped.append(k)
             start(w, t)
@@ -287,14 +287,14 @@ def bootstrap(fn, n: int, rng: np.random.Generator, reps: int = 1000) -> tuple[f
 def hypervolume_of(curves: list[Curve], idx: set[int], floors: Any) -> float:
     from search.front import hypervolume
 
-    pts = [curves[i].final for i in idx if curves[i].final is not None and floors.feasible(curves[i].final)]
-    return hypervolume(pts, floors.reference) if pts else 0.0
+    pts = [curves[i].final for i in idx if curves[i].final is not None and floors.feasible(dict(zip(OBJECTIVES, curves[i].final)))]
+    return hypervolume(pts, floors.reference()) if pts else 0.0
 
 
 def pool_front(curves: list[Curve], floors: Any) -> set[int]:
     from search.front import non_dominated_mask
 
-    idx = [i for i, c in enumerate(curves) if c.final is not None and floors.feasible(c.final)]
+    idx = [i for i, c in enumerate(curves) if c.final is not None and floors.feasible(dict(zip(OBJECTIVES, c.final)))]
     mask = non_dominated_mask([curves[i].final for i in idx]) if idx else []
     return {i for i, m in zip(idx, mask) if m}
 
@@ -349,8 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     floors = Floors.for_sweep(a.dataset)
     space = load_space(a.space)
     front = pool_front(curves, floors)
-    finals = [c.final for c in curves if c.final is not None and floors.feasible(c.final)]
-    hv_max = hypervolume(finals, floors.reference)
+    finals = [c.final for c in curves if c.final is not None and floors.feasible(dict(zip(OBJECTIVES, c.final)))]
+    hv_max = hypervolume(finals, floors.reference())
     full_s = float(np.mean([c.seconds.sum() for c in curves if not c.diverged]))
     full_trials = a.full_trials or max(1.0, len(curves) / 4)
     budget_s = full_trials * full_s / a.workers
