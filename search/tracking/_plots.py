@@ -142,16 +142,17 @@ def _axes_layout(objectives: Sequence[str], title: str) -> dict[str, Any]:
     return {"xaxis_title": _label(names[0]), "yaxis_title": _label(names[1]), "title": title}
 
 
-def front_views(trials_df: Any, out: Path, objectives: Sequence[str] = OBJECTIVES) -> list[Path]:
-    """pareto_front_3d.html (the front among all trials; 2-D for two objectives, a fourth objective
-    as marker size) and parallel_coordinates.html (every trial, one line each, coloured by kind:
-    front, dominated, infeasible, stopped early; every axis oriented so that up is better).
-    Returns the paths written (none when no trial has objective values)."""
+def front_figures(trials_df: Any, objectives: Sequence[str] = OBJECTIVES) -> tuple[Any, Any] | None:
+    """(the front among all trials, every trial in parallel coordinates) as plotly figures; None
+    when no trial has objective values. The front view is 3-D over the first three objectives (a
+    fourth as marker size) or 2-D for two; the parallel coordinates colour each trial's line by
+    its kind (front, dominated, infeasible, stopped early) and orient every axis so that up is
+    better."""
     import plotly.graph_objects as go
 
     df, kinds = trial_kinds(trials_df, objectives)
     if not len(df):
-        return []
+        return None
     names = list(objectives)
     left_out = len(trials_df) - len(df)
     note = f" ({left_out} failed trial(s) without objectives not shown)" if left_out else ""
@@ -162,8 +163,6 @@ def front_views(trials_df: Any, out: Path, objectives: Sequence[str] = OBJECTIVE
             fig.add_trace(_scatter(go, sel, names, name=f"{kind} ({len(sel)})",
                                    marker={"size": 6, "color": colour, "opacity": 1.0 if kind == "Pareto front" else 0.6}))
     fig.update_layout(**_axes_layout(names, f"brsearch: Pareto front among {len(df)} trials{note}"))
-    front3d = out / FRONT_3D_FILE
-    fig.write_html(str(front3d), include_plotlyjs=True)
 
     code = {k: i for i, k in enumerate(KINDS)}
     colours = list(KINDS.values())
@@ -183,14 +182,25 @@ def front_views(trials_df: Any, out: Path, objectives: Sequence[str] = OBJECTIVE
                                        "cmax": len(KINDS) - 1}, dimensions=dims))
     counts = ", ".join(f"{sum(k == kind for k in kinds)} {kind}" for kind in KINDS)
     par.update_layout(title=f"brsearch: every trial ({counts}){note}", margin={"l": 80, "r": 80})
-    parallel = out / PARALLEL_FILE
-    par.write_html(str(parallel), include_plotlyjs=True)
-    return [front3d, parallel]
+    return fig, par
 
 
-def compare_fronts(fronts: Mapping[str, Any], objectives: Sequence[str], path: Path) -> Path:
-    """One HTML plot of several sweeps' fronts (name -> front table) over their common objectives;
-    the points no other sweep's point dominates (the combined front) are ringed."""
+def front_views(trials_df: Any, out: Path, objectives: Sequence[str] = OBJECTIVES) -> list[Path]:
+    """pareto_front_3d.html and parallel_coordinates.html (`front_figures`), self-contained (plotly.js
+    inside, so they open offline and as MLflow artifacts); the paths written, none when no trial
+    has objective values."""
+    figs = front_figures(trials_df, objectives)
+    if figs is None:
+        return []
+    paths = [out / FRONT_3D_FILE, out / PARALLEL_FILE]
+    for fig, path in zip(figs, paths):
+        fig.write_html(str(path), include_plotlyjs=True)
+    return paths
+
+
+def compare_figure(fronts: Mapping[str, Any], objectives: Sequence[str]) -> Any:
+    """Several sweeps' fronts (name -> front table) in one plotly figure over their common
+    objectives; the points no other sweep's point dominates (the combined front) are ringed."""
     import numpy as np
     import plotly.graph_objects as go
 
@@ -212,5 +222,10 @@ def compare_fronts(fronts: Mapping[str, Any], objectives: Sequence[str], path: P
         fig.add_trace(_scatter(go, both, names, name=f"combined front ({len(both)})",
                                marker={"size": 11, "color": "rgba(0,0,0,0)", "line": {"width": 2, "color": "black"}}))
     fig.update_layout(**_axes_layout(names, f"brsearch: the fronts of {', '.join(fronts)}"))
-    fig.write_html(str(path), include_plotlyjs=True)
+    return fig
+
+
+def compare_fronts(fronts: Mapping[str, Any], objectives: Sequence[str], path: Path) -> Path:
+    """`compare_figure` as a self-contained HTML file at `path`."""
+    compare_figure(fronts, objectives).write_html(str(path), include_plotlyjs=True)
     return path
