@@ -92,7 +92,12 @@ class Sweep:
 
     @property
     def objectives(self) -> tuple[str, ...]:
-        return tuple(self.record.get("objectives") or OBJECTIVES)
+        """The sweep's objectives as its record names them (a sweep recorded before objectives were a
+        choice optimised the default three)."""
+        names = self.record.get("objectives") or OBJECTIVES
+        if isinstance(names, str):
+            names = [n.strip().partition(":")[0] for n in names.split(",") if n.strip()]
+        return tuple(names)
 
     @property
     def front(self) -> pd.DataFrame:
@@ -186,15 +191,16 @@ def test_accuracies(model: Any, header: dict[str, Any], onnx_path: Path, x: Any,
             with torch.no_grad(), noise(model, False):
                 torch_off[i:i + batch] = (model(xb).argmax(1) == yb).float()
             ort_off[i:i + batch] = plain.run([ox.OUTPUT], feed)[0].argmax(1) == yb.numpy()
-    t, o = torch_hits.numpy().astype(float), ort_hits
+    t, o = torch_hits.numpy().astype(np.float64), ort_hits
+    t_off = torch_off.numpy().astype(np.float64)
     # the two estimates are independent: Var(mean diff) = sum_i (var_t,i + var_o,i) / n^2, with each
     # image's Monte Carlo variance p(1-p)/draws estimated from its two scores
     p = (t + o) / 2
     se = float(math.sqrt(float(np.sum(2 * p * (1 - p) / draws))) / n) if n else float("nan")
     return {"torch_test_clean_acc": float(t.mean()), "onnx_test_clean_acc": float(o.mean()),
-            "test_diff_se": se, "torch_test_clean_acc_noise_off": float(torch_off.mean()),
+            "test_diff_se": se, "torch_test_clean_acc_noise_off": float(t_off.mean()),
             "onnx_test_clean_acc_noise_off": float(ort_off.mean()),
-            "noise_off_disagreements": int((torch_off.numpy() != ort_off).sum()), "test_n": n, "test_draws": draws}
+            "noise_off_disagreements": int((t_off != ort_off).sum()), "test_n": n, "test_draws": draws}
 
 
 # --- the registry -------------------------------------------------------------------------------
