@@ -60,7 +60,6 @@ COMPARE_FILE = "compare.html"
 TOLERANCE = 0.005  #: the largest |torch - onnxruntime| test accuracy accepted (0.5 percentage points)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,254}$")
-PICK_KEY_TAG = "brsearch.pick_key"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,68 +200,6 @@ def test_accuracies(model: Any, header: dict[str, Any], onnx_path: Path, x: Any,
             "test_diff_se": se, "torch_test_clean_acc_noise_off": float(t_off.mean()),
             "onnx_test_clean_acc_noise_off": float(ort_off.mean()),
             "noise_off_disagreements": int((t_off != ort_off).sum()), "test_n": n, "test_draws": draws}
-
-
-# --- the registry -------------------------------------------------------------------------------
-def register(tracking_uri: str, model: str, alias: str, sweep: Sweep, pick: dict[str, Any], files: list[Path]) -> dict[str, Any]:
-    """One version of `model` for the pick, with lineage tags and `alias`; an existing version with
-    the same pick key (same sweep, trial and packed bytes) is reused, so a rerun adds nothing."""
-    import mlflow
-    import onnx
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from search.redact import redact_obj
-    from search.tracking import SweepRun, child_runs
-
-    client = MlflowClient(tracking_uri)
-    key = pick["pick_key"]
-    try:
-        client.create_registered_model(model, description="brsearch picks: one deployable model per version "
-                                                          "(python -m search.pick)")
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    found = client.search_model_versions(f"name = '{model}' and tags.`{PICK_KEY_TAG}` = '{key}'")
-    created = not found
-    if found:
-        version = found[0].version
-    else:
-        exp, parent = sweep.record.get("experiment_id"), sweep.record.get("parent_run_id")
-        run_id, git_sha = None, None
-        if exp and parent:
-            run_id = getattr(child_runs(client, SweepRun(tracking_uri, exp, parent, sweep.name)).get(pick[TRIAL_ID]),
-                             "info", None)
-            run_id = run_id.run_id if run_id is not None else None
-            try:
-                git_sha = client.get_run(parent).data.tags.get("git_sha")
-            except MlflowException:
-                git_sha = None
-        lineage = pick["lineage"]
-        tags = {PICK_KEY_TAG: key, "brsearch.sweep": sweep.name, "brsearch.trial_id": pick[TRIAL_ID],
-                "brsearch.git_sha": git_sha or lineage.get("git_sha") or "unknown",
-                "brsearch.dataset": str(lineage.get("dataset")), "brsearch.rule": pick["rule"],
-                "brsearch.objectives": json.dumps(pick["objectives"]),
-                "brsearch.config": json.dumps(redact_obj(lineage.get("config", {})), sort_keys=True, default=str),
-                "brsearch.size_bytes": str(pick["size_bytes"]),
-                "brsearch.torch_test_clean_acc": f"{pick['torch_test_clean_acc']:.6f}",
-                "brsearch.onnx_test_clean_acc": f"{pick['onnx_test_clean_acc']:.6f}"}
-        if git_sha is None and lineage.get("git_sha"):
-            tags["brsearch.git_sha_source"] = "the checkout that ran search.pick (the sweep's parent run has none)"
-        mlflow.set_tracking_uri(tracking_uri)
-        lm = client.create_logged_model(exp or client.get_experiment_by_name("Default").experiment_id,
-                                        name=f"{sweep.name}-{pick[TRIAL_ID]}", source_run_id=run_id,
-                                        tags={"brsearch.kind": "pick", PICK_KEY_TAG: key})
-        onnx_path = next(f for f in files if f.suffix == ".onnx")
-        mlflow.onnx.log_model(onnx.load(str(onnx_path)), name=lm.name, model_id=lm.model_id, run_id=run_id,
-                              save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"],
-                              extra_files=[str(f) for f in files if f != onnx_path])
-        v = client.create_model_version(model, f"models:/{lm.model_id}", run_id=run_id, tags=tags,
-                                        model_id=lm.model_id)
-        version = v.version
-    client.set_registered_model_alias(model, alias, version)
-    return {"model": model, "version": str(version), "alias": alias, "created": created,
-            "uri": f"models:/{model}@{alias}"}
 
 
 # --- the command ----------------------------------------------------------------------------------
@@ -406,13 +343,15 @@ def _ship(args: argparse.Namespace, out: Path, rule: Rule, sweep: Sweep, front: 
         "size_bytes": size, SIZE_KIB: size / 1024, "packed_sha256": packed_sha,
         **acc, "test_scoring": f"expected correctness over {args.draws} noise draws per image, each side; same "
                                f"images in the same batches of {cfg.eval_batch_size}",
-        "lineage": {"git_sha": _git_sha(), "dataset": cfg.dataset, "config": src.config},
+        "lineage": {"pick_git_sha": _git_sha(), "dataset": cfg.dataset, "config": src.config},
         "pick_key": hashlib.sha256(f"{sweep.name}/{tid}/{packed_sha}".encode()).hexdigest()[:24],
     }
     if args.register:
-        files = [Path(line["onnx"]), Path(line["packed"])]
+        from search.tracking import register_pick
+
         try:
-            pick["registered"] = register(tracking_uri, args.register, args.alias, sweep, pick, files)
+            pick["registered"] = register_pick(tracking_uri, args.register, args.alias, sweep.record, pick,
+                                               Path(line["onnx"]), [Path(line["packed"])])
         except Exception as e:  # noqa: BLE001 - the files are written and checked; say what the registry said
             print(f"error: registering {args.register} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
                   file=sys.stderr)
