@@ -20,7 +20,16 @@ import pytest
 from _browser import chromium, probe
 from _mlflow_store import mlflow_uri
 
-from search.posthoc import RuleError, accuracy_intervals, choose, indistinguishable, knee_index, parse_rule
+from search.posthoc import (
+    RuleError,
+    accuracy_intervals,
+    choose,
+    indistinguishable,
+    knee_index,
+    onnx_recheck,
+    parse_rule,
+    write_files,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 OBJ3 = ("clean_acc", "robust_acc", "channel_sparsity")
@@ -93,6 +102,49 @@ def test_bootstrap_intervals_and_indistinguishable_trials():
                       "robust_acc": [0.50, 0.52, 0.50]})
     assert indistinguishable(f, 0, ("clean_acc", "robust_acc"), 400) == ["near"]
     assert indistinguishable(f, 0, ("clean_acc", "robust_acc"), 20) == ["near", "far"]  # 20 images tell little
+
+
+def _tiny(seed: int):
+    """A 2-bit, depth-8 EnResNet with the test-time noise, as a trial exports it (untrained)."""
+    import torch
+
+    from trainables import export as ex
+    from trainables.config import QuantConfig, TrainConfig
+    from trainables.models import build_model
+    from trainables.quant import export_state_dict, quantize_
+
+    torch.manual_seed(seed)
+    cfg = TrainConfig(depth=8, width=4, ensemble=1, noise=0.1, dataset="digits")
+    cfg.quant = QuantConfig(bits=2)
+    model = build_model(8, 4, 1, 10, 1, 0.1)
+    sd = export_state_dict(model, quantize_(model, cfg.quant))
+    return cfg, sd, ex.model_from_state_dict(sd, cfg)
+
+
+def test_onnx_recheck_agrees_with_pytorch_and_catches_another_model(tmp_path):
+    import torch
+
+    from trainables import export as ex
+    from trainables.models import noise
+
+    cfg, sd, ref = _tiny(0)
+    line, _, problems = write_files(sd, cfg, ref, tmp_path, "m", meta=None, check=True, onnx=True)
+    assert not problems and Path(line["packed"]).stat().st_size == len(ex.packed_file(sd, cfg)[1])
+    x = torch.rand(48, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), noise(ref, False):
+        y = ref(x).argmax(1)  # labels the noise-free model gets right: the noise makes some of them uncertain
+    header = ex.read_header(line["packed"])
+    got = onnx_recheck(ref, header, Path(line["onnx"]), x, y, draws=25, batch=16, seed=0, max_draws=200)
+    assert got["torch_test_clean_acc_noise_off"] == got["onnx_test_clean_acc_noise_off"] == 1.0
+    assert got["noise_off_disagreements"] == 0 and got["test_n"] == 48
+    assert 25 <= got["test_draws"] <= 200 and got["torch_test_clean_acc"] < 1.0  # the noise is on
+    gap = abs(got["torch_test_clean_acc"] - got["onnx_test_clean_acc"])
+    assert gap <= max(0.005, 4 * got["test_diff_se"]), got
+    # the ONNX file of another model: told apart on the same images
+    cfg2, sd2, ref2 = _tiny(1)
+    other, _, _ = write_files(sd2, cfg2, ref2, tmp_path, "other", meta=None, onnx=True)
+    bad = onnx_recheck(ref, header, Path(other["onnx"]), x, y, draws=25, batch=16, seed=0, max_draws=25)
+    assert abs(bad["torch_test_clean_acc"] - bad["onnx_test_clean_acc"]) > 0.05, bad
 
 
 # --- a real sweep ----------------------------------------------------------------------------------

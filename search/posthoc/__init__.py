@@ -6,7 +6,7 @@ from search._lazy import attach
 __all__, __getattr__, __dir__ = attach(__name__, {
     "_evaluate": ["evaluate_main"],
     "_export": ["export_main", "write_files"],
-    "_pick": ["pick_main"],
+    "_pick": ["onnx_recheck", "pick_main"],
     "_rule": ["Condition", "Rule", "RuleError", "accuracy_intervals", "binomial_draws", "choose", "indistinguishable",
               "knee_index", "parse_rule"],
 })

@@ -58,7 +58,7 @@ from ._rule import ACCURACIES, Rule, RuleError, accuracy_intervals, choose, indi
 PICK_FILE = "pick.json"
 COMPARE_FILE = "compare.html"
 TOLERANCE = 0.005  #: the largest |torch - onnxruntime| test accuracy accepted (0.5 percentage points)
-MAX_DRAWS = 6400  #: the most noise draws per test image and side (test_accuracies)
+MAX_DRAWS = 6400  #: the most noise draws per test image and side (onnx_recheck)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,254}$")
 
@@ -159,7 +159,7 @@ def with_metrics(sweep: Sweep, front: pd.DataFrame, metrics: list[str]) -> pd.Da
 
 
 # --- the test-split re-check ----------------------------------------------------------------------
-def test_accuracies(model: Any, header: dict[str, Any], onnx_path: Path, x: Any, y: Any, *, draws: int, batch: int,
+def onnx_recheck(model: Any, header: dict[str, Any], onnx_path: Path, x: Any, y: Any, *, draws: int, batch: int,
                     seed: int, max_draws: int = MAX_DRAWS) -> dict[str, float]:
     """Test accuracy of the PyTorch model and of its ONNX file in onnxruntime on the same images, in
     the same batches (the noise is scaled by each batch's std), each scored as the sweep scores:
@@ -322,7 +322,7 @@ def _ship(args: argparse.Namespace, out: Path, rule: Rule, sweep: Sweep, front: 
 
         x, y = data.test.to_float("cpu")
         with torch.no_grad():
-            acc = test_accuracies(reference, ex.read_header(line["packed"]), Path(line["onnx"]), x, y,
+            acc = onnx_recheck(reference, ex.read_header(line["packed"]), Path(line["onnx"]), x, y,
                                   draws=args.draws, batch=cfg.eval_batch_size, seed=cfg.eval_seed,
                                   max_draws=max(args.draws, MAX_DRAWS))
         gap = abs(acc["torch_test_clean_acc"] - acc["onnx_test_clean_acc"])
