@@ -40,6 +40,7 @@ import pandas as pd
 
 from search.storage import SweepLocation
 from trainables.cliutil import OneLineParser, fail
+from trainables.config import ConfigError
 from trainables.contract import (
     CHECKPOINT_FILE,
     COMPLETED,
@@ -266,7 +267,11 @@ def pick_main(argv: list[str] | None = None) -> int:
         front = sweep.front
         if not len(front):
             raise RuleError(f"--name {args.name}: the front is empty (no feasible completed trial); nothing to pick")
-        front = with_metrics(sweep, front, list(dict.fromkeys([*objectives, *rule.metrics_needed, SIZE_KIB])))
+        front = with_metrics(sweep, front, list(dict.fromkeys([*objectives, *rule.metrics_needed])))
+        try:  # the packed file is checked against it; a sweep from before trials reported it has none
+            front = with_metrics(sweep, front, [SIZE_KIB])
+        except RuleError:
+            pass
         chosen, meeting = choose(front, rule, objectives)
         tracking_uri = args.tracking_uri or sweep.record.get("tracking_uri")
         if args.register and (not tracking_uri or "***" in str(tracking_uri)):
@@ -291,7 +296,7 @@ def _ship(args: argparse.Namespace, out: Path, rule: Rule, sweep: Sweep, front: 
         cfg = ex.config_from_flat(src.config)
         reference = ex.model_from_state_dict(src.state_dict, cfg)
         data = load_data(cfg)
-    except (BadInput, ex.ExportError) as e:
+    except (BadInput, ex.ExportError, ConfigError) as e:  # ConfigError: the trial's dataset cannot be loaded here
         fail(str(e))
     objectives = sweep.objectives
     accs = [m for m in objectives if m in ACCURACIES]
@@ -313,9 +318,13 @@ def _ship(args: argparse.Namespace, out: Path, rule: Rule, sweep: Sweep, front: 
     except ex.ExportError as e:
         fail(str(e))
     size = Path(line["packed"]).stat().st_size
-    want = float(row[SIZE_KIB]) * 1024
-    if not problems and size != want:
-        problems.append(f"the packed file has {size} bytes; the trial reported size_kib {row[SIZE_KIB]} ({want:g} bytes)")
+    if SIZE_KIB in row and pd.notna(row[SIZE_KIB]):
+        want = float(row[SIZE_KIB]) * 1024
+        if not problems and size != want:
+            problems.append(f"the packed file has {size} bytes; the trial reported size_kib {row[SIZE_KIB]} ({want:g} bytes)")
+    else:
+        print(f"note: trial {tid} reported no {SIZE_KIB} (a sweep from before trials reported it): the file's size "
+              "is not compared")
     acc: dict[str, Any] = {}
     if not problems:
         import torch
@@ -340,11 +349,12 @@ def _ship(args: argparse.Namespace, out: Path, rule: Rule, sweep: Sweep, front: 
               file=sys.stderr)
         return 1
 
+    shown = [m for m in dict.fromkeys([*objectives, *rule.metrics_needed, SIZE_KIB]) if m in row and pd.notna(row[m])]
     packed_sha = hashlib.sha256(Path(line["packed"]).read_bytes()).hexdigest()
     pick: dict[str, Any] = {
         "sweep": sweep.name, TRIAL_ID: tid, "rule": rule.describe(),
-        "objectives": {m: float(row[m]) for m in dict.fromkeys([*objectives, *rule.metrics_needed, SIZE_KIB])},
-        "directions": {m: DIRECTIONS[m] for m in dict.fromkeys([*objectives, *rule.metrics_needed, SIZE_KIB])},
+        "objectives": {m: float(row[m]) for m in shown},
+        "directions": {m: DIRECTIONS[m] for m in shown},
         "sweep_objectives": list(objectives),
         "candidates": meeting,
         "validation": {"n": n_val, "ci95": {m: list(v) for m, v in cis.items()},
