@@ -141,6 +141,41 @@ def locate(args: argparse.Namespace) -> Source:
     return _from_checkpoint(ck, f"{args.name}-{trial}", {"sweep": args.name, TRIAL_ID: trial}, CHECKPOINT_FILE)
 
 
+def write_files(state_dict: dict[str, Any], cfg: Any, reference: Any, out: Path, label: str, *,
+                meta: dict[str, Any] | None, image_size: int | None = None, check: bool = False, onnx: bool = False,
+                onnx_noise: bool = True, onnx_weights: str = "qdq") -> tuple[dict[str, Any], list[Path], list[str]]:
+    """Write out/<label>.brpk (and with `onnx`, out/<label>.onnx) and check them: `check` reloads
+    the packed file against `reference` (the trained model); the ONNX file is always compared with
+    PyTorch. Returns (what was written, as the printed JSON line; the paths; the failed checks).
+    `meta=None` writes no provenance into the header, so the file is exactly the trial's size_kib.
+    Raises trainables.export.ExportError for weights that cannot be packed."""
+    from trainables import export as ex
+
+    packed_path = out / f"{label}.brpk"
+    written = [packed_path]
+    header = ex.write_packed(state_dict, cfg, packed_path, image_size=image_size, meta=meta)
+    size = packed_path.stat().st_size
+    line = {"packed": str(packed_path), "bytes": size, "size_bits": header["size_bits"],
+            "bound_bytes": ex.size_bound(header["size_bits"]), "bits": cfg.quant.bits}
+    problems: list[str] = []
+    if check:
+        problems += ex.check_packed(packed_path, reference)
+        line["check"] = "ok" if not problems else "mismatch"
+    if onnx and not problems:
+        from trainables import onnx_export as ox
+
+        loaded = ex.load_packed(packed_path)
+        x = ex.example_input(loaded.header)
+        onnx_path = out / f"{label}.onnx"
+        qdq = ox.weight_codes(loaded.model, loaded.header) if onnx_weights == "qdq" else None
+        ox.write_onnx(loaded.model, x, onnx_path, noise=onnx_noise, qdq=qdq)
+        written.append(onnx_path)
+        problems += ox.check_onnx(loaded.model, onnx_path, x, noise=onnx_noise, qdq=qdq)
+        line.update(onnx=str(onnx_path), onnx_noise="on" if onnx_noise else "off", onnx_weights=onnx_weights,
+                    onnx_check="ok" if not problems else "mismatch")
+    return line, written, problems
+
+
 def export_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(os.path.abspath(Path(args.out).expanduser()))
@@ -167,38 +202,19 @@ def export_main(argv: list[str] | None = None) -> int:
         fail(f"the weights do not fit the run's config: {str(e).splitlines()[0]}")
 
     out.mkdir(parents=True, exist_ok=True)
-    packed_path = out / f"{src.label}.brpk"
-    written = [packed_path]
     try:
-        header = ex.write_packed(src.state_dict, cfg, packed_path, image_size=args.image_size, meta=src.meta)
+        line, written, problems = write_files(
+            src.state_dict, cfg, reference, out, src.label, meta=src.meta, image_size=args.image_size,
+            check=args.check, onnx=args.onnx, onnx_noise=args.onnx_noise == "on", onnx_weights=args.onnx_weights)
     except ex.ExportError as e:
         fail(str(e))
-    size = packed_path.stat().st_size
-    line = {"packed": str(packed_path), "bytes": size, "size_bits": header["size_bits"],
-            "bound_bytes": ex.size_bound(header["size_bits"]), "bits": cfg.quant.bits}
-    problems: list[str] = []
-    if args.check:
-        problems += ex.check_packed(packed_path, reference)
-        line["check"] = "ok" if not problems else "mismatch"
-    if args.onnx and not problems:
-        from trainables import onnx_export as ox
-
-        loaded = ex.load_packed(packed_path)
-        x = ex.example_input(loaded.header)
-        onnx_path = out / f"{src.label}.onnx"
-        qdq = ox.weight_codes(loaded.model, loaded.header) if args.onnx_weights == "qdq" else None
-        ox.write_onnx(loaded.model, x, onnx_path, noise=args.onnx_noise == "on", qdq=qdq)
-        written.append(onnx_path)
-        problems += ox.check_onnx(loaded.model, onnx_path, x, noise=args.onnx_noise == "on", qdq=qdq)
-        line.update(onnx=str(onnx_path), onnx_noise=args.onnx_noise, onnx_weights=args.onnx_weights,
-                    onnx_check="ok" if not problems else "mismatch")
     if problems:
         for p in written:
             p.unlink(missing_ok=True)
         print(f"error: export check failed: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""),
               file=sys.stderr)
         return 1
-    print(f"wrote {packed_path} ({size} bytes; size_bits/8 = {header['size_bits'] / 8:.0f})"
+    print(f"wrote {line['packed']} ({line['bytes']} bytes; size_bits/8 = {line['size_bits'] / 8:.0f})"
           + (f" and {line['onnx']}" if args.onnx else ""))
     print(json.dumps(line))
     return 0

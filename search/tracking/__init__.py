@@ -11,6 +11,8 @@ from search._lazy import attach
 __all__, __getattr__, __dir__ = attach(__name__, {
     "_callback": ["MLflowSweepCallback", "front_metrics", "live_front"],
     "_parent": ["SweepEnd", "finish_logging", "finish_parent_run"],
+    "_models": ["register_pick"],
+    "_plots": ["compare_figure", "compare_fronts", "front_figures", "front_views"],
     "_queue": ["BackgroundQueue", "is_transient"],
     "_replay": ["replay"],
     "_uri": ["absolute_tracking_uri", "link_lines", "runs_view_url", "ui_command"],

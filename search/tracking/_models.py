@@ -1,5 +1,6 @@
 """Each finished trial's final quantized model as an MLflow logged model (MLflow 3's Models tab),
-and the front in the Model Registry (`--register NAME`).
+and the front in the Model Registry (`--register NAME`); `search.pick --register` registers one
+picked model (`register_pick`).
 
 A trial's `model.pt` is the exported state dict of the fully quantized network; it is rebuilt as
 the `nn.Module` the trial trained (`trainables.models.build_model`, weights already projected)
@@ -7,7 +8,7 @@ and logged with `mlflow.pytorch.log_model(model_id=...)` under the trial's child
 model carries the run's params, the final epoch's metrics (linked by MLflow from the run's step),
 an input example and the signature inferred from it. The model is pickled (not `torch.export`ed:
 4 s per model against 0.2 s) with `trainables/` as its code path, so `mlflow.pytorch.load_model`
-needs nothing of brsearch installed. Every call here runs on the driver's background MLflow
+needs nothing of brsearch installed. Every call for a sweep runs on the driver's background MLflow
 thread (search.tracking's queue) and is idempotent: a model is looked up by its tags first.
 """
 from __future__ import annotations
@@ -185,3 +186,79 @@ def register_front(client: MlflowClient, name: str, front_df: Any, models: dict[
                 client.set_registered_model_alias(name, alias, versions[models[tid]])
                 aliases.append(alias)
     return aliases
+
+
+PICK_KEY_TAG = "brsearch.pick_key"
+
+
+def register_pick(tracking_uri: str, model: str, alias: str, record: dict[str, Any], pick: dict[str, Any],
+                  onnx_path: Path, extra_files: list[Path]) -> dict[str, Any]:
+    """`search.pick --register`: one version of `model` for a pick, with lineage tags and `alias`.
+
+    The ONNX file is logged as an MLflow logged model (onnx flavour, CPU provider, `extra_files`
+    beside it) under the trial's child run, then registered. A version with the same
+    `brsearch.pick_key` (same sweep, trial and packed bytes) is reused, so a rerun adds nothing
+    and only sets the alias again.
+
+    Args:
+        tracking_uri: the MLflow store.
+        model: the registered model's name.
+        alias: the alias set on the version.
+        record: the sweep's sweep.json (experiment and parent run ids).
+        pick: what pick.json holds (sweep, trial id, rule, objectives, lineage, accuracies, pick_key).
+        onnx_path: the ONNX model.
+        extra_files: files logged beside it (the packed file).
+
+    Returns model, version, alias, created (False: the version was already there), uri and the
+    sweep's git commit."""
+    import json
+
+    import mlflow
+    import onnx
+    from mlflow.exceptions import MlflowException
+
+    from search.redact import redact_obj
+
+    from ._writer import SweepRun, child_runs
+
+    client = MlflowClient(tracking_uri)
+    key, trial_id = pick["pick_key"], pick[TRIAL_ID]
+    try:
+        client.create_registered_model(model, description="brsearch picks: one deployable model per version "
+                                                          "(python -m search.pick)")
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    exp, parent = record.get("experiment_id"), record.get("parent_run_id")
+    run_id = git_sha = None
+    if exp and parent:
+        child = child_runs(client, SweepRun(tracking_uri, exp, parent, pick["sweep"])).get(trial_id)
+        run_id = child.info.run_id if child is not None else None
+        git_sha = client.get_run(parent).data.tags.get("git_sha")
+    found = client.search_model_versions(f"name = '{model}' and tags.`{PICK_KEY_TAG}` = '{key}'")
+    if found:
+        version = found[0].version
+    else:
+        lineage = pick["lineage"]
+        tags = {PICK_KEY_TAG: key, "brsearch.sweep": pick["sweep"], "brsearch.trial_id": trial_id,
+                "brsearch.git_sha": git_sha or lineage.get("pick_git_sha") or "unknown",
+                "brsearch.dataset": str(lineage.get("dataset")), "brsearch.rule": pick["rule"],
+                "brsearch.objectives": json.dumps(pick["objectives"], sort_keys=True),
+                "brsearch.config": json.dumps(redact_obj(lineage.get("config", {})), sort_keys=True, default=str),
+                "brsearch.size_bytes": str(pick["size_bytes"]),
+                "brsearch.torch_test_clean_acc": f"{pick['torch_test_clean_acc']:.6f}",
+                "brsearch.onnx_test_clean_acc": f"{pick['onnx_test_clean_acc']:.6f}"}
+        if not git_sha:
+            tags["brsearch.git_sha_source"] = "the checkout that ran search.pick (the sweep's parent run has no git_sha)"
+        mlflow.set_tracking_uri(tracking_uri)
+        lm = client.create_logged_model(exp or client.get_experiment_by_name("Default").experiment_id,
+                                        name=f"{pick['sweep']}-{trial_id}", source_run_id=run_id,
+                                        tags={"brsearch.kind": "pick", PICK_KEY_TAG: key}, model_type=MODEL_TYPE)
+        mlflow.onnx.log_model(onnx.load(str(onnx_path)), name=lm.name, model_id=lm.model_id, run_id=run_id,
+                              save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"],
+                              extra_files=[str(f) for f in extra_files])
+        version = client.create_model_version(model, f"models:/{lm.model_id}", run_id=run_id, tags=tags,
+                                              model_id=lm.model_id).version
+    client.set_registered_model_alias(model, alias, version)
+    return {"model": model, "version": str(version), "alias": alias, "created": not found,
+            "uri": f"models:/{model}@{alias}", "sweep_git_sha": git_sha}
