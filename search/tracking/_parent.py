@@ -105,7 +105,7 @@ def finish_parent_run(client: MlflowClient, run: SweepRun, end: SweepEnd,
     if len(front_df):  # (log_table would append to the table a previous attempt logged)
         client.log_text(parent, front_df.to_json(orient="split", index=False, date_format="iso"), "pareto_front.json")
     with tempfile.TemporaryDirectory() as d:
-        for path in plot_front(trials_df, front_df, Path(d)):
+        for path in plot_front(trials_df, front_df, Path(d), end.floors.objectives):
             client.log_artifact(parent, str(path), "plots")
         history = client.get_metric_history(parent, "hypervolume")
         if history:
