@@ -38,29 +38,54 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def s3(monkeypatch):
-    """A bucket on a real S3 API on 127.0.0.1; yields the storage URI of a folder in it."""
-    pytest.importorskip("moto")
-    from moto.server import ThreadedMotoServer
+class _Moto:
+    """moto's S3 server on a fixed loopback port, stopped and started again at will: its objects
+    live in this process, so they are still there when it is back (an outage, not a data loss)."""
 
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.server = None
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port)
+        self.server.start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+@pytest.fixture
+def moto_s3(monkeypatch):
+    """A bucket on a real S3 API on 127.0.0.1; yields the storage URI of a folder in it, a
+    pyarrow filesystem on it, and the server."""
+    pytest.importorskip("moto")
     for k, v in CREDS.items():
         monkeypatch.setenv(k, v)
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
+    moto = _Moto()
+    moto.start()
     try:
         import pyarrow.fs as pafs
 
         # allow_delayed_open: small objects go up in one PutObject; pyarrow 25 rejects moto's answer
         # to CompleteMultipartUpload (an empty ETag), so multipart uploads fail against moto
-        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing",
+        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{moto.port}", scheme="http", access_key="testing",
                                secret_key="testing", region="us-east-1", allow_bucket_creation=True,
                                allow_delayed_open=True)
         fs.create_dir("sweeps")
-        yield f"s3://sweeps/results?endpoint_override=127.0.0.1:{port}&scheme=http&allow_delayed_open=true", fs
+        yield (f"s3://sweeps/results?endpoint_override=127.0.0.1:{moto.port}&scheme=http&allow_delayed_open=true",
+               fs, moto)
     finally:
-        server.stop()
+        moto.stop()
+
+
+@pytest.fixture
+def s3(moto_s3):
+    """The storage URI of a folder in a bucket on loopback S3, and a pyarrow filesystem on it."""
+    yield moto_s3[:2]
 
 
 def _env(cache: Path) -> dict[str, str]:
@@ -246,6 +271,109 @@ def test_s3_sweep_killed_resumes_from_another_directory_either_way(s3, tmp_path)
     done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.user_attrs["ray_trial_id"] for t in done) == sorted(trials["trial_id"])  # each once
     assert not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+
+
+def _study_matches(tmp_path: Path, name: str, journal: bytes, trials) -> None:
+    """Each trial of the table finished once in the Optuna study, and none is left RUNNING."""
+    import optuna
+
+    path = tmp_path / f"{name}-optuna.journal"
+    path.write_bytes(journal)
+    study = sweep_study(tmp_path, name, path)
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.user_attrs["ray_trial_id"] for t in done) == sorted(trials["trial_id"])
+    assert not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+
+
+@pytest.mark.slow
+def test_s3_away_for_a_minute_does_not_end_the_sweep(moto_s3, tmp_path):
+    """The object store stops while a sweep on it runs, and is back a minute later: uploads (the
+    trials' checkpoints, the driver's state) wait for it, and the sweep ends with every trial
+    finished once."""
+    import pandas as pd
+
+    storage, fs, moto = moto_s3
+    name = "s3away"
+    cmd = [sys.executable, "-m", "search.pareto", "--name", name, "--trials", "3", "--max-concurrent", "1",
+           "--seed", "7", "--storage-path", storage, "--tracking-uri", mlflow_uri(tmp_path), *TINY, "--epochs", "3"]
+    env = {**_env(tmp_path / "cache"), "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # snapshots (uploads) during the outage
+    out = tmp_path / "out.log"
+    with open(out, "w") as fo:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=fo, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 900
+            while "[1/3]" not in out.read_text(errors="replace"):
+                assert proc.poll() is None, out.read_text()[-3000:]
+                assert time.monotonic() < deadline, out.read_text()[-3000:]
+                time.sleep(0.3)
+            moto.stop()
+            time.sleep(60)
+            assert proc.poll() is None, out.read_text()[-3000:]  # the sweep waits
+            moto.start()
+            rc = proc.wait(timeout=900)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    log = out.read_text()
+    assert rc == 0, log[-4000:]
+    assert "brsearch: storage unreachable" in log and "storage reachable again" in log, log[-4000:]
+    exp = f"sweeps/results/{name}"
+    trials = pd.read_parquet(io.BytesIO(_read(fs, f"{exp}/trials.parquet")))
+    assert len(trials) == 3 and trials["trial_id"].is_unique, trials[["trial_id", "status"]]
+    assert (trials["status"] == "completed").all(), trials[["trial_id", "status", "reason"]]
+    _study_matches(tmp_path, name, _read(fs, f"{exp}/brsearch/optuna.journal"), trials)
+
+
+@pytest.mark.slow
+def test_a_torn_checkpoint_is_detected_on_resume(tmp_path):
+    """The driver's process group killed, then the checkpoint the stored experiment names cut in
+    half (a crash mid-write): `--resume` says so in one line and the trial goes on from its last
+    good checkpoint (or from the start when there is none) to finish once."""
+    import pandas as pd
+    from ray.tune import ExperimentAnalysis
+
+    name, results = "torn", tmp_path / "results"
+    chatty = [a for a in TINY if a != "--quiet"]  # the trial's own lines reach the driver's output
+    cmd = [sys.executable, "-m", "search.pareto", "--name", name, "--trials", "1", "--seed", "1",
+           "--storage-path", str(results), "--tracking-uri", mlflow_uri(tmp_path), *chatty, "--epochs", "4"]
+    env = {**_env(tmp_path / "cache"), "TUNE_GLOBAL_CHECKPOINT_S": "0"}  # a snapshot at every step
+
+    def named() -> Path | None:
+        try:
+            t = ExperimentAnalysis(str(results / name)).trials
+        except Exception:  # noqa: BLE001 - not written yet, or being written
+            return None
+        return Path(t[0].checkpoint.path) if t and t[0].checkpoint else None
+
+    out = tmp_path / "out.log"
+    with open(out, "w") as fo:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=fo, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 900
+            while (ck := named()) is None or ck.name < "checkpoint_000001":
+                assert proc.poll() is None, out.read_text()[-3000:]
+                assert time.monotonic() < deadline, out.read_text()[-3000:]
+                time.sleep(0.5)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    ck = named()
+    state = ck / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+
+    resume = [sys.executable, "-m", "search.pareto", "--name", name, "--storage-path", str(results), "--resume"]
+    proc = subprocess.run(resume, cwd=tmp_path, env=_env(tmp_path / "cache"), capture_output=True, text=True,
+                          timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    said = [ln for ln in log.splitlines() if f"{ck.name} is unreadable" in ln]
+    assert len(said) == 1 and ("resuming from checkpoint_" in said[0] or "starting over" in said[0]), log[-4000:]
+    trials = pd.read_parquet(results / name / "trials.parquet")
+    assert len(trials) == 1 and (trials["status"] == "completed").all(), trials[["trial_id", "status", "reason"]]
+    _study_matches(tmp_path, name, (results / name / "brsearch" / "optuna.journal").read_bytes(), trials)
 
 
 # --- fast unit tests ---------------------------------------------------------------------------------

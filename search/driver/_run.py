@@ -2,6 +2,7 @@
 experiment, and end every sweep the same way, whether it ran, resumed or only replays its logging."""
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,20 @@ class TunerOptions:
     reuse_actors: bool = False
     trainable: Any = None
     keep_checkpoints: int | None = 2
+
+
+def keep_every_checkpoint() -> Any:
+    """Tune's checkpoint policy for a sweep: no `num_to_keep` (a limit makes Tune force an experiment
+    snapshot each time a trial saved that many checkpoints since the last: most of the driver's
+    time per result with a checkpoint per epoch, docs/benchmarks.md "Driver scale"); the
+    CheckpointKeeper callback deletes old checkpoints instead. Tune then keeps a record of every
+    checkpoint in its experiment state, so only the path is kept in it, not the result's metrics
+    and config (Ray's TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE; result.json keeps every metric):
+    else each trial's state would grow by a result per epoch."""
+    from ray import tune
+
+    os.environ.setdefault("TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE", "1")
+    return tune.CheckpointConfig(num_to_keep=None)
 
 
 def trial_dirname(trial: Any) -> str:
@@ -89,7 +104,7 @@ def build_tuner(plan: Plan, resources: Resources, callbacks: list[Any], options:
         run_config=tune.RunConfig(
             name=plan.name, storage_path=plan.location.storage, callbacks=callbacks, stop=options.stop,
             failure_config=tune.FailureConfig(max_failures=f.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+            checkpoint_config=keep_every_checkpoint(),
             verbose=0 if f.quiet else 1,
         ),
     )
@@ -142,6 +157,7 @@ def run(plan: Plan) -> int:
           f"{link_lines(plan.tracking_uri, sweep_run.experiment_id)}", flush=True)
 
     if plan.resume:
+        keep_every_checkpoint()  # a sweep started with num_to_keep keeps it (Tune restores its RunConfig)
         tuner = tune.Tuner.restore(location.exp_dir, trainable=_trainable(res, plan), resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
     else:

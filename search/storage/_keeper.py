@@ -89,15 +89,20 @@ class CheckpointKeeper(Callback):
     def _delete(self, rel: list[str]) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="brsearch-keeper")
+        again = [r for f in self._pending if f.done() for r in f.result()]  # failed while the storage was away
         self._pending = [f for f in self._pending if not f.done()]
-        self._pending.append(self._pool.submit(_delete_dirs, self._fs, self._root, rel))
+        self._pending.append(self._pool.submit(_delete_dirs, self._fs, self._root, again + rel))
 
 
-def _delete_dirs(fs: Any, root: str, rel: list[str]) -> None:
+def _delete_dirs(fs: Any, root: str, rel: list[str]) -> list[str]:
+    """Deletes the checkpoint folders; returns those it could not (tried again with the next)."""
+    failed = []
     for r in rel:
         try:
             fs.delete_dir(f"{root}/{r}")
         except FileNotFoundError:
             pass
-        except OSError as e:  # the storage away: the checkpoint stays, costing only its space
-            log.warning("could not delete checkpoint %s/%s: %s", root, r, e)
+        except OSError as e:  # the storage away: tried again at the trial's next prune
+            log.warning("could not delete checkpoint %s/%s yet: %s", root, r, str(e).splitlines()[0][:200])
+            failed.append(r)
+    return failed
