@@ -93,12 +93,16 @@ def readable_state(ck: tune.Checkpoint) -> tuple[dict[str, Any] | None, str, str
     newest first, then any newer ones. Returns the state (None: none readable), the checkpoint
     folder it came from, and why `ck` itself could not be read ("" when it could)."""
     why = ""
-    for cand in [ck, *_siblings(ck)]:
+    cands: list[tune.Checkpoint] = [ck]
+    while cands:
+        cand = cands.pop(0)
         try:
             state = patiently(lambda: _load(cand), f"download {cand.path}")  # noqa: B023 - called at once
             return state, Path(cand.path).name, why
         except Exception as e:  # noqa: BLE001 - truncated zip, EOF, unpickling error, missing file
-            why = why or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+            if not why:  # the one Tune named: look at the others only now
+                why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+                cands = _siblings(ck)
     return None, "", why
 
 
