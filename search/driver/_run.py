@@ -31,8 +31,8 @@ class TunerOptions:
 
 def keep_every_checkpoint() -> Any:
     """Tune's checkpoint policy for a sweep: no `num_to_keep` (a limit makes Tune force an experiment
-    snapshot each time a trial saved that many checkpoints since the last: most of the driver's
-    time per result with a checkpoint per epoch, docs/benchmarks.md "Driver scale"); the
+    snapshot each time a trial saved that many checkpoints since the last: with a checkpoint per
+    epoch, a snapshot every few results, docs/benchmarks.md "Driver scale"); the
     CheckpointKeeper callback deletes old checkpoints instead. Tune then keeps a record of every
     checkpoint in its experiment state, so only the path is kept in it, not the result's metrics
     and config (Ray's TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE; result.json keeps every metric):

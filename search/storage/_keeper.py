@@ -3,8 +3,8 @@
 Tune deletes a trial's checkpoints past `CheckpointConfig(num_to_keep)`, and to keep its stored
 experiment state from pointing at a deleted one it forces a snapshot (every changed trial
 re-encoded, the searcher pickled, the state uploaded) each time a trial has saved `num_to_keep`
-checkpoints since the last. With a checkpoint per result that is a snapshot every few results, and
-it costs more the more trials the sweep has (docs/benchmarks.md, "Driver scale").
+checkpoints since the last. With a checkpoint per result that is a snapshot every few results, each
+costing more the more trials the sweep has (docs/benchmarks.md, "Driver scale").
 
 The sweep therefore lets Tune keep every checkpoint (no forced snapshot: Tune snapshots on its own
 period) and `CheckpointKeeper` deletes the old ones: a trial's newest `keep`, and every checkpoint
