@@ -165,13 +165,14 @@ def run_sweep(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     finally:
         ray.shutdown()
     results = sum(len(f.read_text().splitlines()) for f in plan.location.local_dir.glob("trial_*/result.json"))
+    kept = sum(1 for _ in plan.location.local_dir.glob("trial_*/checkpoint_*"))  # what pruning left on disk
     out = {"trials": n, "results": results, "driver_loop_cpu_s": round(loop, 2), "bookkeeping_cpu_s": round(books, 2),
            "driver_process_cpu_s": round(cpu, 2), "wall_s": round(wall, 1), "end_wall_s": round(end_wall, 1),
            "driver_ms_per_result": round(1000 * loop / max(1, results), 2),
            "process_ms_per_result": round(1000 * cpu / max(1, results), 2),
            "completed": int((df["status"] == "completed").sum()), "stopped": int((df["status"] == "stopped").sum()),
            "mlflow_unsent": bool(unsent), "sampled_ahead": AHEAD_STATS["used"] - a0["used"],
-           "ahead_wait_s": round(waited, 2)}
+           "ahead_wait_s": round(waited, 2), "checkpoints_left": kept}
     print(json.dumps(out), flush=True)
     if prof:  # where the loop thread's CPU goes (waits not included)
         prof.dump_stats(str(tmp.parent / f"driver-scale-n{n}.pstats"))
@@ -189,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoints", action="store_true",
                    help="the synthetic trainable reports a (tiny) checkpoint with every result, as trainables.tune does")
     p.add_argument("--keep-checkpoints", type=int, default=2, metavar="N",
-                   help="checkpoints Tune keeps per trial (the sweep's 2; 0 = all): Tune forces an experiment "
-                        "snapshot each time a trial has saved N since the last one")
+                   help="checkpoints kept per trial (the sweep's 2, pruned by search.storage.CheckpointKeeper; "
+                        "0 = all)")
     p.add_argument("--keep", action="store_true")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest functions of the loop")
     args = p.parse_args(argv)

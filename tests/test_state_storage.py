@@ -38,29 +38,54 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def s3(monkeypatch):
-    """A bucket on a real S3 API on 127.0.0.1; yields the storage URI of a folder in it."""
-    pytest.importorskip("moto")
-    from moto.server import ThreadedMotoServer
+class _Moto:
+    """moto's S3 server on a fixed loopback port, stopped and started again at will: its objects
+    live in this process, so they are still there when it is back (an outage, not a data loss)."""
 
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.server = None
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port)
+        self.server.start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+@pytest.fixture
+def moto_s3(monkeypatch):
+    """A bucket on a real S3 API on 127.0.0.1; yields the storage URI of a folder in it, a
+    pyarrow filesystem on it, and the server."""
+    pytest.importorskip("moto")
     for k, v in CREDS.items():
         monkeypatch.setenv(k, v)
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
+    moto = _Moto()
+    moto.start()
     try:
         import pyarrow.fs as pafs
 
         # allow_delayed_open: small objects go up in one PutObject; pyarrow 25 rejects moto's answer
         # to CompleteMultipartUpload (an empty ETag), so multipart uploads fail against moto
-        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing",
+        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{moto.port}", scheme="http", access_key="testing",
                                secret_key="testing", region="us-east-1", allow_bucket_creation=True,
                                allow_delayed_open=True)
         fs.create_dir("sweeps")
-        yield f"s3://sweeps/results?endpoint_override=127.0.0.1:{port}&scheme=http&allow_delayed_open=true", fs
+        yield (f"s3://sweeps/results?endpoint_override=127.0.0.1:{moto.port}&scheme=http&allow_delayed_open=true",
+               fs, moto)
     finally:
-        server.stop()
+        moto.stop()
+
+
+@pytest.fixture
+def s3(moto_s3):
+    """The storage URI of a folder in a bucket on loopback S3, and a pyarrow filesystem on it."""
+    yield moto_s3[:2]
 
 
 def _env(cache: Path) -> dict[str, str]:
@@ -177,6 +202,180 @@ def test_s3_sweep_resumes_from_elsewhere_after_local_state_is_gone(s3, tmp_path,
     assert (tmp_path / "exported" / f"{name}-{tid}.brpk").stat().st_size > 0
 
 
+def _run_until(cmd: list[str], cwd: Path, env: dict[str, str], seen: str, sig: int) -> tuple[int, str]:
+    """Start the sweep in its own process group, wait until its output shows `seen`, then send
+    `sig` to the whole group (SIGKILL: the driver's machine gone, Ray's processes with it)."""
+    out = cwd / "out.log"
+    with open(out, "w") as fo:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fo, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 900  # a loaded 2-core machine: minutes per tiny trial
+            while seen not in out.read_text(errors="replace"):
+                assert proc.poll() is None, out.read_text()[-3000:]
+                assert time.monotonic() < deadline, out.read_text()[-3000:]
+                time.sleep(0.3)
+            os.killpg(proc.pid, sig) if sig == signal.SIGKILL else os.kill(proc.pid, sig)
+            rc = proc.wait(timeout=240)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return rc, out.read_text()
+
+
+@pytest.mark.slow
+def test_s3_sweep_killed_resumes_from_another_directory_either_way(s3, tmp_path):
+    """The driver's process group SIGKILLed on `s3://` storage; from another working directory (so
+    the default --data-root resolves elsewhere) the original command line plus --resume continues
+    it, and interrupted again, the command its message prints finishes it from a third: every
+    trial finished once, none repeated, in trials.parquet and in the Optuna study."""
+    import optuna
+    import pandas as pd
+
+    storage, fs = s3
+    name = "s3any"
+    dirs = [tmp_path / d for d in ("one", "two", "three")]
+    for d in dirs:
+        d.mkdir()
+    cmd = [sys.executable, "-m", "search.pareto", "--name", name, "--trials", "3", "--max-concurrent", "1",
+           "--seed", "5", "--storage-path", storage, "--tracking-uri", mlflow_uri(tmp_path), *TINY]
+    rc, log = _run_until(cmd, dirs[0], _env(tmp_path / "cache-one"), "[1/3]", signal.SIGKILL)
+    assert rc == -signal.SIGKILL, log[-3000:]
+    exp = f"sweeps/results/{name}"
+
+    rc, log = _run_until([*cmd, "--resume"], dirs[1], _env(tmp_path / "cache-two"), "[2/3]", signal.SIGINT)
+    assert rc == 130, log[-3000:]
+    assert "differ from the stored sweep" not in log
+    assert "the data moved" not in log  # digits reads no files: nothing to say about ./data
+    hint = [ln for ln in log.splitlines() if "continue with: python -m search.pareto" in ln]
+    assert len(hint) == 1, log[-3000:]
+    second = pd.read_parquet(io.BytesIO(_read(fs, f"{exp}/trials.parquet")))
+    done_before = set(second.loc[second["status"] == "completed", "trial_id"])
+    assert len(done_before) >= 2, second[["trial_id", "status"]]
+
+    resume = shlex.split(hint[0].split("continue with: python ", 1)[1])  # as a shell would
+    with open(dirs[2] / "out.log", "w") as fo:
+        rc = subprocess.run([sys.executable, *resume], check=False, cwd=dirs[2], env=_env(tmp_path / "cache-three"),
+                            stdout=fo, stderr=subprocess.STDOUT, timeout=900).returncode
+    log = (dirs[2] / "out.log").read_text()
+    assert rc == 0, log[-4000:]
+
+    trials = pd.read_parquet(io.BytesIO(_read(fs, f"{exp}/trials.parquet")))
+    assert len(trials) == 3 and trials["trial_id"].is_unique, trials[["trial_id", "status"]]
+    assert (trials["status"] == "completed").all(), trials[["trial_id", "status", "reason"]]
+    assert done_before <= set(trials["trial_id"])
+    journal = tmp_path / "optuna-from-s3.journal"
+    journal.write_bytes(_read(fs, f"{exp}/brsearch/optuna.journal"))
+    study = sweep_study(tmp_path, name, journal)
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.user_attrs["ray_trial_id"] for t in done) == sorted(trials["trial_id"])  # each once
+    assert not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+
+
+def _study_matches(tmp_path: Path, name: str, journal: bytes, trials) -> None:
+    """Each trial of the table finished once in the Optuna study, and none is left RUNNING."""
+    import optuna
+
+    path = tmp_path / f"{name}-optuna.journal"
+    path.write_bytes(journal)
+    study = sweep_study(tmp_path, name, path)
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.user_attrs["ray_trial_id"] for t in done) == sorted(trials["trial_id"])
+    assert not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+
+
+@pytest.mark.slow
+def test_s3_away_for_a_minute_does_not_end_the_sweep(moto_s3, tmp_path):
+    """The object store stops while a sweep on it runs, and is back a minute later: uploads (the
+    trials' checkpoints, the driver's state) wait for it, and the sweep ends with every trial
+    finished once."""
+    import pandas as pd
+
+    storage, fs, moto = moto_s3
+    name = "s3away"
+    cmd = [sys.executable, "-m", "search.pareto", "--name", name, "--trials", "3", "--max-concurrent", "1",
+           "--seed", "7", "--storage-path", storage, "--tracking-uri", mlflow_uri(tmp_path), *TINY, "--epochs", "3"]
+    env = {**_env(tmp_path / "cache"), "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # snapshots (uploads) during the outage
+    out = tmp_path / "out.log"
+    with open(out, "w") as fo:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=fo, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 900
+            while "[1/3]" not in out.read_text(errors="replace"):
+                assert proc.poll() is None, out.read_text()[-3000:]
+                assert time.monotonic() < deadline, out.read_text()[-3000:]
+                time.sleep(0.3)
+            moto.stop()
+            time.sleep(60)
+            assert proc.poll() is None, out.read_text()[-3000:]  # the sweep waits
+            moto.start()
+            rc = proc.wait(timeout=900)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    log = out.read_text()
+    assert rc == 0, log[-4000:]
+    assert "brsearch: storage unreachable" in log and "storage reachable again" in log, log[-4000:]
+    exp = f"sweeps/results/{name}"
+    trials = pd.read_parquet(io.BytesIO(_read(fs, f"{exp}/trials.parquet")))
+    assert len(trials) == 3 and trials["trial_id"].is_unique, trials[["trial_id", "status"]]
+    assert (trials["status"] == "completed").all(), trials[["trial_id", "status", "reason"]]
+    _study_matches(tmp_path, name, _read(fs, f"{exp}/brsearch/optuna.journal"), trials)
+
+
+@pytest.mark.slow
+def test_a_torn_checkpoint_is_detected_on_resume(tmp_path):
+    """The driver's process group killed, then the checkpoint the stored experiment names cut in
+    half (a crash mid-write): `--resume` says so in one line and the trial goes on from its last
+    good checkpoint (or from the start when there is none) to finish once."""
+    import pandas as pd
+    from ray.tune import ExperimentAnalysis
+
+    name, results = "torn", tmp_path / "results"
+    chatty = [a for a in TINY if a != "--quiet"]  # the trial's own lines reach the driver's output
+    cmd = [sys.executable, "-m", "search.pareto", "--name", name, "--trials", "1", "--seed", "1",
+           "--storage-path", str(results), "--tracking-uri", mlflow_uri(tmp_path), *chatty, "--epochs", "4"]
+    env = {**_env(tmp_path / "cache"), "TUNE_GLOBAL_CHECKPOINT_S": "0"}  # a snapshot at every step
+
+    def named() -> Path | None:
+        try:
+            t = ExperimentAnalysis(str(results / name)).trials
+        except Exception:  # noqa: BLE001 - not written yet, or being written
+            return None
+        return Path(t[0].checkpoint.path) if t and t[0].checkpoint else None
+
+    out = tmp_path / "out.log"
+    with open(out, "w") as fo:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=fo, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 900
+            while (ck := named()) is None or ck.name < "checkpoint_000001":
+                assert proc.poll() is None, out.read_text()[-3000:]
+                assert time.monotonic() < deadline, out.read_text()[-3000:]
+                time.sleep(0.5)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    ck = named()
+    state = ck / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+
+    resume = [sys.executable, "-m", "search.pareto", "--name", name, "--storage-path", str(results), "--resume"]
+    proc = subprocess.run(resume, cwd=tmp_path, env=_env(tmp_path / "cache"), capture_output=True, text=True,
+                          timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    said = [ln for ln in log.splitlines() if f"{ck.name} is unreadable" in ln]
+    assert len(said) == 1 and ("resuming from checkpoint_" in said[0] or "starting over" in said[0]), log[-4000:]
+    trials = pd.read_parquet(results / name / "trials.parquet")
+    assert len(trials) == 1 and (trials["status"] == "completed").all(), trials[["trial_id", "status", "reason"]]
+    _study_matches(tmp_path, name, (results / name / "brsearch" / "optuna.journal").read_bytes(), trials)
+
+
 # --- fast unit tests ---------------------------------------------------------------------------------
 
 def test_join_uri_keeps_the_query_last():
@@ -254,3 +453,146 @@ def test_resume_reuses_the_stored_resources(tmp_path):
     adopt_stored(Flags.parse(["--name", "r", "--resume", "--storage-path", str(tmp_path), "--max-concurrent", "8"]))
     with pytest.raises(ConfigError, match="--max-concurrent 2 differs"):
         adopt_stored(Flags.parse(["--name", "r", "--resume", "--storage-path", str(tmp_path), "--max-concurrent", "2"]))
+
+
+def _plan_in(cwd: Path, monkeypatch, *argv: str):
+    from search.driver import Flags, prepare
+
+    monkeypatch.chdir(cwd)
+    return prepare(Flags.parse(["--name", "w", "--storage-path", str(cwd / "res"), *argv]))
+
+
+def test_a_sweep_is_its_space_and_data_not_where_the_data_sits(tmp_path, monkeypatch):
+    """The default --data-root ./data resolves against the working directory: the same flags from
+    another directory are the same sweep; another pinned value or other data is not."""
+    from search.driver import data_moved, place, same_sweep
+
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    flags = ["--dataset", "mnist", "--download", "--epochs", "2", "--subset-train", "100"]
+    a, b = (_plan_in(tmp_path / d, monkeypatch, *flags) for d in ("a", "b"))
+    assert a.space.fixed["data_root"] != b.space.fixed["data_root"]
+    stored = json.loads(json.dumps(a.record()))
+    assert same_sweep(stored, b.space)
+    assert data_moved(stored["data_place"], place(b.space)) == \
+        f"data_root {tmp_path / 'a' / 'data'} -> {tmp_path / 'b' / 'data'}"
+    assert data_moved(stored["data_place"], place(a.space)) is None
+    other = _plan_in(tmp_path / "b", monkeypatch, *flags[:-1], "200")
+    assert not same_sweep(stored, other.space)
+    assert not same_sweep(stored, b.space.pin({"epochs": 3}))
+    # a sweep recorded with the place in its fingerprint (and a space redacted in sweep.json)
+    assert same_sweep({"fingerprint": a.space.fingerprint()}, a.space)
+    assert not same_sweep({"fingerprint": a.space.fingerprint()}, b.space.pin({"epochs": 3}))
+    # digits reads no files: no line about its data root
+    d = _plan_in(tmp_path / "a", monkeypatch)
+    assert data_moved(d.record()["data_place"], {**place(d.space), "data_root": "/elsewhere"}) is None
+
+
+def test_a_folder_dataset_is_its_listing(tmp_path, monkeypatch):
+    """The same images at another mount point are the same data; another listing is not."""
+    from search.driver import data_identity
+
+    for copy in ("one", "two"):
+        for split, n in (("train", 3), ("test", 2)):
+            for cls in ("cat", "dog"):
+                folder = tmp_path / copy / "cifar" / split / cls
+                folder.mkdir(parents=True)
+                for i in range(n):
+                    (folder / f"{i}.png").write_bytes(b"x")
+    one, two = (data_identity(f"folder:{tmp_path / c / 'cifar'}") for c in ("one", "two"))
+    assert one == two and one.startswith("folder:")
+    (tmp_path / "two" / "cifar" / "test" / "dog" / "9.png").write_bytes(b"x")
+    assert data_identity(f"folder:{tmp_path / 'two' / 'cifar'}") != one
+    assert data_identity(f"folder:{tmp_path / 'nowhere'}") is None  # a head without the data
+    assert data_identity("cifar10") == "cifar10"
+
+
+def test_resume_with_a_new_data_root_moves_the_stored_space(tmp_path, monkeypatch):
+    """`--name X --resume --data-root D` keeps the stored space and pins the new place in it."""
+    from search.driver import Flags, adopt_stored, same_sweep
+
+    a = _plan_in(tmp_path, monkeypatch, "--dataset", "mnist", "--download")
+    SweepLocation(str(tmp_path / "res"), "w").write_record(a.record())
+    flags, space = adopt_stored(Flags.parse(["--name", "w", "--resume", "--storage-path", str(tmp_path / "res"),
+                                             "--data-root", str(tmp_path / "moved")]))
+    assert space is not None and space.fixed["data_root"] == str(tmp_path / "moved")
+    assert space.fixed["dataset"] == "mnist" and space.fixed["download"] is True
+    assert same_sweep(a.record(), space)
+
+
+def _checkpoints(trial: Path, n: int) -> list[Path]:
+    import torch
+
+    out = []
+    for i in range(n):
+        d = trial / f"checkpoint_{i:06d}"
+        d.mkdir(parents=True)
+        torch.save({"epoch": i + 1}, d / "state.pt")
+        out.append(d)
+    return out
+
+
+def test_a_torn_checkpoint_falls_back_to_the_last_good_one(tmp_path):
+    """A checkpoint file cut short (a crash mid-write) or gone: the trial's newest readable
+    checkpoint before it, and the reason; none readable: None, so the trial starts over."""
+    from ray import tune
+
+    from trainables.tune import readable_state
+
+    cks = _checkpoints(tmp_path / "trial_a", 3)
+    state, used, why = readable_state(tune.Checkpoint(str(cks[2])))
+    assert (state["epoch"], used, why) == (3, "checkpoint_000002", "")
+    whole = (cks[2] / "state.pt").read_bytes()
+    (cks[2] / "state.pt").write_bytes(whole[: len(whole) // 2])
+    state, used, why = readable_state(tune.Checkpoint(str(cks[2])))
+    assert (state["epoch"], used) == (2, "checkpoint_000001") and why, why
+    shutil.rmtree(cks[1])  # pruned, or never written: the one before it
+    state, used, _ = readable_state(tune.Checkpoint(str(cks[2])))
+    assert (state["epoch"], used) == (1, "checkpoint_000000")
+    (cks[0] / "state.pt").write_bytes(b"")
+    state, used, why = readable_state(tune.Checkpoint(str(cks[0])))
+    assert state is None and why
+
+
+def test_the_keeper_keeps_the_newest_and_what_recent_snapshots_name(tmp_path):
+    """Tune keeps every checkpoint (no forced snapshots); the keeper deletes a trial's old ones
+    but never one that one of the last experiment snapshots names (the stored state may be that
+    one), and after a restore (pickled, then its saved state) it goes on pruning."""
+    from types import SimpleNamespace
+
+    from ray import tune
+
+    from search.storage import CheckpointKeeper
+
+    keeper = CheckpointKeeper(keep=2, snapshots=2)
+    trial = SimpleNamespace(trial_id="a")  # the keeper reads only the id of Tune's Trial
+    cks = _checkpoints(tmp_path / "trial_a", 8)
+
+    def saved(i: int) -> None:
+        keeper.on_checkpoint(iteration=i, trials=[trial], trial=trial, checkpoint=tune.Checkpoint(str(cks[i])))
+        keeper.on_experiment_end(trials=[trial])  # waits for the deletions
+
+    def left() -> list[int]:
+        return sorted(int(p.name[-6:]) for p in (tmp_path / "trial_a").iterdir())
+
+    saved(0)
+    saved(1)
+    state = keeper.get_state()  # a snapshot names checkpoint 1
+    saved(2)
+    saved(3)
+    assert left() == [1, 2, 3, 4, 5, 6, 7]  # 0 gone; 1 named by a recent snapshot
+    keeper.get_state()  # names 3
+    keeper.get_state()  # names 3: the snapshot naming 1 is no longer among the last two
+    saved(4)
+    assert left() == [3, 4, 5, 6, 7]
+    # a restore from the first snapshot: Tuner.restore unpickles the callbacks, then hands them
+    # the state that snapshot saved; the trial goes on from checkpoint 1, and Tune writes its next
+    # checkpoints under the same names again
+    keeper = pickle.loads(pickle.dumps(CheckpointKeeper(keep=2, snapshots=2)))
+    keeper.set_state(state)
+    shutil.rmtree(tmp_path / "trial_a")
+    cks = _checkpoints(tmp_path / "trial_a", 4)
+    saved(2)
+    assert left() == [1, 2, 3]  # 0, which the restored state knew, pruned
+    saved(3)
+    assert left() == [2, 3]

@@ -20,7 +20,7 @@ __all__ = [
     "MAXIMIZE", "MAX_OBJECTIVES", "MINIMIZE", "MIN_OBJECTIVES", "ObjectiveError", "SIZE_KIB", "parse_objectives", "CHECKPOINT_FILE", "COMPLETED", "DIVERGED", "EPOCH", "FAILED", "FAILURE_REASON", "FINAL", "FRONT_FILE", "FRONT_TABLE",
     "INTERRUPTED", "LOST", "MAX_EPOCHS", "MODEL_FILE", "NODE_ID", "OBJECTIVES", "RECORD_FILE", "RUNNING", "RUN_CHECKPOINT_FILE", "RUN_METRICS_FILE",
     "STATE_DIR", "STATUSES", "STOPPED", "STRONG_EVAL_FILE", "STUDY_JOURNAL", "STUDY_SQLITE", "SWITCH_SUFFIX",
-    "TABLE_SUFFIXES", "TRIALS_FILE", "TRIALS_TABLE", "TRIAL_ID", "is_completed", "is_feasible", "switch_name", "table_files",
+    "TABLE_SUFFIXES", "TRIALS_FILE", "TRIALS_TABLE", "TRIAL_ID", "checkpoint_index", "is_completed", "is_feasible", "switch_name", "table_files",
     "training_config", "trial_dir",
 ]
 
@@ -134,6 +134,12 @@ def training_config(sampled: Mapping[str, Any]) -> dict[str, Any]:
     training flag that happens to end in `_on` is kept."""
     return {k: v for k, v in sampled.items()
             if not (k.endswith(SWITCH_SUFFIX) and k[:-len(SWITCH_SUFFIX)] in sampled)}
+
+
+def checkpoint_index(folder: str) -> int | None:
+    """N of Tune's checkpoint folder `checkpoint_00000N` in a trial's directory; None for any other name."""
+    head, _, digits = folder.partition("_")
+    return int(digits) if head == "checkpoint" and digits.isdigit() else None
 
 
 # --- the two rules -----------------------------------------------------------------------------

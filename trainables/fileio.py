@@ -1,4 +1,5 @@
-"""Crash-safe file writes (write beside the target, fsync, rename over it) and a per-node file lock.
+"""Crash-safe file writes (write beside the target, fsync, rename over it), a per-node file lock,
+and patience with an object store that is away.
 
 A crash mid-write leaves the previous good file (rename is atomic on POSIX file systems)."""
 from __future__ import annotations
@@ -6,10 +7,21 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
+import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+# what pyarrow's S3 and GCS clients say when the store is unreachable or overloaded, as opposed to
+# an answer (no such key, access denied) that waiting will not change
+TRANSIENT = re.compile(r"NETWORK_CONNECTION|SERVICE_UNAVAILABLE|SLOW_DOWN|REQUEST_TIME|INTERNAL_FAILURE|THROTTLING"
+                       r"|HTTP status 5\d\d|Could not connect|Couldn't connect|Connection refused|Connection reset"
+                       r"|timed out|Broken pipe", re.I)
+PATIENCE_ENV = "BRSEARCH_STORAGE_PATIENCE_S"  # how long to wait for the store (default 900 s)
 
 
 @contextlib.contextmanager
@@ -91,3 +103,40 @@ def unwritable(path: str | os.PathLike) -> str | None:
     except OSError as e:
         return f"cannot create anything in {p} ({e.strerror or e})"
     return None
+
+
+def is_transient(error: BaseException) -> bool:
+    """An I/O error that a later try may not meet: the store unreachable, overloaded or failing."""
+    return isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and bool(TRANSIENT.search(str(error)))
+
+
+def patiently(op: Callable[[], T], what: str, patience_s: float | None = None) -> T:
+    """`op()`, tried again with backoff (1 s doubling to 30 s) while it fails with a transient I/O
+    error, for up to `patience_s` (default $BRSEARCH_STORAGE_PATIENCE_S, else 900 s): an object
+    store restarting or away for minutes does not end the sweep. One line when the wait starts and
+    one when the store is back; the last error is raised when the patience runs out.
+
+    Args:
+        op: the storage operation (idempotent: it may run more than once).
+        what: what it does, for the two lines ("upload sweep.json").
+        patience_s: seconds to keep trying.
+    """
+    patience = float(os.environ.get(PATIENCE_ENV, 900)) if patience_s is None else patience_s
+    start, delay = time.monotonic(), 1.0
+    while True:
+        try:
+            out = op()
+        except OSError as e:
+            waited = time.monotonic() - start
+            if not is_transient(e) or waited >= patience:
+                raise
+            if delay == 1.0:
+                print(f"brsearch: storage unreachable ({what}: {str(e).splitlines()[0][:160]}); "
+                      f"trying again for up to {patience:.0f} s", file=sys.stderr, flush=True)
+            time.sleep(min(delay, max(0.0, patience - waited)))
+            delay = min(30.0, delay * 2)
+            continue
+        if delay > 1.0:
+            print(f"brsearch: storage reachable again after {time.monotonic() - start:.0f} s ({what})",
+                  file=sys.stderr, flush=True)
+        return out

@@ -17,7 +17,19 @@ import torch
 from ray import tune
 
 from .config import ConfigError, TrainConfig
-from .contract import CHECKPOINT_FILE, DIVERGED, EPOCH, FAILURE_REASON, FINAL, MODEL_FILE, NODE_ID, OBJECTIVES, training_config
+from .contract import (
+    CHECKPOINT_FILE,
+    DIVERGED,
+    EPOCH,
+    FAILURE_REASON,
+    FINAL,
+    MODEL_FILE,
+    NODE_ID,
+    OBJECTIVES,
+    checkpoint_index,
+    training_config,
+)
+from .fileio import patiently
 from .loop import DivergedError, Hooks, train
 
 
@@ -29,13 +41,19 @@ class TuneHooks(Hooks):
         ck = tune.get_checkpoint()
         if ck is None:
             return None
-        with ck.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        state, used, why = readable_state(ck)
+        trial = tune.get_context().get_trial_id()
+        if why:  # one line: which checkpoint was torn or gone, and where the trial goes on from
+            print(f"trial {trial}: {Path(ck.path).name} is unreadable ({why}); "
+                  + (f"resuming from {used}" if state is not None else "no earlier readable checkpoint, starting over"),
+                  flush=True)
+        if state is None:
+            return None
         if state.get(DIVERGED):  # a retry of a diverged trial: fail again at once, no retraining
             self.diverged_before = True
             raise DivergedError(state[DIVERGED])
         self.epoch = int(state.get(EPOCH, 0))
-        print(f"trial {tune.get_context().get_trial_id()}: resumed after epoch {self.epoch}", flush=True)
+        print(f"trial {trial}: resumed after epoch {self.epoch}", flush=True)
         return state
 
     def report_diverged(self, error: DivergedError) -> None:
@@ -49,7 +67,7 @@ class TuneHooks(Hooks):
                    FAILURE_REASON: f"DivergedError: {error}", FINAL: False, EPOCH: self.epoch}
         with tempfile.TemporaryDirectory() as d:
             torch.save({DIVERGED: str(error), EPOCH: self.epoch}, Path(d) / CHECKPOINT_FILE)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+            _report(metrics, d)
 
     def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any], final: bool) -> None:
         self.epoch = int(metrics.get(EPOCH, self.epoch))
@@ -59,8 +77,57 @@ class TuneHooks(Hooks):
             if model is not None:
                 torch.save(model, Path(d) / MODEL_FILE)
             # node_id: which Ray node ran the trial (trials.parquet shows how a sweep used the cluster)
-            tune.report({**metrics, FINAL: final, NODE_ID: _node_id()},
-                        checkpoint=tune.Checkpoint.from_directory(d))
+            _report({**metrics, FINAL: final, NODE_ID: _node_id()}, d)
+
+
+def _report(metrics: dict[str, Any], checkpoint_dir: str) -> None:
+    """tune.report with a checkpoint, tried again while the storage is away: Tune uploads the
+    checkpoint before it queues the result, so a failed upload reported nothing yet."""
+    patiently(lambda: tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(checkpoint_dir)),
+              "upload a checkpoint")
+
+
+def readable_state(ck: tune.Checkpoint) -> tuple[dict[str, Any] | None, str, str]:
+    """The training state in `ck`, or where it is torn (a crash mid-write on a file system that
+    lost the unsynced tail) or gone, in the trial's newest readable checkpoint: its older ones
+    newest first, then any newer ones. Returns the state (None: none readable), the checkpoint
+    folder it came from, and why `ck` itself could not be read ("" when it could)."""
+    why = ""
+    cands: list[tune.Checkpoint] = [ck]
+    while cands:
+        cand = cands.pop(0)
+        try:
+            state = patiently(lambda: _load(cand), f"download {cand.path}")  # noqa: B023 - called at once
+            return state, Path(cand.path).name, why
+        except Exception as e:  # noqa: BLE001 - truncated zip, EOF, unpickling error, missing file
+            if not why:  # the one Tune named: look at the others only now
+                why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+                cands = _siblings(ck)
+    return None, "", why
+
+
+def _load(ck: tune.Checkpoint) -> dict[str, Any]:
+    with ck.as_directory() as d:
+        return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+
+
+def _siblings(ck: tune.Checkpoint) -> list[tune.Checkpoint]:
+    """The other checkpoint_NNNNNN folders of ck's trial: older ones newest first, then newer ones."""
+    import pyarrow.fs as pafs
+
+    path = Path(ck.path)
+    me = checkpoint_index(path.name)
+    if me is None:
+        return []
+    try:
+        infos = patiently(lambda: ck.filesystem.get_file_info(pafs.FileSelector(path.parent.as_posix(), allow_not_found=True)),
+                          f"list {path.parent}")
+    except OSError:
+        return []
+    found = sorted((n, i.path) for i in infos
+                   if i.type == pafs.FileType.Directory and (n := checkpoint_index(i.base_name)) is not None)
+    order = [p for n, p in reversed(found) if n < me] + [p for n, p in found if n > me]
+    return [tune.Checkpoint(p, filesystem=ck.filesystem) for p in order]
 
 
 def trial_device(requested: str, gpu_ids: list[str]) -> str:
@@ -98,10 +165,12 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def trainable(config: dict[str, Any]) -> None:
-    """Ray Tune entry point: `config` holds flat TrainConfig keys (sampled and pinned)."""
+def trainable(config: dict[str, Any], data_at: dict[str, Any] | None = None) -> None:
+    """Ray Tune entry point: `config` holds flat TrainConfig keys (sampled and pinned); `data_at`
+    (dataset, data_root, download), where the data sits for this run of the sweep, replaces the
+    config's: a trial restored on another machine or from another directory reads it there."""
     os.environ.pop("MLFLOW_RUN_ID", None)  # the driver logs to MLflow; trials never do
-    cfg = TrainConfig.from_flat(training_config(config))
+    cfg = TrainConfig.from_flat(training_config({**config, **(data_at or {})}))
     resources = tune.get_context().get_trial_resources().required_resources
     cfg.device = trial_device(cfg.device, _gpu_ids())
     if cfg.device.startswith("cuda") and 0 < resources.get("GPU", 0) < 1:

@@ -10,6 +10,7 @@ from search._lazy import attach
 __all__, __getattr__, __dir__ = attach(__name__, {
     "_callbacks": ["NoRetryOnDivergence", "NoTensorBoard", "ProgressCallback"],
     "_cli": ["Flags", "build_parser"],
+    "_data": ["data_identity", "data_moved", "place", "same_sweep", "sweep_fingerprint"],
     "_plan": ["Plan", "adopt_stored", "device_refusal", "prepare"],
     "_resources": ["NodeType", "ResourceRequest", "Resources", "capacity", "default_per_trial", "node_types_from_config", "plan_resources"],
     "_run": ["TunerOptions", "build_tuner", "cluster_resources", "end_sweep", "main", "resume_logging", "run"],

@@ -36,6 +36,7 @@ from trainables.contract import LATENCY_MS, ObjectiveError, parse_objectives
 from trainables.fileio import unwritable
 
 from ._cli import Flags
+from ._data import data_identity, data_moved, place, same_sweep, sweep_fingerprint
 from ._warm import Imported, import_trials
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -53,6 +54,7 @@ class Plan:
     address: str | None
     floors: Floors
     stored: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # sweep.json, on --resume
+    data_id: str | None = None  # the data by identity (search.driver._data.data_identity)
     imported: Imported | None = None  # --warm-start: earlier sweeps' finished trials
 
     @property
@@ -68,7 +70,8 @@ class Plan:
         """What sweep.json keeps of the plan (and the parent run's params)."""
         f = self.flags
         return {
-            "name": self.name, "space": self.space.describe(), "fingerprint": self.space.fingerprint(),
+            "name": self.name, "space": self.space.describe(), "fingerprint": sweep_fingerprint(self.space.describe()),
+            "data_identity": self.data_id, "data_place": place(self.space),
             "sampler": f.sampler, "scheduler": f.scheduler, "seed": f.seed, "trials": f.trials,
             "epochs": f.epochs, "dataset": f.dataset, "storage_path": self.location.storage,
             "tracking_uri": self.tracking_uri, "experiment": f.experiment,
@@ -177,18 +180,23 @@ def prepare(flags: Flags) -> Plan:
 
     location = _location(flags, name)
     tracking_uri = _tracking_uri(flags.tracking_uri)
-    plan = Plan(flags, name, space, location, tracking_uri, address, floors)
+    plan = Plan(flags, name, space, location, tracking_uri, address, floors,
+                data_id=data_identity(str(space.fixed.get("dataset", flags.dataset))))
     if flags.resume:
         plan = _check_resumable(plan)
+        line = data_moved(dict(plan.stored.get("data_place") or {}), place(space))
+        if line:
+            print(f"brsearch: --resume {name}: the data moved ({line}); the same data by identity, read from the new place",
+                  file=sys.stderr, flush=True)
+    elif location.exists():
+        from search.redact import redact
+
+        raise ConfigError(f"sweep {name!r} already exists under {redact(location.storage)}; accepted: --resume to continue it, or another --name")
     if flags.warm_start:  # reads the earlier sweeps only; refuses a conflicting one here
         imported = import_trials(flags.storage_path, flags.warm_start, space, floors, name)
         for line in imported.notes:
             print(line, file=sys.stderr, flush=True)
         plan = dataclasses.replace(plan, imported=imported)
-    elif location.exists():
-        from search.redact import redact
-
-        raise ConfigError(f"sweep {name!r} already exists under {redact(location.storage)}; accepted: --resume to continue it, or another --name")
     # last, as it may wait a few seconds: ray.init on a dead address retries for minutes
     hp = _host_port(address) if address and address not in ("auto", "local") else None
     why = hp and _unreachable(*hp)
@@ -199,10 +207,14 @@ def prepare(flags: Flags) -> Plan:
     return plan
 
 
+def _place_of(flags: Flags) -> dict[str, Any]:
+    """PLACE_FLAGS as the space pins them (the data root absolute)."""
+    return {"data_root": str(Path(os.path.expanduser(flags.data_root)).resolve()), "download": flags.download}
+
+
 def _space_of(flags: Flags) -> Space:
     """The space the flags name, with the data flags and --set pinned."""
-    base: dict[str, Any] = {"dataset": flags.dataset, "epochs": flags.epochs, "download": flags.download,
-                            "data_root": str(Path(os.path.expanduser(flags.data_root)).resolve())}
+    base: dict[str, Any] = {"dataset": flags.dataset, "epochs": flags.epochs, **_place_of(flags)}
     if flags.dataset.startswith("folder:"):
         base["dataset"] = "folder:" + str(Path(os.path.expanduser(flags.dataset[7:])).resolve())
     for k in ("subset_train", "subset_test"):
@@ -259,8 +271,13 @@ def _check_resumable(plan: Plan) -> Plan:
     stored = plan.location.read_record()
     if stored is None or not Tuner.can_restore(plan.location.exp_dir):
         raise ConfigError(f"--resume: no sweep named {plan.name!r} under {redact(plan.location.storage)}; accepted: the --name (and --storage-path) of an earlier sweep")
-    if stored.get("fingerprint") != plan.space.fingerprint():
+    if not same_sweep(stored, plan.space):
         raise ConfigError(f"--resume {plan.name}: the space or pinned values differ from the stored sweep's; accepted: leave out --space/--set/--dataset/--epochs/--subset-* to reuse the stored ones, repeat them exactly, or a new --name")
+    was = stored.get("data_identity")
+    if was and plan.data_id and was != plan.data_id:
+        where = redact(str(place(plan.space).get("dataset")))
+        raise ConfigError(f"--resume {plan.name}: the data at {where} are not the stored sweep's (another listing of "
+                          f"train/ and test/); accepted: the folder the sweep was started with, wherever it now sits, or a new --name")
     return dataclasses.replace(plan, stored=MappingProxyType(dict(stored)))
 
 
@@ -272,13 +289,15 @@ RESUMED_FLAGS = ("trials", "epochs", "dataset", "sampler", "scheduler", "seed", 
 FIXED_ON_RESUME = ("trials", "sampler", "scheduler", "seed", "grace_period", "reduction_factor", "experiment",
                    "tie_break", "min_clean_acc", "min_robust_acc", "objectives", "max_size_kib", "max_latency_ms",
                    "max_concurrent", "study_storage")
-SPACE_FLAGS = ("space", "set", "dataset", "data_root", "download", "subset_train", "subset_test", "epochs")
+SPACE_FLAGS = ("space", "set", "dataset", "subset_train", "subset_test", "epochs")
+PLACE_FLAGS = ("data_root", "download")  # where the data sits: given on --resume, they move the stored sweep's
 
 
 def adopt_stored(flags: Flags) -> tuple[Flags, Space | None]:
     """`--name X --resume` (what an interrupted sweep prints) continues the sweep as it was started:
     every flag of RESUMED_FLAGS left at its default takes the stored value, and with none of
-    SPACE_FLAGS given the stored space (pinned values included) is used. Returns the flags and
+    SPACE_FLAGS given the stored space (pinned values included) is used, with the PLACE_FLAGS
+    given (the data now sits elsewhere) pinned over the stored place. Returns the flags and
     that space, or None when the space is to be built from the flags (and checked against the
     stored fingerprint).
 
@@ -322,8 +341,10 @@ def adopt_stored(flags: Flags) -> tuple[Flags, Space | None]:
                           f"keep; accepted: the sweep's --space/--set/--dataset/--data-root/--epochs/--subset-* again")
     if desc.get("define_by_run"):  # a space(trial) function: load it again; the fingerprint catches edits
         loaded = load_space(desc["name"])
-        return flags, Space(desc["name"], {}, dict(desc.get("fixed") or {}), loaded.func, loaded.source)
-    return flags, Space(desc["name"], dict(desc.get("params") or {}), dict(desc.get("fixed") or {}))
+        space = Space(desc["name"], {}, dict(desc.get("fixed") or {}), loaded.func, loaded.source)
+    else:
+        space = Space(desc["name"], dict(desc.get("params") or {}), dict(desc.get("fixed") or {}))
+    return flags, space.pin({k: v for k, v in _place_of(flags).items() if flags.given(k)})
 
 
 def _host_port(address: str, default_port: int | None = None) -> tuple[str, int] | None:

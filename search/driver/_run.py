@@ -13,6 +13,7 @@ from trainables.config import ConfigError
 from trainables.contract import COMPLETED, FRONT_TABLE, TRIALS_TABLE, table_files, trial_dir
 
 from ._cli import Flags
+from ._data import place
 from ._plan import Plan, device_refusal, prepare
 from ._resources import Resources
 
@@ -20,7 +21,7 @@ from ._resources import Resources
 @dataclass(frozen=True)
 class TunerOptions:
     """What the benchmarks vary in `build_tuner` (the sweep itself uses the defaults): an extra
-    stopper, actor reuse, another trainable, Tune's `num_to_keep` checkpoints."""
+    stopper, actor reuse, another trainable, the checkpoints kept per trial (None: all)."""
 
     stop: Any = None
     reuse_actors: bool = False
@@ -28,17 +29,33 @@ class TunerOptions:
     keep_checkpoints: int | None = 2
 
 
+def keep_every_checkpoint() -> Any:
+    """Tune's checkpoint policy for a sweep: no `num_to_keep` (a limit makes Tune force an experiment
+    snapshot each time a trial saved that many checkpoints since the last: with a checkpoint per
+    epoch, a snapshot every few results, docs/benchmarks.md "Driver scale"); the
+    CheckpointKeeper callback deletes old checkpoints instead. Tune then keeps a record of every
+    checkpoint in its experiment state, so only the path is kept in it, not the result's metrics
+    and config (Ray's TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE; result.json keeps every metric):
+    else each trial's state would grow by a result per epoch."""
+    from ray import tune
+
+    os.environ.setdefault("TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE", "1")
+    return tune.CheckpointConfig(num_to_keep=None)
+
+
 def trial_dirname(trial: Any) -> str:
     return trial_dir(trial.trial_id)
 
 
-def _trainable(resources: Resources) -> Any:
-    """The trial function with the resources each trial asks Ray for."""
+def _trainable(resources: Resources, plan: Plan) -> Any:
+    """The trial function with the resources each trial asks Ray for, and where this run reads the
+    data (a restored trial's config names where the sweep started)."""
     from ray import tune
 
     from trainables.tune import trainable
 
-    return tune.with_resources(trainable, {"cpu": resources.cpus_per_trial, "gpu": resources.gpus_per_trial})
+    with_data = tune.with_parameters(trainable, data_at=place(plan.space))
+    return tune.with_resources(with_data, {"cpu": resources.cpus_per_trial, "gpu": resources.gpus_per_trial})
 
 
 def _stored_run(plan: Plan) -> Any:
@@ -62,9 +79,9 @@ def build_tuner(plan: Plan, resources: Resources, callbacks: list[Any], options:
     from ray import tune
 
     from search.optimizer import MOASHAScheduler, ParetoSearch, make_sampler
-    from search.storage import open_study_storage
+    from search.storage import CheckpointKeeper, open_study_storage
 
-    trainable = options.trainable if options.trainable is not None else _trainable(resources)
+    trainable = options.trainable if options.trainable is not None else _trainable(resources, plan)
     f = plan.flags
     storage = open_study_storage(plan.location.study_spec())
     sampler = make_sampler(f.sampler, f.seed, resources.max_concurrent, f.trials, f.scheduler)
@@ -75,6 +92,8 @@ def build_tuner(plan: Plan, resources: Resources, callbacks: list[Any], options:
 
         seed_study(searcher.study, plan.imported)
     callbacks = list(callbacks)
+    if options.keep_checkpoints:  # instead of Tune's num_to_keep, which forces snapshots (search.storage._keeper)
+        callbacks.append(CheckpointKeeper(options.keep_checkpoints))
     scheduler = None
     if f.scheduler == "moasha":
         scheduler = MOASHAScheduler(list(plan.floors.objectives), list(plan.floors.directions), grace_period=f.grace_period,
@@ -90,7 +109,7 @@ def build_tuner(plan: Plan, resources: Resources, callbacks: list[Any], options:
         run_config=tune.RunConfig(
             name=plan.name, storage_path=plan.location.storage, callbacks=callbacks, stop=options.stop,
             failure_config=tune.FailureConfig(max_failures=f.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=options.keep_checkpoints),
+            checkpoint_config=keep_every_checkpoint(),
             verbose=0 if f.quiet else 1,
         ),
     )
@@ -146,7 +165,8 @@ def run(plan: Plan) -> int:
           f"{link_lines(plan.tracking_uri, sweep_run.experiment_id)}", flush=True)
 
     if plan.resume:
-        tuner = tune.Tuner.restore(location.exp_dir, trainable=_trainable(res), resume_unfinished=True,
+        keep_every_checkpoint()  # a sweep started with num_to_keep keeps it (Tune restores its RunConfig)
+        tuner = tune.Tuner.restore(location.exp_dir, trainable=_trainable(res, plan), resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
     else:
         callbacks = [MLflowSweepCallback(sweep_run, floors=plan.floors),
@@ -154,12 +174,6 @@ def run(plan: Plan) -> int:
         if location.remote:
             callbacks.append(StateSync(location))
         tuner = build_tuner(plan, res, callbacks, TunerOptions(reuse_actors=f.reuse_actors))
-    # Tune forces an experiment-state snapshot whenever a trial has saved num_to_keep checkpoints
-    # since the last one, and warns "snapshotting has been triggered multiple times" when that
-    # happens twice within 5 s: with epochs of a few seconds, dozens of times per sweep, each a few
-    # milliseconds (docs/benchmarks.md, "Sweep overhead"), so the warning is noise here. Set the
-    # variable yourself to get it back.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     tuner.fit()
     from search.optimizer import settle_sampled_ahead
 

@@ -6,6 +6,7 @@ copy of its files, its state (sweep.json, the study) and the copy routine betwee
 from search._lazy import attach
 
 __all__, __getattr__, __dir__ = attach(__name__, {
+    "_keeper": ["CheckpointKeeper"],
     "_location": ["SweepLocation", "is_remote", "join_uri", "resolve_storage", "study_spec_from_flag"],
     "_study": ["StateSync", "open_study_storage"],
 })

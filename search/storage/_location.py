@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +36,11 @@ from trainables.contract import (
     STATE_DIR,
     STUDY_JOURNAL,
     STUDY_SQLITE,
+    checkpoint_index,
     trial_dir,
 )
 
 STATE_FILES = (RECORD_FILE, STUDY_SQLITE, STUDY_JOURNAL)
-CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")  # Tune's checkpoint folder names
 
 
 def is_remote(storage: str) -> bool:
@@ -145,8 +144,11 @@ class SweepLocation:
             return d.exists() and any(d.iterdir())
         import pyarrow.fs as pafs
 
+        from trainables.fileio import patiently
+
         fs, path = self._fs()
-        return bool(fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
+        return bool(patiently(lambda: fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)),
+                              f"list {self.exp_dir}"))
 
     def read_record(self) -> dict[str, Any] | None:
         """sweep.json from the storage itself (for s3://, gs://: the remote copy); None if none."""
@@ -183,10 +185,13 @@ class SweepLocation:
         else:
             import pyarrow.fs as pafs
 
+            from trainables.fileio import patiently
+
             fs, root = self._fs()
             sel = pafs.FileSelector(f"{root}/{trial_dir(trial_id)}", allow_not_found=True)
-            names = [i.base_name for i in fs.get_file_info(sel) if i.type == pafs.FileType.Directory]
-        found = [(int(m.group(1)), n) for n in names if (m := CHECKPOINT_RE.match(n))]
+            names = [i.base_name for i in patiently(lambda: fs.get_file_info(sel), f"list {trial_dir(trial_id)}")
+                     if i.type == pafs.FileType.Directory]
+        found = [(i, n) for n in names if (i := checkpoint_index(n)) is not None]
         return [n for _, n in sorted(found, reverse=True)]
 
     def final_checkpoint(self, trial_id: str) -> Path | None:
@@ -225,19 +230,27 @@ class SweepLocation:
             return [self.local_dir / r for r in rel if (self.local_dir / r).is_file()]
         import pyarrow.fs as pafs
 
+        from trainables.fileio import patiently
+
         fs, root = self._fs()
-        got = []
-        for r in rel:
-            dst = self.local_dir / r
+
+        def down(r: str, dst: Path) -> bool:
             if fs.get_file_info(f"{root}/{r}").type != pafs.FileType.File:
-                dst.unlink(missing_ok=True)
-                continue
-            dst.parent.mkdir(parents=True, exist_ok=True)
+                return False
             tmp = dst.with_name(dst.name + ".part")
             with fs.open_input_stream(f"{root}/{r}") as src, open(tmp, "wb") as out:
                 shutil.copyfileobj(src, out)
             os.replace(tmp, dst)
-            got.append(dst)
+            return True
+
+        got = []
+        for r in rel:
+            dst = self.local_dir / r
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if patiently(lambda: down(r, dst), f"download {r}"):  # noqa: B023 - called at once
+                got.append(dst)
+            else:
+                dst.unlink(missing_ok=True)
         return got
 
     def push(self, paths: list[Path]) -> list[str]:
@@ -245,11 +258,17 @@ class SweepLocation:
         are (locally: the paths themselves)."""
         if not self.remote:
             return [str(p) for p in paths]
+        from trainables.fileio import patiently
+
         fs, root = self._fs()
+
+        def up(p: Path, rel: str) -> None:
+            with open(p, "rb") as src, fs.open_output_stream(f"{root}/{rel}") as dst:
+                shutil.copyfileobj(src, dst)
+
         out = []
         for p in paths:
             rel = p.resolve().relative_to(self.local_dir.resolve()).as_posix()
-            with open(p, "rb") as src, fs.open_output_stream(f"{root}/{rel}") as dst:
-                shutil.copyfileobj(src, dst)
+            patiently(lambda: up(p, rel), f"upload {rel}")  # noqa: B023 - called at once
             out.append(join_uri(self.exp_dir, rel))
         return out
