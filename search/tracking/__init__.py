@@ -11,7 +11,7 @@ from search._lazy import attach
 __all__, __getattr__, __dir__ = attach(__name__, {
     "_callback": ["MLflowSweepCallback", "front_metrics", "live_front"],
     "_parent": ["SweepEnd", "finish_logging", "finish_parent_run"],
-    "_queue": ["BackgroundQueue", "is_transient"],
+    "_queue": ["BackgroundQueue", "is_transient", "server_probe"],
     "_replay": ["replay"],
     "_uri": ["absolute_tracking_uri", "link_lines", "runs_view_url", "ui_command"],
     "_writer": ["SweepLogger", "SweepRun", "child_runs", "get_or_create_experiment", "log_strong_results",

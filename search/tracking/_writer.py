@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from trainables.contract import COMPLETED, EPOCH, FAILED, RUNNING
 
 from ._models import config_params, log_trial_model
-from ._queue import BackgroundQueue, configure_http_retries
+from ._queue import BackgroundQueue, configure_http_retries, server_probe
 
 SKIPPED_RESULT_KEYS = ("training_iteration", "timestamp", "pid", "time_this_iter_s", "time_total_s",
                        "time_since_restore", "iterations_since_restore")
@@ -158,7 +158,7 @@ class SweepLogger:
         self.runs: dict[str, str] = {}  # ray trial id -> mlflow run id
         self.last_step: dict[str, int] = {}  # the last epoch in MLflow, per trial
         self.models: dict[str, str] = {}  # ray trial id -> logged model id
-        self.queue = BackgroundQueue()
+        self.queue = BackgroundQueue(probe=server_probe(run.tracking_uri))
 
     # --- queued from the driver loop --------------------------------------------------------
     def trial_started(self, trial_id: str, name: str, config: dict[str, Any], running: bool = True) -> None:
