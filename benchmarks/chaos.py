@@ -205,6 +205,9 @@ class S3Server:
                         "&allow_delayed_open=true")
 
     def start(self) -> None:
+        import logging
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # not a line per request
         if self.server is None:
             self.server = self._cls(ip_address="127.0.0.1", port=self.port)
             self.server.start()
