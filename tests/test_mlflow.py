@@ -184,6 +184,33 @@ def test_background_queue_retries_as_soon_as_the_probe_answers():
     assert time.monotonic() - t0 < 2 and state["calls"] == 2
 
 
+def test_epochs_a_crash_lost_are_replayed_after_a_later_one_was_logged(tmp_path):
+    """A driver killed while the server was away loses the epochs it buffered (1, 2); the resumed
+    trial logs epoch 3 live; the end's replay (from the stored results) must still send 1 and 2,
+    and nothing twice."""
+    from mlflow.tracking import MlflowClient
+
+    from search.tracking import SweepLogger, SweepRun, child_runs, result_metrics, start_parent_run
+
+    uri = mlflow_uri(tmp_path)
+    client = MlflowClient(uri)
+    exp = client.create_experiment("gap")
+    parent = start_parent_run(client, exp, "gap", {}, {})
+    logger = SweepLogger(SweepRun(uri, exp, parent, "gap"), log_models=False)
+
+    def result(step: int) -> list:
+        return result_metrics({"epoch": step, "clean_acc": 0.1 * step, "timestamp": 1_700_000_000 + step}, step)
+
+    logger.trial_started("t1", "trial_t1", {"bits": 2})
+    logger.trial_result("t1", 3, result(3))  # live, after the resume
+    for step in (1, 2, 3):  # the replay
+        logger.trial_result("t1", step, result(step))
+    assert logger.close(patience_s=30) == 0
+    run_id = child_runs(client, SweepRun(uri, exp, parent, "gap"))["t1"].info.run_id
+    for key in ("epoch", "clean_acc"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3], key
+
+
 # --- a real tracking server that goes away ------------------------------------------------------
 
 def _free_port() -> int:
