@@ -22,9 +22,10 @@ while faults hit it at random moments:
 A fault's moment is drawn from the seed as "after K trials finished, plus D seconds", K = 0
 counting from the moment the sweep has stored its record (`sweep.json`; a driver killed before
 that has no sweep to resume, and the harness starts it again without --resume, counted in
-resumes_needed); faults fire in order and outages overlap whatever comes next. `--seed` replays the same schedule (the same
-kinds, moments and downtimes; what each one hits depends on the machine's speed). `--scale`
-shortens the downtimes only (0.25: 15-45 s), for quick runs; the moments are unchanged.
+resumes_needed); faults fire in order and outages overlap whatever comes next. `--seed`
+replays the same schedule (the same kinds, moments and downtimes; what each one hits depends on
+the machine's speed). `--scale` shortens the downtimes only (0.25: 15-45 s), for quick runs;
+the moments are unchanged.
 
 When the sweep has ended (exit 0), the services are brought back and every store is checked:
 
@@ -38,11 +39,14 @@ When the sweep has ended (exit 0), the services are brought back and every store
     front           pareto.parquet == the non-dominated set of the table's feasible completed rows
 
 A driver run that exits non-zero without having been killed, or exits 130 (interrupted), needs
-another plain --resume: the harness runs it and counts it in `resumes_needed`; a sweep whose end
-left logging for --resume-logging counts in `replays_needed` (the server was still away when the
-end's wait ran out). The last stdout line is a JSON verdict:
-{"seed", "faults", "faults_missed" (fired at nothing: no trial running), "by_kind", "lost", "duplicated", "orphans", "resumes_needed", "replays_needed",
-"torn_checkpoints", "front_ok", "ok", "wall_s", ...}.
+another plain --resume: the harness runs it and counts it in `resumes_needed` (when the
+--resume was refused because the tracking server is away, it first waits for the server, and
+counts it in `refused_tracking_down` too); a sweep whose end left logging for --resume-logging
+counts in `replays_needed` (the server was still away when the end's wait ran out). The last
+stdout line is a JSON verdict: {"seed", "faults", "faults_missed" (fired at nothing: no trial
+running), "by_kind", "lost", "duplicated", "orphans", "resumes_needed", "refused_tracking_down",
+"replays_needed", "torn_checkpoints", "front_ok", "ok", "wall_s", ...}. "lost" counts trials
+missing from a store plus (trial, epoch, metric) points missing in MLflow.
 
     python benchmarks/chaos.py --seed 1                       # 10 trials x 3 epochs, 6 faults
     python benchmarks/chaos.py --seed 1 --scale 0.25          # downtimes of 15-45 s
