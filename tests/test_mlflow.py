@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytest
 from _mlflow_store import mlflow_uri
 
 from search.results import sweep_summary
-from search.tracking import BackgroundQueue, is_transient, runs_view_url, ui_command
+from search.tracking import BackgroundQueue, is_transient, runs_view_url, server_probe, ui_command
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--subset-train", "300", "--subset-test", "100", "--epochs", "2", "--quiet"]
@@ -130,6 +131,84 @@ def test_background_queue_gives_up_when_nothing_gets_through():
     t0 = time.monotonic()
     assert q.close(patience_s=0.5) == 3
     assert time.monotonic() - t0 < 5
+
+
+def test_server_probe_sees_any_http_answer(tmp_path):
+    """The outage probe: any HTTP answer (a 404 here) means the server is back, a closed port
+    means it is not, a database store has no server to probe; credentials are not sent."""
+    import http.server
+
+    seen: list[str] = []
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            seen.append(self.path + " " + str(self.headers.get("Authorization")))
+            self.send_error(404)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    port = httpd.server_address[1]
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert server_probe(f"http://alice:s3cret@127.0.0.1:{port}/mlflow")() is True
+        assert seen == ["/mlflow/health None"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert server_probe(f"http://127.0.0.1:{port}")() is False
+    assert server_probe(f"sqlite:///{tmp_path / 'mlflow.db'}") is None
+
+
+def test_background_queue_retries_as_soon_as_the_probe_answers():
+    """A server away past the longest backoff: the retry follows its return within a probe period,
+    not after the backoff."""
+    state = {"up": False, "calls": 0}
+
+    def op() -> None:
+        state["calls"] += 1
+        if not state["up"]:
+            raise ConnectionRefusedError("server away")
+
+    q = BackgroundQueue(first_backoff_s=30, max_backoff_s=30, announce=lambda s: None,
+                        probe=lambda: state["up"], probe_every_s=0.05)
+    q.submit(op)
+    deadline = time.monotonic() + 10
+    while q.down_since is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    state["up"] = True
+    t0 = time.monotonic()
+    assert q.close(patience_s=5) == 0
+    assert time.monotonic() - t0 < 2 and state["calls"] == 2
+
+
+def test_epochs_a_crash_lost_are_replayed_after_a_later_one_was_logged(tmp_path):
+    """A driver killed while the server was away loses the epochs it buffered (1, 2); the resumed
+    trial logs epoch 3 live; the end's replay (from the stored results) must still send 1 and 2,
+    and nothing twice."""
+    from mlflow.tracking import MlflowClient
+
+    from search.tracking import SweepLogger, SweepRun, child_runs, result_metrics, start_parent_run
+
+    uri = mlflow_uri(tmp_path)
+    client = MlflowClient(uri)
+    exp = client.create_experiment("gap")
+    parent = start_parent_run(client, exp, "gap", {}, {})
+    logger = SweepLogger(SweepRun(uri, exp, parent, "gap"), log_models=False)
+
+    def result(step: int) -> list:
+        return result_metrics({"epoch": step, "clean_acc": 0.1 * step, "timestamp": 1_700_000_000 + step}, step)
+
+    logger.trial_started("t1", "trial_t1", {"bits": 2})
+    logger.trial_result("t1", 3, result(3))  # live, after the resume
+    for step in (1, 2, 3):  # the replay
+        logger.trial_result("t1", step, result(step))
+    assert logger.close(patience_s=30) == 0
+    run_id = child_runs(client, SweepRun(uri, exp, parent, "gap"))["t1"].info.run_id
+    for key in ("epoch", "clean_acc"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3], key
 
 
 # --- a real tracking server that goes away ------------------------------------------------------
@@ -316,3 +395,47 @@ def test_buffered_logging_is_sent_once_when_the_server_returns(tmp_path, server,
     for tid, ch in st["children"].items():
         assert ch["steps"]["epoch"] == [1, 2] and ch["steps"]["clean_acc"] == [1, 2], (tid, ch["steps"])
         assert ch["run"].info.status == "FINISHED" and ch["run"].data.params["bits"] in ("1", "2")
+
+
+@pytest.mark.slow
+def test_a_returning_server_is_used_at_once(tmp_path, server, monkeypatch):
+    """The server is killed (SIGKILL) while results keep coming and started again on the same
+    store. The logger's retry backoff is set longer than the outage (60 s, the default caps it at
+    15 s) so that only the probe can explain a prompt resend: the buffered operations reach the
+    server within seconds of its return, and the sweep's end a few seconds later, with a short
+    wait, leaves nothing to replay (the sweep-scale case: back 30 s before the end, 60 s wait)."""
+    for k, v in SHORT_HTTP.items():
+        monkeypatch.setenv(k, v)
+    from mlflow.tracking import MlflowClient
+
+    from search.tracking import SweepLogger, SweepRun, result_metrics, start_parent_run
+
+    db = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = db.create_experiment("back", artifact_location="mlflow-artifacts:/back")
+    parent = start_parent_run(db, exp, "back", {}, {})
+    server.start()
+    logger = SweepLogger(SweepRun(server.uri, exp, parent, "back"), log_models=False)
+    logger.queue.first_backoff_s = logger.queue.max_backoff_s = 60.0
+    logger.trial_started("t1", "trial_t1", {"bits": 2})
+    deadline = time.monotonic() + 60
+    while logger.queue.sent == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert logger.queue.sent == 1
+    server.kill()
+    for step in range(1, 6):
+        logger.trial_result("t1", step, result_metrics({"epoch": step, "clean_acc": 0.01 * step,
+                                                         "timestamp": 1_700_000_000 + step}, step))
+        time.sleep(1)
+    assert logger.queue.down_since is not None and logger.queue.sent == 1
+    server.start()  # returns once /health answers (20 to 40 s on a loaded 2-core machine)
+    MlflowClient(server.uri).get_experiment(exp)  # and once its store answers (its first use takes seconds)
+    t_up = time.monotonic()
+    while logger.queue.sent == 1 and time.monotonic() - t_up < 60:
+        time.sleep(0.05)
+    lag = time.monotonic() - t_up
+    time.sleep(max(0.0, 8 - lag))  # the sweep ends 8 s after the server's return ...
+    left = logger.close(patience_s=1)  # ... and waits 1 s at most
+    assert lag < 8, f"the returning server was first used {lag:.1f} s after it answered"
+    assert left == 0, f"{left} operations left for --resume-logging; first sent {lag:.1f} s after the return"
+    st = _state(server.uri, "back")
+    assert st["children"]["t1"]["steps"]["epoch"] == [1, 2, 3, 4, 5]

@@ -287,6 +287,23 @@ def test_a_sample_in_flight_is_not_saved_and_a_restore_fails_it(tmp_path):
     assert len(left) == 1 and left[0].state == TrialState.FAIL and left[0].user_attrs["brsearch_reason"] == AHEAD_REASON
 
 
+def test_a_searcher_unpickled_over_a_study_that_never_reached_storage_starts_it_again(tmp_path):
+    """`--resume` of an s3:// sweep killed before its first experiment checkpoint: Tune's pickled
+    searcher names a study the stored (empty) journal lacks. Its first ask works, on a new study."""
+    import pickle
+
+    from search.storage import open_study_storage
+
+    journal = tmp_path / "optuna.journal"
+    s = ParetoSearch(load_space("digits"), make_sampler("random", 0, 2), "lost", open_study_storage({"journal": str(journal)}))
+    blob = pickle.dumps(s)
+    journal.write_bytes(b"")  # what --resume pulled: the study was never uploaded
+    again = pickle.loads(blob)
+    assert again.suggest("t0")
+    again.on_trial_complete("t0", _result(0))
+    assert [t.state for t in again.study.get_trials(deepcopy=False)] == [TrialState.COMPLETE]
+
+
 def test_below_the_threshold_every_sample_is_drawn_in_the_loop():
     space = load_space("digits")
     s = ParetoSearch(space, make_sampler("tpe", 0, 2), "b", optuna.storages.InMemoryStorage(), total_trials=50)

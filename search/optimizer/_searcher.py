@@ -151,6 +151,20 @@ class ParetoSearch(OptunaSearch):
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in ("_ahead", "_ahead_pool")}
 
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled (Tune's tuner.pkl on `--resume`): the stored study can be older than this
+        searcher. With s3:// storage a driver killed before its first experiment checkpoint has
+        uploaded the Tuner but not the study, and Tune then restarts the experiment from scratch;
+        without its study the searcher's first ask raised KeyError on every --resume. It is
+        created again, empty, as for a new sweep."""
+        self.__dict__.update(state)
+        self._ahead, self._ahead_pool = None, None
+        if "_ot_study" in state and self._study_name not in optuna.get_all_study_names(self._storage):
+            log.warning("the stored Optuna study %r is older than the sweep's searcher (a crash before the first "
+                        "experiment checkpoint): it is started again, empty", self._study_name)
+            self._ot_trials = {}
+            self._setup_study(self._mode)
+
     def save(self, checkpoint_path: str) -> None:
         """As Ray's (a pickled __dict__), without the sample in flight: it is not handed out yet."""
         with open(checkpoint_path, "wb") as f:

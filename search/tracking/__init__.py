@@ -13,7 +13,7 @@ __all__, __getattr__, __dir__ = attach(__name__, {
     "_parent": ["SweepEnd", "finish_logging", "finish_parent_run"],
     "_models": ["register_pick"],
     "_plots": ["compare_figure", "compare_fronts", "front_figures", "front_views"],
-    "_queue": ["BackgroundQueue", "is_transient"],
+    "_queue": ["BackgroundQueue", "is_transient", "server_probe"],
     "_replay": ["replay"],
     "_uri": ["absolute_tracking_uri", "link_lines", "runs_view_url", "ui_command"],
     "_writer": ["SweepLogger", "SweepRun", "child_runs", "get_or_create_experiment", "log_strong_results",

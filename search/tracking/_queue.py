@@ -7,7 +7,10 @@ from starting or finishing, and MLflow's HTTP client retries for about 4 minutes
 thread sends the operations in order. An operation that fails for a transient reason (connection
 refused, timeout, 5xx, a locked database) stays at the head of the queue and is retried with
 exponential backoff; nothing behind it overtakes it, so a trial's run exists before its metrics
-are sent. Operations must be idempotent (the server may have applied one whose reply was lost):
+are sent. While a tracking server does not answer, a cheap probe (an HTTP request with a 2 s
+timeout, every second) watches for its return and ends the backoff at once: a server back
+during the sweep, or during the end's wait, gets the buffered operations within seconds rather
+than after a backoff of up to `max_backoff_s`. Operations must be idempotent (the server may have applied one whose reply was lost):
 `search.tracking` looks runs and models up by tag before creating them and gives metrics fixed
 timestamps. A permanent error (a rejected value) drops that one operation with a warning.
 No Ray, Optuna or torch here.
@@ -15,8 +18,10 @@ No Ray, Optuna or torch here.
 from __future__ import annotations
 
 import collections
+import http.client
 import logging
 import os
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -78,6 +83,40 @@ def short_reason(exc: BaseException) -> str:
     return first[:160]
 
 
+def server_probe(tracking_uri: str, timeout_s: float = 2.0) -> Callable[[], bool] | None:
+    """For an http(s):// tracking URI, a function telling whether the server answers at all (any
+    HTTP status counts: 401 or 404 still means it is back); None for other stores (a database
+    file has no server to come back). Credentials in the URI are not sent.
+
+    Args:
+        tracking_uri: the sweep's tracking URI.
+        timeout_s: how long one probe waits for the answer.
+    """
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    scheme, rest = tracking_uri.split("://", 1)
+    netloc, _, path = rest.partition("/")
+    host = netloc.rsplit("@", 1)[-1]
+    path = "/" + path.split("?", 1)[0].strip("/")
+    health = path.rstrip("/") + "/health"
+    conn_type = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+
+    def probe() -> bool:
+        conn = conn_type(host, timeout=timeout_s)
+        try:
+            conn.request("GET", health)
+            conn.getresponse().read()
+            return True
+        except ssl.SSLError:  # a TLS handshake answered: the server is there
+            return True
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            conn.close()
+
+    return probe
+
+
 @dataclass
 class Op:
     fn: Callable[..., Any]
@@ -89,12 +128,14 @@ class BackgroundQueue:
     """Ordered, retried, non-blocking execution of operations on one daemon thread."""
 
     def __init__(self, name: str = "mlflow-logger", first_backoff_s: float = 0.5, max_backoff_s: float = 15.0,
-                 announce: Callable[[str], None] | None = None) -> None:
+                 announce: Callable[[str], None] | None = None, probe: Callable[[], bool] | None = None,
+                 probe_every_s: float = 1.0) -> None:
         self._ops: collections.deque[Op] = collections.deque()
         self._cv = threading.Condition()
         self._busy = False
         self._closing = False
         self.first_backoff_s, self.max_backoff_s = first_backoff_s, max_backoff_s
+        self.probe, self.probe_every_s = probe, probe_every_s  # see server_probe
         self.down_since: float | None = None  # wall time of the first failure of the current outage
         self.last_error = ""
         self.last_progress = time.monotonic()
@@ -135,8 +176,7 @@ class BackgroundQueue:
                     self._failed(e)
                     with self._cv:
                         self._busy = False
-                        # wait out the backoff; close() shortens nothing: the end waits its own time
-                        self._cv.wait(timeout=backoff)
+                    self._wait_to_retry(backoff)
                     backoff = min(backoff * 2, self.max_backoff_s)
                     continue
                 self.dropped.append(op.label)
@@ -154,6 +194,18 @@ class BackgroundQueue:
                 self._busy = False
                 self.last_progress = time.monotonic()
                 self._cv.notify_all()
+
+    def _wait_to_retry(self, backoff: float) -> None:
+        """Wait out the backoff, or less: when the probe says the server is away, retry as soon as
+        it answers again. A server that answers but failed the call (a 5xx, a locked database) gets
+        the whole backoff. close() shortens nothing: the end waits its own time."""
+        deadline = time.monotonic() + backoff
+        away = self.probe is not None and not self.probe()
+        while (left := deadline - time.monotonic()) > 0:
+            with self._cv:
+                self._cv.wait(timeout=min(left, self.probe_every_s) if away else left)
+            if away and self.probe():
+                return
 
     def _failed(self, e: BaseException) -> None:
         self.last_error = short_reason(e)

@@ -5,7 +5,7 @@ restored sweep logs every resumed trial twice) and calls MLflow synchronously in
 loop. Here the driver loop only queues work: `SweepLogger` runs it on one background thread
 (search.tracking's queue), retried through outages, and every operation is idempotent (runs and
 models are looked up by tag before they are created, metrics carry the trial's own timestamps,
-a step already in MLflow is not sent again), so an outage, a lost reply or a `--resume` logs
+an epoch already in MLflow is not sent again), so an outage, a lost reply or a `--resume` logs
 everything exactly once. Workers never talk to MLflow; `search.evaluate` writes through
 `log_strong_results` here, finding the same child runs the same way.
 """
@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from trainables.contract import COMPLETED, EPOCH, FAILED, RUNNING
 
 from ._models import config_params, log_trial_model
-from ._queue import BackgroundQueue, configure_http_retries
+from ._queue import BackgroundQueue, configure_http_retries, server_probe
 
 SKIPPED_RESULT_KEYS = ("training_iteration", "timestamp", "pid", "time_this_iter_s", "time_total_s",
                        "time_since_restore", "iterations_since_restore")
@@ -156,9 +156,9 @@ class SweepLogger:
         self.log_models = log_models
         self.client = MlflowClient(run.tracking_uri)
         self.runs: dict[str, str] = {}  # ray trial id -> mlflow run id
-        self.last_step: dict[str, int] = {}  # the last epoch in MLflow, per trial
+        self.logged_steps: dict[str, set[int]] = {}  # the epochs in MLflow, per trial
         self.models: dict[str, str] = {}  # ray trial id -> logged model id
-        self.queue = BackgroundQueue()
+        self.queue = BackgroundQueue(probe=server_probe(run.tracking_uri))
 
     # --- queued from the driver loop --------------------------------------------------------
     def trial_started(self, trial_id: str, name: str, config: dict[str, Any], running: bool = True) -> None:
@@ -201,19 +201,23 @@ class SweepLogger:
         if running:
             self.client.update_run(rid, status="RUNNING")
 
-    def _logged_step(self, trial_id: str, run_id: str) -> int:
-        """The last epoch in MLflow for the trial: asked once per trial and driver (a restored
-        snapshot may be older than what was logged before a crash), then kept here."""
-        if trial_id not in self.last_step:
-            self.last_step[trial_id] = max((m.step for m in self.client.get_metric_history(run_id, EPOCH)), default=0)
-        return self.last_step[trial_id]
+    def _logged_steps(self, trial_id: str, run_id: str) -> set[int]:
+        """The epochs in MLflow for the trial: asked once per trial and driver (a restored
+        snapshot may be older than what was logged before a crash), then kept here. A set, not
+        the last epoch: a driver killed while the server was away loses the epochs it had
+        buffered, the resumed trial logs its next epoch live, and the end's replay must still
+        send the earlier ones."""
+        if trial_id not in self.logged_steps:
+            self.logged_steps[trial_id] = {m.step for m in self.client.get_metric_history(run_id, EPOCH)}
+        return self.logged_steps[trial_id]
 
     def _log_result(self, trial_id: str, step: int, metrics: list[Metric]) -> None:
         rid = self._run_id(trial_id)
-        if step <= self._logged_step(trial_id, rid):
+        logged = self._logged_steps(trial_id, rid)
+        if step in logged:
             return  # logged before a crash (--resume reran it), replayed, or a diverged trial's last report
         self.client.log_batch(rid, metrics=metrics)
-        self.last_step[trial_id] = step
+        logged.add(step)
 
     def _finish_trial(self, end: TrialEnd) -> None:
         rid = self._run_id(end.trial_id, end.name, end.config)
