@@ -725,3 +725,19 @@ def test_no_mlflow_server_instructions_bind_all_interfaces():
             host = re.search(r"(--host|-h)[ =]+(\S+)", cmd)
             assert host is None or host.group(2) in ("127.0.0.1", "localhost"), f"{f.name}: {cmd}"
     assert found, "no mlflow server/ui instructions found"
+
+
+def test_a_resume_goes_on_while_the_tracking_server_is_away(tmp_path, capsys):
+    """A new sweep refuses an unreachable tracking server; a --resume says so in one line and goes
+    on (its logging is queued until the server answers), so an outage never blocks a resume. Here
+    the resumed sweep does not exist, so the next check refuses it: the tracking check passed."""
+    from search.driver import Flags, prepare
+    from trainables.config import ConfigError
+
+    common = ["--storage-path", str(tmp_path / "r"), "--tracking-uri", "http://127.0.0.1:1"]
+    with pytest.raises(ConfigError, match="cannot reach 127.0.0.1:1"):
+        prepare(Flags.parse(["--name", "new", *common]))
+    with pytest.raises(ConfigError, match="no sweep named 'gone'"):
+        prepare(Flags.parse(["--name", "gone", "--resume", *common]))
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "tracking-uri" in ln]
+    assert len(err) == 1 and "cannot reach 127.0.0.1:1 now" in err[0] and "the logging waits" in err[0]

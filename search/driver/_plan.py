@@ -179,7 +179,7 @@ def prepare(flags: Flags) -> Plan:
         check_available(TrainConfig.from_flat(space.fixed))
 
     location = _location(flags, name)
-    tracking_uri = _tracking_uri(flags.tracking_uri)
+    tracking_uri = _tracking_uri(flags.tracking_uri, resuming=flags.resume and not flags.resume_logging)
     plan = Plan(flags, name, space, location, tracking_uri, address, floors,
                 data_id=data_identity(str(space.fixed.get("dataset", flags.dataset))))
     if flags.resume:
@@ -243,7 +243,10 @@ def _location(flags: Flags, name: str) -> SweepLocation:
     return SweepLocation(storage, name, flags.study_storage)
 
 
-def _tracking_uri(flag: str) -> str:
+def _tracking_uri(flag: str, resuming: bool = False) -> str:
+    """The absolute tracking URI, checked. A new sweep refuses a server it cannot reach (MLflow's
+    client would retry for minutes); a --resume goes on with one line, its logging queued until
+    the server answers (search.tracking), so an outage never stops a resume."""
     from search.redact import redact
     from search.tracking import absolute_tracking_uri
 
@@ -258,7 +261,10 @@ def _tracking_uri(flag: str) -> str:
     elif uri.startswith(("http://", "https://")):  # MLflow's client retries for minutes
         hp = _host_port(uri, 443 if uri.startswith("https") else 80)
         why = hp and _unreachable(*hp)
-        if why:
+        if why and resuming:
+            print(f"brsearch: --tracking-uri {redact(flag)}: cannot reach {hp[0]}:{hp[1]} now ({why}); resuming, "
+                  f"the logging waits for the server", file=sys.stderr, flush=True)
+        elif why:
             raise ConfigError(f"--tracking-uri {redact(flag)}: cannot reach {hp[0]}:{hp[1]} ({why}); accepted: a running MLflow server (mlflow server --host 127.0.0.1 ...), or a sqlite:///PATH")
     return uri
 

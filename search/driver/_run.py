@@ -122,7 +122,14 @@ def run(plan: Plan) -> int:
 
     from search.redact import redact, redact_obj
     from search.storage import StateSync
-    from search.tracking import MLflowSweepCallback, SweepRun, get_or_create_experiment, link_lines, start_parent_run
+    from search.tracking import (
+        MLflowSweepCallback,
+        SweepRun,
+        get_or_create_experiment,
+        link_lines,
+        start_parent_run,
+        sweep_logger,
+    )
 
     from ._callbacks import NoRetryOnDivergence, NoTensorBoard, ProgressCallback
 
@@ -138,7 +145,8 @@ def run(plan: Plan) -> int:
     client = MlflowClient(plan.tracking_uri)
     if plan.resume:
         sweep_run = _stored_run(plan)
-        client.update_run(sweep_run.parent_run_id, status="RUNNING")
+        logger = sweep_logger(sweep_run)  # queued: a tracking server that is away does not hold up the resume
+        logger.call(logger.client.update_run, sweep_run.parent_run_id, "RUNNING", label="parent run resumed")
     else:
         experiment_id = get_or_create_experiment(client, f.experiment, plan.tracking_uri)
         parent = start_parent_run(
