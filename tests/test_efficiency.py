@@ -141,9 +141,10 @@ def test_parent_hypervolume_against_epochs_consumed(sweep):
     consumed = int(df["epoch"].sum())  # every reported epoch of every trial
     assert steps == sorted(steps) and steps[0] >= EPOCHS and steps[-1] <= consumed
     assert all(b >= a - 1e-12 for a, b in zip(values, values[1:]))  # the front only grows
-    done = df[df["status"] == "completed"][["clean_acc", "robust_acc", "channel_sparsity"]].to_numpy(float)
+    done = df[df["status"] == "completed"][["clean_acc", "robust_acc", "channel_sparsity"]]
     floors = Floors.for_sweep("digits")  # reference (0.1, 0, 0); trials at chance do not count
-    assert values[-1] == pytest.approx(hypervolume(done[feasible_mask(done, floors)], floors.reference))
+    keep = feasible_mask(done.to_dict("records"), floors)
+    assert values[-1] == pytest.approx(hypervolume(done.to_numpy(float)[keep], floors.reference()))
     assert values[-1] >= 0 and math.isfinite(values[-1])
     params = parent.data.params
     assert float(params["floor_clean_acc"]) == pytest.approx(0.1) and float(params["floor_robust_acc"]) == 0.0

@@ -188,3 +188,32 @@ def test_a_size_objective_sweep_then_warm_started_sweeps(tmp_path):
     assert sorted(r["trial_id"] for r in table if r.get("imported_from") == "a") == sorted(r["trial_id"] for r in done)
     assert sum(1 for r in table if r.get("imported_from") is None) == 1  # one trial ran; none re-ran
     assert len(split_runs(mlflow_runs(tmp_path))[1]) == 4 + 1 + 1  # a's, warm's and cold's children
+
+
+def test_latency_is_measured_when_the_exporter_merges_identical_pruned_weights():
+    """Two conv layers pruned to all zeros are one initializer in the exported graph, which the QDQ
+    rewrite cannot name: the trial still gets its latency (the float-weight graph is timed)."""
+    import torch
+
+    from trainables import onnx_export as ox
+    from trainables.export import model_from_state_dict, packed_file
+    from trainables.footprint import latency
+    from trainables.loop import Hooks, train
+
+    got = []
+
+    class Keep(Hooks):
+        def report(self, metrics, checkpoint, final):
+            got.append(checkpoint)
+
+    cfg = _tiny_cfg(latency="off")
+    cfg.quant.bits = 2
+    train(cfg, Keep())
+    sd = dict(got[-1]["quantized_model"])
+    for k in ("members.0.blocks.0.conv1.weight", "members.0.blocks.0.conv2.weight"):
+        sd[k] = torch.zeros_like(sd[k])
+    x = torch.rand(1, 1, 8, 8)
+    with pytest.raises(RuntimeError, match="lacks the weights"):  # the case this guards
+        ox.onnx_bytes(model_from_state_dict(sd, cfg), x, qdq=ox.weight_codes(model_from_state_dict(sd, cfg),
+                                                                            packed_file(sd, cfg)[0]))
+    assert latency(sd, cfg, x, runs=3)[LATENCY_MS] > 0

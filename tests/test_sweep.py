@@ -205,7 +205,7 @@ def test_sweep_mlflow_runs(sweep4):
     from search.front import Floors, hypervolume
 
     pts = trials.loc[sorted(front), list(OBJECTIVES)].to_numpy(float)
-    assert parent.data.metrics["hypervolume"] == pytest.approx(hypervolume(pts, Floors.for_sweep("digits").reference))
+    assert parent.data.metrics["hypervolume"] == pytest.approx(hypervolume(pts, Floors.for_sweep("digits").reference()))
     assert parent.data.metrics.get("n_pareto") == len(front)
     # (MlflowClient.load_table would search the *default* tracking store: read the file itself)
     table = json.loads(Path(client.download_artifacts(pid, "pareto_front.json", str(tmp / "dl"))).read_text())

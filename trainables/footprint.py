@@ -7,7 +7,9 @@ the median wall time of `runs` batch-1 inferences of the exported ONNX model (as
 --onnx` writes it by default: QDQ weights, test-time noise on) in onnxruntime's CPU provider on this
 node, after 5 warm-up runs, with `threads` intra-op threads; the interquartile range and the
 thread count are reported with it, since a latency without its spread and threads cannot be
-compared. The ONNX graph keeps zeroed channels (they are not cut out), so latency follows the
+compared. Where the exporter merges identical weights (e.g. two layers pruned to all zeros), the QDQ
+rewrite cannot name them, and the same graph with float weights is timed instead. The ONNX graph
+keeps zeroed channels (they are not cut out), so latency follows the
 architecture (depth, width, ensemble), not the channel sparsity.
 
 Pure PyTorch, onnx and onnxruntime: no Ray, Optuna or MLflow.
@@ -44,7 +46,10 @@ def latency(state_dict: dict[str, torch.Tensor], cfg: TrainConfig, example: torc
     header, _ = packed_file(state_dict, cfg)
     model = model_from_state_dict(state_dict, cfg)
     x = example[:1].detach().to("cpu", torch.float32)
-    graph = ox.onnx_bytes(model, x, noise=True, qdq=ox.weight_codes(model, header))
+    try:
+        graph = ox.onnx_bytes(model, x, noise=True, qdq=ox.weight_codes(model, header))
+    except RuntimeError:  # the exporter merged identical weights (all-zero layers): time the float-weight graph
+        graph = ox.onnx_bytes(model, x, noise=True)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
