@@ -327,6 +327,8 @@ sys.exit(main(sys.argv[2:]))
 OPTUNA_STATE = {"completed": "COMPLETE", "stopped": "PRUNED", "failed": "FAIL"}
 
 
+@pytest.mark.slow
+@pytest.mark.long
 def test_resume_after_a_tell_past_the_snapshot_agrees_with_optuna(tmp_path):
     """The driver dies after telling Optuna that MO-ASHA stopped a trial, while Tune's last
     snapshot still has that trial running; --resume runs it again. It ends as Optuna has it

@@ -225,6 +225,7 @@ def _run_until(cmd: list[str], cwd: Path, env: dict[str, str], seen: str, sig: i
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_s3_sweep_killed_resumes_from_another_directory_either_way(s3, tmp_path):
     """The driver's process group SIGKILLed on `s3://` storage; from another working directory (so
     the default --data-root resolves elsewhere) the original command line plus --resume continues
@@ -286,6 +287,7 @@ def _study_matches(tmp_path: Path, name: str, journal: bytes, trials) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_s3_away_for_a_minute_does_not_end_the_sweep(moto_s3, tmp_path):
     """The object store stops while a sweep on it runs, and is back a minute later: uploads (the
     trials' checkpoints, the driver's state) wait for it, and the sweep ends with every trial
