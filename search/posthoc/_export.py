@@ -176,6 +176,15 @@ def write_files(state_dict: dict[str, Any], cfg: Any, reference: Any, out: Path,
     return line, written, problems
 
 
+def check_failed(what: str, written: list[Path], problems: list[str]) -> int:
+    """A failed check removes what was written and says why in one line; the exit code is 1."""
+    for p in written:
+        p.unlink(missing_ok=True)
+    more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+    print(f"error: {what} check failed: {problems[0]}{more}", file=sys.stderr)
+    return 1
+
+
 def export_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(os.path.abspath(Path(args.out).expanduser()))
@@ -209,11 +218,7 @@ def export_main(argv: list[str] | None = None) -> int:
     except ex.ExportError as e:
         fail(str(e))
     if problems:
-        for p in written:
-            p.unlink(missing_ok=True)
-        print(f"error: export check failed: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""),
-              file=sys.stderr)
-        return 1
+        return check_failed("export", written, problems)
     print(f"wrote {line['packed']} ({line['bytes']} bytes; size_bits/8 = {line['size_bits'] / 8:.0f})"
           + (f" and {line['onnx']}" if args.onnx else ""))
     print(json.dumps(line))

@@ -286,7 +286,7 @@ def _ship(args: argparse.Namespace, out: Path, rule: Rule, sweep: Sweep, front: 
     from trainables import export as ex
     from trainables.data import load_data
 
-    from ._export import BadInput, locate, write_files
+    from ._export import BadInput, check_failed, locate, write_files
 
     row = front.iloc[chosen]
     tid = str(row[TRIAL_ID])
@@ -343,11 +343,7 @@ def _ship(args: argparse.Namespace, out: Path, rule: Rule, sweep: Sweep, front: 
             problems.append(f"with the noise off, onnxruntime and PyTorch disagree on {acc['noise_off_disagreements']} "
                             f"test image(s)")
     if problems:
-        for p in written:
-            p.unlink(missing_ok=True)
-        print(f"error: pick check failed: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""),
-              file=sys.stderr)
-        return 1
+        return check_failed("pick", written, problems)
 
     shown = [m for m in dict.fromkeys([*objectives, *rule.metrics_needed, SIZE_KIB]) if m in row and pd.notna(row[m])]
     packed_sha = hashlib.sha256(Path(line["packed"]).read_bytes()).hexdigest()
