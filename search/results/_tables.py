@@ -102,9 +102,9 @@ def feasible_column(df: pd.DataFrame, floors: Floors | None) -> list[bool]:
             completed with finite objectives is enough).
     """
     rule = floors or Floors(-math.inf, -math.inf, -math.inf)
-    rows = [{m: r.get(m) for m in rule.bounds} for r in df.to_dict("records")]
-    done = [r["status"] == COMPLETED for r in df.to_dict("records")]
-    return [bool(d and on) for d, on in zip(done, feasible_mask(rows, rule))]
+    records = df.to_dict("records")
+    on = feasible_mask([{m: r.get(m) for m in rule.bounds} for r in records], rule)
+    return [bool(r["status"] == COMPLETED and ok) for r, ok in zip(records, on)]
 
 
 def front_mask(df: pd.DataFrame, floors: Floors | None = None) -> list[bool]:
