@@ -372,6 +372,75 @@ def test_resume_after_a_tell_past_the_snapshot_agrees_with_optuna(tmp_path):
         assert trials[k].values == pytest.approx([df.loc[k, m] for m in ("clean_acc", "robust_acc", "channel_sparsity")])
 
 
+# a driver stopped before Tune's first experiment snapshot: Tune's snapshots are planted away
+# (as when the first upload to s3:// never finished) and the driver is killed once a trial has a
+# checkpointed epoch, with tuner.pkl, the study, MLflow runs and trial folders already written
+CRASH_BEFORE_SNAPSHOT = """
+import os, signal, sys
+from ray.tune.execution.tune_controller import TuneController
+from search.optimizer import ParetoSearch
+TuneController.checkpoint = lambda self, force=False, wait=False: None
+result = ParetoSearch.on_trial_result
+
+
+def crash_on_first_result(self, trial_id, res):
+    result(self, trial_id, res)
+    print(f"CRASH before any snapshot, at {trial_id} epoch {res.get('epoch')}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+ParetoSearch.on_trial_result = crash_on_first_result
+from search.pareto import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_resume_of_a_sweep_stopped_before_tunes_first_snapshot(tmp_path):
+    """With no experiment snapshot, Ray's restore runs an experiment of one trial (it drops
+    num_samples), so every --resume ran one trial and exited 130. The resume now starts the
+    trials again under the same parent run and study: the sweep ends with every trial once, the
+    killed driver's Optuna trials FAIL and its MLflow runs ended as lost."""
+    name, trials = "early", 3
+    args = ["--name", name, "--trials", str(trials), "--epochs", "2", "--max-concurrent", "2",
+            "--storage-path", str(tmp_path / "results"), "--tracking-uri", mlflow_uri(tmp_path), *TINY]
+    exp_dir = tmp_path / "results" / name
+    first = subprocess.Popen([sys.executable, "-c", CRASH_BEFORE_SNAPSHOT, *args], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                             start_new_session=True)
+    try:
+        out, _ = first.communicate(timeout=300)
+    finally:
+        try:
+            os.killpg(first.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    assert first.returncode == -signal.SIGKILL and "CRASH before any snapshot" in out, out[-3000:]
+    assert (exp_dir / "tuner.pkl").exists() and snapshot(exp_dir) is None
+    started = {t.user_attrs.get("ray_trial_id") for t in optuna_trials(exp_dir, name)}
+    assert started and all(t.state.name == "RUNNING" for t in optuna_trials(exp_dir, name))
+
+    second = Sweep([*args, "--resume"], tmp_path)
+    rc = second.wait(400)
+    second.save(tmp_path / "second.log")
+    assert rc == 0, second.text[-4000:]
+    assert "stopped before Tune's first experiment snapshot" in second.text
+    assert f"marked {len(started)} Optuna trial(s) the stopped driver had started as FAIL" in second.text
+
+    df = pd.read_parquet(exp_dir / "trials.parquet")
+    assert len(df) == trials and df["trial_id"].is_unique and set(df["status"]) == {"completed"}
+    assert not started & set(df["trial_id"])
+    states = Counter(t.state.name for t in optuna_trials(exp_dir, name))
+    assert states == {"COMPLETE": trials, "FAIL": len(started)}
+    sweep_json = json.loads((exp_dir / "brsearch" / "sweep.json").read_text())
+    _, parents, children = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", sweep_json["parent_run_id"])
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    by_trial = {c.data.tags["ray_trial_id"]: c for c in children}
+    assert {t for t, c in by_trial.items() if c.info.status == "FINISHED"} == set(df["trial_id"])
+    for tid in set(by_trial) - set(df["trial_id"]):
+        assert tid in started and by_trial[tid].info.status == "KILLED"
+        assert by_trial[tid].data.tags["brsearch.status"] == "lost"
+
+
 # --- 2. a worker node is lost mid-trial -----------------------------------------------------------
 
 def test_worker_node_lost_mid_trial(tmp_path):

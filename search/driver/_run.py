@@ -87,6 +87,10 @@ def build_tuner(plan: Plan, resources: Resources, callbacks: list[Any], options:
     sampler = make_sampler(f.sampler, f.seed, resources.max_concurrent, f.trials, f.scheduler)
     searcher = ParetoSearch(plan.space, sampler, plan.name, storage, objectives=plan.floors.objectives,
                             floors=plan.floors, total_trials=f.trials)
+    if plan.resume:  # no Tune snapshot to continue from (`run`): what the killed driver asked stays RUNNING
+        n = searcher.reconcile_orphans()
+        if n:
+            print(f"brsearch: marked {n} Optuna trial(s) the stopped driver had started as FAIL", flush=True)
     if plan.imported is not None:
         from ._warm import seed_study
 
@@ -172,11 +176,14 @@ def run(plan: Plan) -> int:
           f"(experiment {f.experiment!r}, parent run {sweep_run.parent_run_id})\n"
           f"{link_lines(plan.tracking_uri, sweep_run.experiment_id)}", flush=True)
 
-    if plan.resume:
+    if plan.resume and location.has_tune_snapshot():
         keep_every_checkpoint()  # a sweep started with num_to_keep keeps it (Tune restores its RunConfig)
         tuner = tune.Tuner.restore(location.exp_dir, trainable=_trainable(res, plan), resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
     else:
+        if plan.resume:  # Ray's restore would run an experiment of one trial (it drops num_samples)
+            print(f"brsearch: --resume {plan.name!r}: the sweep was stopped before Tune's first experiment snapshot; "
+                  "its trials start again, under the same parent run and study", flush=True)
         callbacks = [MLflowSweepCallback(sweep_run, floors=plan.floors),
                      ProgressCallback(f.trials), NoRetryOnDivergence(), NoTensorBoard()]
         if location.remote:

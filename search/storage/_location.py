@@ -41,6 +41,7 @@ from trainables.contract import (
 )
 
 STATE_FILES = (RECORD_FILE, STUDY_SQLITE, STUDY_JOURNAL)
+TUNE_SNAPSHOT = "experiment_state-"  # Tune's experiment snapshots: experiment_state-<time>.json
 
 
 def is_remote(storage: str) -> bool:
@@ -177,22 +178,32 @@ class SweepLocation:
         self.push([self.state_dir / n for n in STATE_FILES if (self.state_dir / n).is_file()])
 
     # --- files of a finished sweep ---------------------------------------------------------------
+    def has_tune_snapshot(self) -> bool:
+        """Whether the storage holds a Tune experiment snapshot (`experiment_state-*.json`, what
+        `Tuner.restore` continues from). A driver killed before Tune's first has only its
+        `tuner.pkl`, and Ray's restore then starts an experiment of one trial."""
+        return any(n.startswith(TUNE_SNAPSHOT) and n.endswith(".json") for n in self._names("", folders=False))
+
     def checkpoints(self, trial_id: str) -> list[str]:
         """The trial's checkpoint folder names, newest first."""
-        if not self.remote:
-            d = self.local_dir / trial_dir(trial_id)
-            names = [p.name for p in d.iterdir() if p.is_dir()] if d.is_dir() else []
-        else:
-            import pyarrow.fs as pafs
-
-            from trainables.fileio import patiently
-
-            fs, root = self._fs()
-            sel = pafs.FileSelector(f"{root}/{trial_dir(trial_id)}", allow_not_found=True)
-            names = [i.base_name for i in patiently(lambda: fs.get_file_info(sel), f"list {trial_dir(trial_id)}")
-                     if i.type == pafs.FileType.Directory]
+        names = self._names(trial_dir(trial_id), folders=True)
         found = [(i, n) for n in names if (i := checkpoint_index(n)) is not None]
         return [n for _, n in sorted(found, reverse=True)]
+
+    def _names(self, rel: str, *, folders: bool) -> list[str]:
+        """The names of the folders (or files) in an experiment-relative folder; [] if it is missing."""
+        if not self.remote:
+            d = self.local_dir / rel
+            return [p.name for p in d.iterdir() if p.is_dir() == folders] if d.is_dir() else []
+        import pyarrow.fs as pafs
+
+        from trainables.fileio import patiently
+
+        fs, root = self._fs()
+        sel = pafs.FileSelector(f"{root}/{rel}".rstrip("/"), allow_not_found=True)
+        kind = pafs.FileType.Directory if folders else pafs.FileType.File
+        return [i.base_name for i in patiently(lambda: fs.get_file_info(sel), f"list {rel or self.exp_dir}")
+                if i.type == kind]
 
     def final_checkpoint(self, trial_id: str) -> Path | None:
         """The newest checkpoint of the trial that holds the deployed model, with the model and the
