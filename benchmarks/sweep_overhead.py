@@ -15,18 +15,18 @@ its start-up and imports; stopping the previous one; scheduling; driver-side log
 and end times come from the MLflow child runs, which the driver opens when Tune starts a trial and
 closes when it completes.
 
-Each run measures two sweeps one after the other: the CLI's default (a fresh worker process per
-trial, as Ray Tune does by default) and `--reuse-actors` (later trials run in finished trials'
-worker processes), so the two ratios come from the same machine state.
+Each run measures two sweeps one after the other: the CLI's default (later trials run in finished
+trials' worker processes) and `--no-reuse-actors` (a fresh worker process per trial, Ray Tune's
+default), so the two ratios come from the same machine state.
 
     python benchmarks/sweep_overhead.py                     # 8 trials x 2 epochs, 2 at once
     python benchmarks/sweep_overhead.py --trials 8 --epochs 10 --subset-train 1000
-    python benchmarks/sweep_overhead.py --modes default --epochs 80 --subset-train 1500 \
-        --subset-test 300 --set width=16                    # trials of about 60 s (the target's setting)
+    python benchmarks/sweep_overhead.py --epochs 55 --subset-train 1500 --subset-test 300 \
+        --set width=16                                      # trials of about 60 s (the target's setting)
     python benchmarks/sweep_overhead.py --modes default     # the default sweep only
 
 The last stdout line is a JSON object with the key `ratio` (the default sweep) and, when measured,
-`ratio_reuse_actors` and the per-mode figures.
+`ratio_fresh_actors` and the per-mode figures.
 """
 from __future__ import annotations
 
@@ -57,8 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra --set for search.pareto (after the tiny-model defaults)")
-    p.add_argument("--modes", default="default,reuse",
-                   help="comma-separated: default (the CLI as is) and/or reuse (--reuse-actors)")
+    p.add_argument("--modes", default="default,fresh",
+                   help="comma-separated: default (the CLI as is) and/or fresh (--no-reuse-actors)")
     p.add_argument("--keep", action="store_true", help="keep the temporary sweep directory")
     p.add_argument("--verbose", action="store_true", help="show search.pareto's output")
     return p.parse_args(argv)
@@ -72,8 +72,8 @@ def run_sweep(args: argparse.Namespace, tmp: Path, mode: str = "default") -> dic
            "--subset-train", str(args.subset_train), "--subset-test", str(args.subset_test),
            "--storage-path", str(tmp / "results"), "--tracking-uri", f"sqlite:///{tmp / f'mlflow-{mode}.db'}",
            "--quiet"]
-    if mode == "reuse":
-        cmd.append("--reuse-actors")
+    if mode == "fresh":
+        cmd.append("--no-reuse-actors")
     for s in [*TINY_SETS, *args.set]:
         cmd += ["--set", s]
     env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0")
@@ -167,8 +167,8 @@ def table(m: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or set(modes) - {"default", "reuse"}:
-        raise SystemExit(f"--modes {args.modes!r}; accepted: default, reuse or both, comma-separated")
+    if not modes or set(modes) - {"default", "fresh"}:
+        raise SystemExit(f"--modes {args.modes!r}; accepted: default, fresh or both, comma-separated")
     tmp = Path(tempfile.mkdtemp(prefix="brsearch-overhead-"))
     results: dict[str, dict] = {}
     try:
@@ -180,15 +180,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     for mode, m in results.items():
-        print(f"--- {mode}: {'--reuse-actors' if mode == 'reuse' else 'the CLI as is (a fresh worker per trial)'}")
+        print(f"--- {mode}: {'--no-reuse-actors (a fresh worker per trial)' if mode == 'fresh' else 'the CLI as is (workers reused)'}")
         print(table(m))
     out: dict = dict(results[modes[0]])
     out["mode"] = modes[0]
     if "default" in results:
         out["ratio"] = results["default"]["ratio"]
-    if "reuse" in results:
-        out["ratio_reuse_actors"] = results["reuse"]["ratio"]
-        out["ratio_steady_reuse_actors"] = results["reuse"]["ratio_steady"]
+    if "fresh" in results:
+        out["ratio_fresh_actors"] = results["fresh"]["ratio"]
+        out["ratio_steady_fresh_actors"] = results["fresh"]["ratio_steady"]
     if len(results) > 1:
         out["modes"] = results
 

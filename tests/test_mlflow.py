@@ -296,7 +296,7 @@ def test_tracking_server_outage_neither_stops_nor_stalls_the_sweep(tmp_path, ser
     server back, `--resume-logging` sends exactly what is missing (run twice: no duplicates)."""
     server.start()
     cmd = [sys.executable, "-m", "search.pareto", "--name", "out", "--trials", "3", "--max-concurrent", "1",
-           "--num-cpus", "2", "--seed", "0", "--reuse-actors", *TINY, "--storage-path", str(tmp_path / "results"),
+           "--num-cpus", "2", "--seed", "0", *TINY, "--storage-path", str(tmp_path / "results"),
            "--tracking-uri", server.uri, "--mlflow-wait", "3"]
     with open(tmp_path / "sweep.err", "w") as err:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=err, text=True)

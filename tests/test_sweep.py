@@ -283,12 +283,13 @@ def test_sweep_logged_models_and_summary(sweep4):
 
 @pytest.mark.slow
 def test_reuse_actors_gives_the_same_trials(sweep4, tmp_path):
-    """--reuse-actors runs later trials in earlier trials' worker processes: wall time changes,
-    results must not (every trial seeds itself; the sampler's draws do not depend on timing)."""
+    """By default later trials run in earlier trials' worker processes; --no-reuse-actors starts a
+    fresh one per trial. Wall time changes, results must not (every trial seeds itself; the
+    sampler's draws do not depend on timing)."""
     import pandas as pd
 
     proc = run_cli(tmp_path, "--name", "s4", "--trials", "4", "--max-concurrent", "2", "--num-cpus", "2",
-                   "--seed", "0", "--reuse-actors", *TINY)
+                   "--seed", "0", "--no-reuse-actors", *TINY)
     assert proc.returncode == 0, _explain(proc)
 
     def outcomes(exp: Path) -> list[tuple]:
@@ -307,10 +308,10 @@ def test_reuse_actors_gives_the_same_trials(sweep4, tmp_path):
     def worker_pids(exp: Path) -> set[int]:  # Tune stamps every result with the worker's pid
         return {json.loads(f.read_text().splitlines()[-1])["pid"] for f in exp.glob("trial_*/result.json")}
 
-    assert len(worker_pids(sweep4["exp"])) == 4  # a fresh process per trial by default
-    assert len(worker_pids(tmp_path / "results" / "s4")) < 4  # reused
+    assert len(worker_pids(sweep4["exp"])) < 4  # reused by default
+    assert len(worker_pids(tmp_path / "results" / "s4")) == 4  # a fresh process per trial
     sweep_json = json.loads((tmp_path / "results" / "s4" / "brsearch" / "sweep.json").read_text())
-    assert sweep_json["reuse_actors"] is True
+    assert sweep_json["reuse_actors"] is False
 
 
 # --- stop and resume ---------------------------------------------------------------------------

@@ -64,10 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster-config", help="the autoscaler's cluster YAML, for the node types the cluster can launch "
                    "(default: the one the running autoscaler uses, or ~/ray_bootstrap_config.yaml on the head)")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a trial from its last checkpoint")
-    p.add_argument("--reuse-actors", action="store_true",
-                   help="run the next trial in the finished trial's worker process instead of a new one: "
-                        "saves the process start and imports per trial (seconds; worth it for short "
-                        "trials, docs/benchmarks.md); off by default, as in Ray Tune")
+    p.add_argument("--reuse-actors", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the next trial in a finished trial's worker process: saves the process start "
+                        "and imports per trial (seconds, docs/benchmarks.md \"Sweep overhead\"), with the same "
+                        "results; --no-reuse-actors starts a fresh process per trial (Ray Tune's default)")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start Ray locally)")
     p.add_argument("--num-cpus", type=int, help="local Ray only: CPUs to use")
     p.add_argument("--storage-path", default="./brsearch_results",
