@@ -544,7 +544,7 @@ def check(run: Run) -> dict:
     done_rows = df[df["status"] == COMPLETED]
     pts = done_rows[list(OBJECTIVES)].to_numpy(dtype=float)
     keep = np.isfinite(pts).all(axis=1)
-    keep[keep] = feasible_mask(pts[keep], Floors.for_sweep("digits"))
+    keep[keep] = feasible_mask(done_rows[keep].to_dict("records"), Floors.for_sweep("digits"))
     ok = done_rows[keep]
     mask = non_dominated_mask(pts[keep]) if len(ok) else np.zeros(0, bool)
     expected = set(ok[TRIAL_ID][mask])
