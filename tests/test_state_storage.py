@@ -426,6 +426,39 @@ def test_study_storage_pickles_as_its_spec(tmp_path, monkeypatch, kind):
     assert len(optuna.load_study(study_name="n", storage=open_study_storage(spec)).trials) == 4
 
 
+def test_a_paced_journal_is_written_at_flush_and_read_at_once(tmp_path):
+    """The sweep's study is written when Tune snapshots the searcher (SnapshotPacedJournal): this
+    process reads every ask and tell at once, the file holds them only after a flush, in order,
+    and the storage pickles as its paced spec."""
+    import optuna
+
+    from search.storage import PACED
+
+    path = tmp_path / "optuna.journal"
+    paced = open_study_storage({"journal": str(path), PACED: "1"})
+    study = optuna.create_study(study_name="s", storage=paced, directions=["maximize"])
+    t = study.ask()
+    study.tell(t, t.suggest_float("x", 0, 1))
+    assert [x.state.name for x in study.get_trials()] == ["COMPLETE"]  # the sampler sees it now
+
+    def on_disk() -> list:
+        try:
+            return optuna.load_study(study_name="s", storage=open_study_storage({"journal": str(path)})).get_trials()
+        except KeyError:
+            return []
+
+    assert on_disk() == []
+    paced.flush()
+    assert [x.state.name for x in on_disk()] == ["COMPLETE"]
+    t2 = study.ask()
+    study.tell(t2, t2.suggest_float("x", 0, 1))
+    assert len(on_disk()) == 1 and len(study.get_trials()) == 2
+    paced.flush()
+    assert [(x.number, x.params, x.values) for x in on_disk()] == [(x.number, x.params, x.values) for x in study.get_trials()]
+    again = pickle.loads(pickle.dumps(paced))
+    assert again.brsearch_spec[PACED] and len(optuna.load_study(study_name="s", storage=again).get_trials()) == 2
+
+
 def test_a_torn_last_journal_record_is_cut_off(tmp_path):
     """A driver killed inside an append leaves a last line without its newline: without the cut,
     the next record is appended onto it and the journal no longer loads."""

@@ -79,11 +79,13 @@ def build_tuner(plan: Plan, resources: Resources, callbacks: list[Any], options:
     from ray import tune
 
     from search.optimizer import MOASHAScheduler, ParetoSearch, make_sampler
-    from search.storage import CheckpointKeeper, open_study_storage
+    from search.storage import PACED, CheckpointKeeper, open_study_storage
 
     trainable = options.trainable if options.trainable is not None else _trainable(resources, plan)
     f = plan.flags
-    storage = open_study_storage(plan.location.study_spec())
+    spec = plan.location.study_spec()
+    # the sweep's own journal is written at Tune's snapshots (search.storage.SnapshotPacedJournal)
+    storage = open_study_storage(spec if f.study_storage else {**spec, PACED: "1"})
     sampler = make_sampler(f.sampler, f.seed, resources.max_concurrent, f.trials, f.scheduler)
     searcher = ParetoSearch(plan.space, sampler, plan.name, storage, objectives=plan.floors.objectives,
                             floors=plan.floors, total_trials=f.trials)
@@ -177,6 +179,7 @@ def run(plan: Plan) -> int:
           f"{link_lines(plan.tracking_uri, sweep_run.experiment_id)}", flush=True)
 
     if plan.resume and location.has_tune_snapshot():
+        _reconcile_with_snapshot(plan)
         keep_every_checkpoint()  # a sweep started with num_to_keep keeps it (Tune restores its RunConfig)
         tuner = tune.Tuner.restore(location.exp_dir, trainable=_trainable(res, plan), resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
@@ -191,10 +194,33 @@ def run(plan: Plan) -> int:
         tuner = build_tuner(plan, res, callbacks, TunerOptions(reuse_actors=f.reuse_actors))
     tuner.fit()
     from search.optimizer import settle_sampled_ahead
+    from search.storage import flush_studies
 
     settle_sampled_ahead()
+    flush_studies()  # what the last settling told (Tune's final snapshot wrote the rest)
     location.push_state()
     return end_sweep(plan, sweep_run, res, trained=True)
+
+
+def _reconcile_with_snapshot(plan: Plan) -> None:
+    """The study as Tune's snapshot has it, before the Tuner is restored (search.optimizer's
+    `reconcile_with_snapshot`: what a kill between the snapshot and the study's write leaves)."""
+    import optuna
+    from ray.tune import ExperimentAnalysis
+
+    from search.optimizer import reconcile_with_snapshot
+    from search.storage import open_study_storage
+
+    try:
+        study = optuna.load_study(study_name=plan.name, storage=open_study_storage(plan.location.study_spec()))
+    except KeyError:  # never written: the searcher starts it again (ParetoSearch.__setstate__)
+        return
+    done = reconcile_with_snapshot(study, ExperimentAnalysis(plan.location.exp_dir).trials,
+                                   list(plan.floors.objectives), plan.floors)
+    if any(done.values()):
+        print(f"brsearch: --resume {plan.name!r}: Optuna set to Tune's last snapshot ({done['told']} ended trial(s) "
+              f"told, {done['resumed']} running trial(s) taken up)", flush=True)
+    plan.location.push_state()
 
 
 def resume_logging(plan: Plan) -> int:

@@ -18,7 +18,8 @@ infeasible trials after the feasible ones and ranks them by their summed violati
 trials now rank by how far they got, behind every completed feasible trial, ahead of every completed
 trial below the floors (those carry at least 1e-9, `Floors.constraints`). NSGA-II and GP sample from
 COMPLETE trials only and are unchanged.
-Only public Optuna APIs are used.
+Only public Optuna APIs are used, except where a resume takes up a running trial it did not ask
+for: `optuna.trial.Trial(study, frozen._trial_id)` (Optuna has no public call for that id).
 
 Sampling ahead. At 1,000 trials TPE takes about 20-30 ms per suggest (it rebuilds its Parzen
 estimators from every trial), all of it in Tune's driver loop. Past `SAMPLE_AHEAD_AFTER` trials the
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import pickle
 import time
 import warnings
@@ -59,6 +61,8 @@ _SAMPLING_AHEAD: weakref.WeakSet = weakref.WeakSet()  # searchers of this proces
 UNFINISHED = "unfinished"  # a PRUNED trial's constraint: the share of its epochs not run (module docstring)
 UNFINISHED_SCALE = 1e-10  # below the 1e-9 of a completed trial at its clean floor (Floors.constraints)
 AHEAD_STATS = {"used": 0, "waited_s": 0.0}  # this process: samples taken, and the loop's wait for them (benchmarks)
+RESUMED = "brsearch_resumed"  # a RUNNING trial Tune's restored snapshot continues (`reconcile_with_snapshot`)
+RAY_TRIAL_ID = "ray_trial_id"  # the Tune trial an Optuna trial was handed out to
 
 
 class ParetoSearch(OptunaSearch):
@@ -97,7 +101,7 @@ class ParetoSearch(OptunaSearch):
             params = super().suggest(trial_id)
         ot = self._ot_trials.get(trial_id)
         if ot is not None:
-            ot.set_user_attr("ray_trial_id", trial_id)
+            ot.set_user_attr(RAY_TRIAL_ID, trial_id)
         self._start_ahead()
         return params
 
@@ -166,9 +170,17 @@ class ParetoSearch(OptunaSearch):
             self._setup_study(self._mode)
 
     def save(self, checkpoint_path: str) -> None:
-        """As Ray's (a pickled __dict__), without the sample in flight: it is not handed out yet."""
-        with open(checkpoint_path, "wb") as f:
+        """Tune saves the searcher into each experiment snapshot, right after the snapshot's trial
+        states: the study's paced journal is written now (search.storage.SnapshotPacedJournal), then
+        the searcher is pickled (as Ray's, a pickled __dict__, without the sample in flight: it is
+        not handed out yet) through a temporary file, so a kill mid-write leaves the last one."""
+        flush = getattr(self._storage, "flush", None)
+        if flush is not None:
+            flush()
+        tmp = f"{checkpoint_path}.tmp"
+        with open(tmp, "wb") as f:
             pickle.dump(self.__getstate__(), f)
+        os.replace(tmp, checkpoint_path)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         # Tune calls on_trial_complete(error=True) with no result, so remember why here
@@ -199,35 +211,10 @@ class ParetoSearch(OptunaSearch):
 
     def _tell(self, trial_id: str, ot: optuna.trial.Trial, state: TrialState, values: list[float] | None,
               reason: str, result: dict | None) -> None:
-        try:
-            if reason:
-                ot.set_user_attr("brsearch_reason", reason)
-            if state == TrialState.PRUNED:
-                ot.set_constraint(UNFINISHED, unfinished(result))
-            floors = getattr(self, "floors", None)
-            if state == TrialState.COMPLETE and floors is not None:
-                for key, c in floors.constraints(result or {}).items():
-                    ot.set_constraint(key, c)
-            self._ot_study.tell(ot, values, state=state)
-        except Exception as exc:  # never leave a zombie RUNNING trial behind
-            try:
-                self._ot_study.tell(ot, state=TrialState.FAIL)
-                log.warning("optuna tell failed for %s (%s); marked it FAIL", trial_id, exc)
-            except Exception:  # finished already: the state it has stays
-                now = self._ot_study.get_trials(deepcopy=False)[ot.number].state
-                log.warning("optuna tell failed for %s (%s); Optuna keeps it %s", trial_id, exc, now.name)
+        tell_outcome(self._ot_study, ot, state, values, reason, result, getattr(self, "floors", None), trial_id)
 
     def outcome(self, result: dict | None, error: bool) -> tuple[TrialState, list[float] | None, str]:
-        if result and result.get(DIVERGED):  # trainables.tune's last report of a diverged trial
-            return TrialState.FAIL, None, str(result.get(FAILURE_REASON) or DIVERGED)
-        if error or not result:
-            return TrialState.FAIL, None, "error" if error else "no result"
-        if not is_completed(result):
-            return TrialState.PRUNED, None, stopped_reason(result)
-        values = [result.get(m) for m in self.metric]
-        if any(v is None or not math.isfinite(float(v)) for v in values):
-            return TrialState.FAIL, None, f"non-finite objectives {values}"
-        return TrialState.COMPLETE, [float(v) for v in values], ""
+        return outcome(result, error, self.metric)
 
     @property
     def study(self) -> optuna.Study:
@@ -239,6 +226,12 @@ class ParetoSearch(OptunaSearch):
         super().restore(checkpoint_path)
         self.__dict__.setdefault("diverged_trials", {})
         self._ahead, self._ahead_pool = None, None
+        # a trial the snapshot holds but this pickle, written just after it, does not (a kill in
+        # between): Tune continues it, so it is told when it ends, not marked an orphan
+        for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            tid = t.user_attrs.get(RAY_TRIAL_ID)
+            if tid and t.user_attrs.get(RESUMED) and tid not in self._ot_trials:
+                self._ot_trials[tid] = optuna.trial.Trial(self._ot_study, t._trial_id)
         self.settled = self.told_after_snapshot()
         if self.settled:
             log.warning("%d trial(s) Tune runs again were told to Optuna after its last snapshot (%s); "
@@ -277,6 +270,67 @@ class ParetoSearch(OptunaSearch):
                 self._ot_study.tell(t.number, state=TrialState.FAIL)
                 n += 1
         return n
+
+
+def outcome(result: dict | None, error: bool, objectives: list[str]) -> tuple[TrialState, list[float] | None, str]:
+    """How a Tune trial's last result is told to Optuna: (state, values, reason)."""
+    if result and result.get(DIVERGED):  # trainables.tune's last report of a diverged trial
+        return TrialState.FAIL, None, str(result.get(FAILURE_REASON) or DIVERGED)
+    if error or not result:
+        return TrialState.FAIL, None, "error" if error else "no result"
+    if not is_completed(result):
+        return TrialState.PRUNED, None, stopped_reason(result)
+    values = [result.get(m) for m in objectives]
+    if any(v is None or not math.isfinite(float(v)) for v in values):
+        return TrialState.FAIL, None, f"non-finite objectives {values}"
+    return TrialState.COMPLETE, [float(v) for v in values], ""
+
+
+def tell_outcome(study: optuna.Study, ot: optuna.trial.Trial, state: TrialState, values: list[float] | None,
+                 reason: str, result: dict | None, floors: Floors | None, trial_id: str = "") -> None:
+    """Tell one outcome with its reason and constraints (a stopped trial's UNFINISHED, a completed
+    one's floors); never leaves the trial RUNNING: a failed tell becomes FAIL."""
+    try:
+        if reason:
+            ot.set_user_attr("brsearch_reason", reason)
+        if state == TrialState.PRUNED:
+            ot.set_constraint(UNFINISHED, unfinished(result))
+        if state == TrialState.COMPLETE and floors is not None:
+            for key, c in floors.constraints(result or {}).items():
+                ot.set_constraint(key, c)
+        study.tell(ot, values, state=state)
+    except Exception as exc:  # never leave a zombie RUNNING trial behind
+        try:
+            study.tell(ot, state=TrialState.FAIL)
+            log.warning("optuna tell failed for %s (%s); marked it FAIL", trial_id, exc)
+        except Exception:  # finished already: the state it has stays
+            now = study.get_trials(deepcopy=False)[ot.number].state
+            log.warning("optuna tell failed for %s (%s); Optuna keeps it %s", trial_id, exc, now.name)
+
+
+def reconcile_with_snapshot(study: optuna.Study, tune_trials: list, objectives: list[str],
+                            floors: Floors | None) -> dict[str, int]:
+    """Before `Tuner.restore` (`--resume`): the study as the snapshot Tune restores has it. A
+    kill can land between Tune's snapshot and the searcher's save just after it, which writes the
+    study (search.storage.SnapshotPacedJournal): a trial the snapshot has ended is then still
+    RUNNING in Optuna (told here, from its last result), and one it has running is unknown to the
+    pickled searcher (marked RESUMED, so `restore` takes it up instead of failing it). Returns
+    counts by what was done."""
+    by_id = {t.trial_id: t for t in tune_trials}
+    done = {"told": 0, "resumed": 0}
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        t = by_id.get(frozen.user_attrs.get(RAY_TRIAL_ID))
+        if t is None:  # asked after the snapshot: an orphan, marked FAIL by the searcher's restore
+            continue
+        ot = optuna.trial.Trial(study, frozen._trial_id)
+        if t.status in ("TERMINATED", "ERROR"):
+            state, values, reason = outcome(t.last_result, t.status == "ERROR", objectives)
+            tell_outcome(study, ot, state, values, reason, t.last_result, floors, t.trial_id)
+            done["told"] += 1
+        else:
+            ot.set_user_attr(RESUMED, True)
+            done["resumed"] += 1
+    return done
 
 
 def unfinished(result: dict | None) -> float:

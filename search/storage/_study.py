@@ -7,12 +7,14 @@ restored it there), not at a path of the machine that started the sweep.
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage
-from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+from optuna.storages.journal import BaseJournalBackend, JournalFileBackend, JournalFileSymlinkLock
 from ray.tune import Callback
 
 from ._location import SweepLocation, mirrored_study_spec
@@ -29,10 +31,73 @@ class _SpecJournalStorage(JournalStorage):
     def __reduce__(self) -> tuple:
         return (open_study_storage, (self.brsearch_spec,))
 
+    def flush(self) -> None:
+        """Write what a snapshot-paced journal holds back (no-op otherwise)."""
+        flush = getattr(self._backend, "flush", None)
+        if flush is not None:
+            flush()
+
+
+_PACED: weakref.WeakSet = weakref.WeakSet()  # this process's snapshot-paced journals (`flush_studies`)
+
+
+class SnapshotPacedJournal(BaseJournalBackend):
+    """A journal file whose appends reach the file only at `flush`, which the searcher calls when
+    Tune saves it into an experiment snapshot (`ParetoSearch.save`); reads in this process see
+    them at once, so samplers learn from every outcome as it comes.
+
+    Why: Tune snapshots its experiment on its own period (at least 10 s), while the searcher asks
+    and tells Optuna as trials start and end. Written at once, a crash left Optuna with trials the
+    restored experiment never heard of, among them finished ones whose results no table held.
+    Paced with the snapshot, the study on disk holds what the snapshot holds; what a crash loses
+    (asks and outcomes after the last snapshot) Tune runs again, as it does the trials themselves.
+    Only for a journal the driver alone writes (the sweep's own study file).
+    """
+
+    def __init__(self, inner: JournalFileBackend) -> None:
+        self.inner = inner
+        self._pending: list[dict[str, Any]] = []
+        self._on_disk: int | None = None
+        self._lock = threading.Lock()
+        _PACED.add(self)
+
+    def read_logs(self, log_number_from: int) -> list[dict[str, Any]]:
+        with self._lock:
+            if self._on_disk is None:
+                disk = list(self.inner.read_logs(0))
+                self._on_disk = len(disk)
+                disk = disk[log_number_from:]
+            else:
+                disk = list(self.inner.read_logs(log_number_from)) if log_number_from < self._on_disk else []
+            return disk + self._pending[max(0, log_number_from - self._on_disk):]
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        with self._lock:
+            if self._on_disk is None:
+                self._on_disk = sum(1 for _ in self.inner.read_logs(0))
+            self._pending.extend(logs)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._pending:
+                self.inner.append_logs(self._pending)
+                self._on_disk = (self._on_disk or 0) + len(self._pending)
+                self._pending = []
+
+
+def flush_studies() -> None:
+    """Every snapshot-paced journal of this process to its file (the end of a sweep)."""
+    for journal in list(_PACED):
+        journal.flush()
+
+
+PACED = "paced"  # a spec key: the journal is written at Tune's snapshots (SnapshotPacedJournal)
+
 
 def open_study_storage(spec: dict[str, str]) -> optuna.storages.BaseStorage:
     """The Optuna storage a spec names: {"url": RDB URL}, {"sqlite": path}, {"journal": path} or
-    {"mirror": remote state dir} (the study file in the driver-local mirror).
+    {"mirror": remote state dir} (the study file in the driver-local mirror); a journal with
+    {PACED: "1"} added is written at Tune's snapshots (the sweep's searcher, `SnapshotPacedJournal`).
 
     Args:
         spec: what `SweepLocation.study_spec` or --study-storage names.
@@ -47,7 +112,10 @@ def open_study_storage(spec: dict[str, str]) -> optuna.storages.BaseStorage:
         path = Path(spec["journal"])
         path.parent.mkdir(parents=True, exist_ok=True)
         _drop_torn_tail(path)
-        storage = _SpecJournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileSymlinkLock(str(path))))
+        backend: BaseJournalBackend = JournalFileBackend(str(path), lock_obj=JournalFileSymlinkLock(str(path)))
+        if named.get(PACED):
+            backend = SnapshotPacedJournal(backend)
+        storage = _SpecJournalStorage(backend)
     else:
         path = Path(spec["sqlite"])
         path.parent.mkdir(parents=True, exist_ok=True)
