@@ -447,11 +447,11 @@ def test_resume_of_a_sweep_stopped_before_tunes_first_snapshot(tmp_path):
 # from the first trial's end on, and the driver is killed right after the next trial's end was
 # told to Optuna, so Optuna has it COMPLETE and the snapshot Tune restores has never heard of it
 CRASH_AFTER_AN_UNSNAPSHOTTED_END = """
-import os, signal, sys
+import os, signal, sys, time
 from ray.tune.execution.tune_controller import TuneController
 from search.optimizer import ParetoSearch
-save, tell = TuneController.save_to_dir, ParetoSearch.on_trial_complete
-held = {"ids": set(), "frozen": False}
+save, tell, suggest = TuneController.save_to_dir, ParetoSearch.on_trial_complete, ParetoSearch.suggest
+held = {"ids": set(), "frozen": False, "ended": None}
 
 
 def save_until_frozen(self):
@@ -465,12 +465,20 @@ def crash_after_an_unknown_end(self, trial_id, result=None, error=False):
     if not held["frozen"]:
         held["frozen"] = True
     elif trial_id not in held["ids"]:
-        print(f"CRASH after {trial_id} ended unknown to the snapshot", flush=True)
+        held["ended"] = trial_id
+
+
+def crash_at_the_next_ask(self, trial_id):
+    if held["ended"]:  # the ended trial's MLflow run had time to be logged FINISHED
+        time.sleep(3)
+        print(f"CRASH after {held['ended']} ended unknown to the snapshot", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+    return suggest(self, trial_id)
 
 
 TuneController.save_to_dir = save_until_frozen
 ParetoSearch.on_trial_complete = crash_after_an_unknown_end
+ParetoSearch.suggest = crash_at_the_next_ask
 from search.pareto import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -480,7 +488,7 @@ def test_a_trial_that_ended_after_the_last_snapshot_leaves_no_trace_in_optuna(tm
     """A trial Tune started after its last snapshot ended (told to the searcher) before the driver
     died. The study is written with Tune's snapshots, so neither Tune nor Optuna holds it: the
     resume runs another trial in its place and every store agrees (before, Optuna kept it
-    COMPLETE while no table did). Its MLflow run, logged live, is ended as lost."""
+    COMPLETE while no table did). Its MLflow run, logged live to its end, is ended as lost."""
     name, trials = "unsnap", 3
     args = ["--name", name, "--trials", str(trials), "--epochs", "2", "--max-concurrent", "1",
             "--storage-path", str(tmp_path / "results"), "--tracking-uri", mlflow_uri(tmp_path), *TINY]
@@ -500,6 +508,9 @@ def test_a_trial_that_ended_after_the_last_snapshot_leaves_no_trace_in_optuna(tm
     tid = crashed.group(1)
     assert tid not in snapshot(exp_dir)
     assert tid not in {t.user_attrs.get("ray_trial_id") for t in study_trials(exp_dir, name)}
+    parent = json.loads((exp_dir / "brsearch" / "sweep.json").read_text())["parent_run_id"]
+    live = {c.data.tags["ray_trial_id"]: c.info.status for c in mlflow_runs(mlflow_uri(tmp_path), parent)[2]}
+    assert live.get(tid) == "FINISHED"  # logged live to its end before the kill
 
     second = Sweep([*args, "--resume"], tmp_path)
     rc = second.wait(400)
@@ -515,8 +526,7 @@ def test_a_trial_that_ended_after_the_last_snapshot_leaves_no_trace_in_optuna(tm
     assert [p.info.status for p in parents] == ["FINISHED"]
     by_trial = {c.data.tags["ray_trial_id"]: c for c in children}
     assert {t for t, c in by_trial.items() if c.info.status == "FINISHED"} == set(df.index)
-    if tid in by_trial:
-        assert by_trial[tid].info.status == "KILLED" and by_trial[tid].data.tags["brsearch.status"] == "lost"
+    assert by_trial[tid].info.status == "KILLED" and by_trial[tid].data.tags["brsearch.status"] == "lost"
 
 
 # --- 2. a worker node is lost mid-trial -----------------------------------------------------------

@@ -96,7 +96,9 @@ def finish_parent_run(client: MlflowClient, run: SweepRun, end: SweepEnd,
         flag = "true" if tid in on_front else "false"
         if child.data.tags.get("pareto") != flag:
             client.set_tag(child.info.run_id, "pareto", flag)
-        if child.info.status == "RUNNING" and tid not in known:
+        if tid not in known and (child.info.status != "KILLED" or child.data.tags.get(STATUS_TAG) != LOST):
+            # a trial the restored experiment never heard of (started after Tune's last snapshot,
+            # logged live, maybe to its end): no table holds it, so neither does the sweep's record
             client.set_tag(child.info.run_id, STATUS_TAG, LOST)
             client.set_terminated(child.info.run_id, RunStatus.to_string(RunStatus.KILLED))
     models = tag_front(client, run.experiment_id, parent, on_front)
