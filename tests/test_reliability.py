@@ -189,6 +189,8 @@ def free_port() -> int:
 
 # --- 1. the driver is killed mid-sweep, then --resume ---------------------------------------------
 
+@pytest.mark.slow
+@pytest.mark.long
 def test_driver_sigkill_then_resume(tmp_path):
     """SIGKILL the driver while a trial is between checkpoints, after another finished; resume.
     Nothing finished is lost or repeated (trials.parquet, Optuna, MLflow), the interrupted trial
@@ -402,6 +404,8 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
+@pytest.mark.long
 def test_resume_of_a_sweep_stopped_before_tunes_first_snapshot(tmp_path):
     """With no experiment snapshot, Ray's restore runs an experiment of one trial (it drops
     num_samples), so every --resume ran one trial and exited 130. The resume now starts the
@@ -484,6 +488,8 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
+@pytest.mark.long
 def test_a_trial_that_ended_after_the_last_snapshot_leaves_no_trace_in_optuna(tmp_path):
     """A trial Tune started after its last snapshot ended (told to the searcher) before the driver
     died. The study is written with Tune's snapshots, so neither Tune nor Optuna holds it: the

@@ -27,8 +27,9 @@ searcher asks Optuna for the next trial on a background thread as soon as it han
 the loop waits on running trials, as `Study.optimize(n_jobs=2)` does with its threads. The
 sample for trial k+1 therefore sees every result told before trial k was handed out, not those
 told in between (as with one more trial running at once). Nothing of it is saved: a checkpoint
-holds only trials handed out, a sample in flight at a crash is an Optuna trial RUNNING that the
-restore marks FAIL (`reconcile_orphans`), and one left at the end is marked FAIL by
+holds only trials handed out, a sample in flight at a crash is lost with the driver's unwritten
+journal or, if a snapshot wrote it, an Optuna trial RUNNING that the restore marks FAIL
+(`reconcile_orphans`), and one left at the end is marked FAIL by
 `settle_sampled_ahead`, so no sample is ever handed out twice. Below the threshold every sample
 is drawn in the loop, so small sweeps stay reproducible from their seed.
 """
