@@ -381,6 +381,29 @@ def test_resume_after_a_tell_past_the_snapshot_agrees_with_optuna(tmp_path):
         assert trials[k].values == pytest.approx([df.loc[k, m] for m in ("clean_acc", "robust_acc", "channel_sparsity")])
 
 
+def planted_crash(script: str, args: list[str], cwd: Path) -> tuple[subprocess.Popen, str]:
+    """`search.pareto ARGS` with a fault planted by `script` (python -c), run until it kills
+    itself; its Ray instance is killed after it. Returns the process and its output."""
+    first = subprocess.Popen([sys.executable, "-c", script, *args], cwd=cwd, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=_env(), start_new_session=True)
+    try:
+        out, _ = first.communicate(timeout=300)
+    finally:
+        try:
+            os.killpg(first.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return first, out
+
+
+def finished_sweep_children(exp_dir: Path, tmp_path: Path) -> dict:
+    """The ended sweep's child runs by trial id, after checking its one parent run FINISHED."""
+    sweep_json = json.loads((exp_dir / "brsearch" / "sweep.json").read_text())
+    _, parents, children = mlflow_runs(mlflow_uri(tmp_path), sweep_json["parent_run_id"])
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    return {c.data.tags["ray_trial_id"]: c for c in children}
+
+
 # a driver stopped before Tune's first experiment snapshot: Tune's snapshots are planted away
 # (as when the first upload to s3:// never finished) and the driver is killed once a trial has a
 # checkpointed epoch, with tuner.pkl, the study, MLflow runs and trial folders already written
@@ -415,16 +438,7 @@ def test_resume_of_a_sweep_stopped_before_tunes_first_snapshot(tmp_path):
     args = ["--name", name, "--trials", str(trials), "--epochs", "2", "--max-concurrent", "2",
             "--storage-path", str(tmp_path / "results"), "--tracking-uri", mlflow_uri(tmp_path), *TINY]
     exp_dir = tmp_path / "results" / name
-    first = subprocess.Popen([sys.executable, "-c", CRASH_BEFORE_SNAPSHOT, *args], cwd=tmp_path,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
-                             start_new_session=True)
-    try:
-        out, _ = first.communicate(timeout=300)
-    finally:
-        try:
-            os.killpg(first.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+    first, out = planted_crash(CRASH_BEFORE_SNAPSHOT, args, tmp_path)
     assert first.returncode == -signal.SIGKILL and "CRASH before any snapshot" in out, out[-3000:]
     assert (exp_dir / "tuner.pkl").exists() and snapshot(exp_dir) is None
     assert not study_trials(exp_dir, name)  # the study is written with Tune's snapshots: none yet
@@ -438,10 +452,7 @@ def test_resume_of_a_sweep_stopped_before_tunes_first_snapshot(tmp_path):
     df = pd.read_parquet(exp_dir / "trials.parquet")
     assert len(df) == trials and df["trial_id"].is_unique and set(df["status"]) == {"completed"}
     assert Counter(t.state.name for t in optuna_trials(exp_dir, name)) == {"COMPLETE": trials}
-    sweep_json = json.loads((exp_dir / "brsearch" / "sweep.json").read_text())
-    _, parents, children = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", sweep_json["parent_run_id"])
-    assert [p.info.status for p in parents] == ["FINISHED"]
-    by_trial = {c.data.tags["ray_trial_id"]: c for c in children}
+    by_trial = finished_sweep_children(exp_dir, tmp_path)
     assert {t for t, c in by_trial.items() if c.info.status == "FINISHED"} == set(df["trial_id"])
     for tid in set(by_trial) - set(df["trial_id"]):  # the killed driver's trials, logged live
         assert by_trial[tid].info.status == "KILLED" and by_trial[tid].data.tags["brsearch.status"] == "lost"
@@ -499,16 +510,7 @@ def test_a_trial_that_ended_after_the_last_snapshot_leaves_no_trace_in_optuna(tm
     args = ["--name", name, "--trials", str(trials), "--epochs", "2", "--max-concurrent", "1",
             "--storage-path", str(tmp_path / "results"), "--tracking-uri", mlflow_uri(tmp_path), *TINY]
     exp_dir = tmp_path / "results" / name
-    first = subprocess.Popen([sys.executable, "-c", CRASH_AFTER_AN_UNSNAPSHOTTED_END, *args], cwd=tmp_path,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
-                             start_new_session=True)
-    try:
-        out, _ = first.communicate(timeout=300)
-    finally:
-        try:
-            os.killpg(first.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+    first, out = planted_crash(CRASH_AFTER_AN_UNSNAPSHOTTED_END, args, tmp_path)
     crashed = re.search(r"CRASH after (\w+) ended", out)
     assert first.returncode == -signal.SIGKILL and crashed, out[-3000:]
     tid = crashed.group(1)
@@ -527,10 +529,7 @@ def test_a_trial_that_ended_after_the_last_snapshot_leaves_no_trace_in_optuna(tm
     assert len(df) == trials and df.index.is_unique and set(df["status"]) == {"completed"} and tid not in df.index
     trials_by_id = {t.user_attrs["ray_trial_id"]: t.state.name for t in optuna_trials(exp_dir, name)}
     assert trials_by_id == {k: "COMPLETE" for k in df.index}
-    sweep_json = json.loads((exp_dir / "brsearch" / "sweep.json").read_text())
-    _, parents, children = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", sweep_json["parent_run_id"])
-    assert [p.info.status for p in parents] == ["FINISHED"]
-    by_trial = {c.data.tags["ray_trial_id"]: c for c in children}
+    by_trial = finished_sweep_children(exp_dir, tmp_path)
     assert {t for t, c in by_trial.items() if c.info.status == "FINISHED"} == set(df.index)
     assert by_trial[tid].info.status == "KILLED" and by_trial[tid].data.tags["brsearch.status"] == "lost"
 
