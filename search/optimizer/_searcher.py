@@ -39,10 +39,12 @@ import logging
 import math
 import os
 import pickle
+import shutil
 import time
 import warnings
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
@@ -50,6 +52,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search.front import Floors
 from search.results import stopped_reason
+from search.storage import PACED
 from trainables.contract import DIRECTIONS, DIVERGED, EPOCH, FAILURE_REASON, MAX_EPOCHS, OBJECTIVES, is_completed
 
 from ._space import Space
@@ -64,6 +67,7 @@ UNFINISHED_SCALE = 1e-10  # below the 1e-9 of a completed trial at its clean flo
 AHEAD_STATS = {"used": 0, "waited_s": 0.0}  # this process: samples taken, and the loop's wait for them (benchmarks)
 RESUMED = "brsearch_resumed"  # a RUNNING trial Tune's restored snapshot continues (`reconcile_with_snapshot`)
 RAY_TRIAL_ID = "ray_trial_id"  # the Tune trial an Optuna trial was handed out to
+SNAPSHOT_FILE = "experiment_state-{}.json"  # Tune's experiment snapshot (TuneController.CKPT_FILE_TMPL)
 
 
 class ParetoSearch(OptunaSearch):
@@ -91,7 +95,12 @@ class ParetoSearch(OptunaSearch):
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 self._ot_study.set_metric_names(list(self._metric))
 
-    def suggest(self, trial_id: str) -> dict | None:
+    def suggest(self, trial_id: str) -> dict | str | None:
+        total = getattr(self, "total_trials", None)
+        if trial_id not in self._ot_trials and total is not None and len(self._ot_trials) >= total:
+            # never more than --trials: a restore whose trial count is older than its trial states
+            # (a kill before Tune's own upload, `save_to_dir`) would otherwise ask for more
+            return self.FINISHED
         if trial_id not in self._ot_trials:
             ahead = self._take_ahead()
             if ahead is not None:  # Ray's define-by-run suggest uses a trial already in _ot_trials
@@ -170,18 +179,37 @@ class ParetoSearch(OptunaSearch):
             self._ot_trials = {}
             self._setup_study(self._mode)
 
-    def save(self, checkpoint_path: str) -> None:
+    def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
         """Tune saves the searcher into each experiment snapshot, right after the snapshot's trial
-        states: the study's paced journal is written now (search.storage.SnapshotPacedJournal), then
-        the searcher is pickled (as Ray's, a pickled __dict__, without the sample in flight: it is
-        not handed out yet) through a temporary file, so a kill mid-write leaves the last one."""
+        states, into its staging folder, and uploads both to the storage later, in the
+        background. The study's paced journal (search.storage.SnapshotPacedJournal) is written
+        straight to the storage, so with a local storage the trial states go there first, then
+        the journal, then this searcher: a kill at any moment leaves the storage's study no
+        newer than its trial states (what is older, `reconcile_with_snapshot` settles). Tune's
+        upload later writes the same files again."""
+        exp = self._published_dir(checkpoint_dir)
+        if exp is not None:
+            _publish(Path(checkpoint_dir) / SNAPSHOT_FILE.format(session_str), exp)
+        super().save_to_dir(checkpoint_dir, session_str)  # `save`: the journal, then the pickle
+        if exp is not None:
+            _publish(Path(checkpoint_dir) / self.CKPT_FILE_TMPL.format(session_str), exp)
+
+    def _published_dir(self, checkpoint_dir: str) -> Path | None:
+        """The local experiment folder the paced journal sits in, when Tune stages apart from it."""
+        spec = getattr(getattr(self, "_storage", None), "brsearch_spec", None) or {}
+        if not spec.get(PACED) or "journal" not in spec:
+            return None
+        exp = Path(spec["journal"]).parent.parent
+        return None if exp.resolve() == Path(checkpoint_dir).resolve() else exp
+
+    def save(self, checkpoint_path: str) -> None:
+        """The paced journal first, then the searcher pickled as Ray's (a pickled __dict__),
+        without the sample in flight: it is not handed out yet."""
         flush = getattr(self._storage, "flush", None)
         if flush is not None:
             flush()
-        tmp = f"{checkpoint_path}.tmp"
-        with open(tmp, "wb") as f:
+        with open(checkpoint_path, "wb") as f:
             pickle.dump(self.__getstate__(), f)
-        os.replace(tmp, checkpoint_path)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         # Tune calls on_trial_complete(error=True) with no result, so remember why here
@@ -271,6 +299,16 @@ class ParetoSearch(OptunaSearch):
                 self._ot_study.tell(t.number, state=TrialState.FAIL)
                 n += 1
         return n
+
+
+def _publish(src: Path, folder: Path) -> None:
+    """Copy a staged snapshot file into the experiment folder in one step (a temporary file, then
+    `os.replace`); nothing when Tune staged no such file."""
+    if not src.is_file():
+        return
+    tmp = folder / f".{src.name}.publish"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, folder / src.name)
 
 
 def outcome(result: dict | None, error: bool, objectives: list[str]) -> tuple[TrialState, list[float] | None, str]:
