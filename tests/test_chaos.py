@@ -122,19 +122,16 @@ def test_a_short_seed_end_to_end(tmp_path):
     """benchmarks/chaos.py as documented, shortened: 6 trials of 2 epochs, four faults, one of each
     kind (driver kill, kill timed to a write, worker kill, tracking server down), downtimes of 6 to
     18 s. Whatever fired (a fault due after the sweep ended does not), the sweep ends with nothing
-    lost, duplicated or left open, the front right and no extra resume; at least the driver kill
-    fired. A trial that started and ended between two of Tune's snapshots and was told to Optuna
-    just before a kill that beat the snapshot's upload stays in Optuna only: the write-timed kill
-    aims at that window, which is open (docs/reliability.md); it is counted, not failed, here."""
+    lost, duplicated or left open, no finished trial that only Optuna knows (the write-timed kill
+    aims at the study's write, right after Tune's snapshot), the front right and no extra
+    resume; at least the driver kill fired."""
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "chaos.py"), "--seed", "3", "--trials", "6",
                            "--epochs", "2", "--faults", "4", "--scale", "0.1", "--timeout", "900",
                            "--workdir", str(tmp_path / "work")],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1000)
     verdict = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert verdict["outcome"] == "finished", proc.stdout[-4000:]
-    assert (verdict["lost"], verdict["duplicated"], verdict["orphans"], verdict["torn_checkpoints"]) == (0, 0, 0, 0), \
-        proc.stdout[-4000:]
+    assert proc.returncode == 0 and verdict["ok"], proc.stdout[-4000:]
+    assert (verdict["lost"], verdict["duplicated"], verdict["orphans"], verdict["unknown_to_tune"],
+            verdict["torn_checkpoints"]) == (0, 0, 0, 0, 0)
     assert verdict["front_ok"] and verdict["resumes_needed"] == 0 and verdict["completed"] == 6
-    assert verdict["replays_needed"] == verdict["replays_server_late"]
-    assert verdict["ok"] == (verdict["unknown_to_tune"] == 0) and (proc.returncode == 0) == verdict["ok"]
     assert verdict["faults"] >= 2 and verdict["by_kind"].get("driver_kill") == 1 and verdict["driver_runs"] >= 2
