@@ -534,6 +534,68 @@ def test_a_trial_that_ended_after_the_last_snapshot_leaves_no_trace_in_optuna(tm
     assert by_trial[tid].info.status == "KILLED" and by_trial[tid].data.tags["brsearch.status"] == "lost"
 
 
+# the resumed driver's searcher does not hear of one trial's end, as when Tune's concurrency
+# limiter, restored from a state older than the snapshot's trials, forwards only those it lists
+DROP_ONE_END = """
+import sys
+from search.optimizer import ParetoSearch
+tell, dropped = ParetoSearch.on_trial_complete, []
+
+
+def drop_the_first_end(self, trial_id, result=None, error=False):
+    if not dropped:
+        dropped.append(trial_id)
+        print(f"DROPPED the end of {trial_id}", flush=True)
+        return
+    tell(self, trial_id, result, error)
+
+
+ParetoSearch.on_trial_complete = drop_the_first_end
+from search.pareto import main
+sys.exit(main(sys.argv[1:]))
+"""
+KILL_AT_A_RESULT = """
+import os, signal, sys
+from search.optimizer import ParetoSearch
+result = ParetoSearch.on_trial_result
+
+
+def kill_at_the_first_result(self, trial_id, res):
+    result(self, trial_id, res)
+    print(f"CRASH at {trial_id}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+ParetoSearch.on_trial_result = kill_at_the_first_result
+from search.pareto import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_a_trial_end_the_resumed_searcher_missed_is_told_at_the_end(tmp_path):
+    """After a --resume, a trial ends without the searcher hearing of it (planted: its first
+    end is dropped). Optuna would keep it RUNNING while the table says completed; the resumed
+    sweep's end tells Optuna from Tune's trials, with one line."""
+    name, trials = "missed", 3
+    args = ["--name", name, "--trials", str(trials), "--epochs", "2", "--max-concurrent", "2",
+            "--storage-path", str(tmp_path / "results"), "--tracking-uri", mlflow_uri(tmp_path), *TINY]
+    exp_dir = tmp_path / "results" / name
+    first, out = planted_crash(KILL_AT_A_RESULT, args, tmp_path)
+    assert first.returncode == -signal.SIGKILL and "CRASH at" in out, out[-3000:]
+    second = subprocess.run([sys.executable, "-c", DROP_ONE_END, *args, "--resume"], cwd=tmp_path, env=_env(),
+                            capture_output=True, text=True, timeout=400)
+    text = second.stdout + second.stderr
+    assert second.returncode == 0, text[-4000:]
+    dropped = re.search(r"DROPPED the end of (\w+)", text).group(1)
+    assert re.search(r"Optuna set to Tune's trials at the end \(1 ended trial\(s\) told", text), text[-3000:]
+    df = pd.read_parquet(exp_dir / "trials.parquet").set_index("trial_id")
+    assert len(df) == trials and set(df["status"]) == {"completed"} and dropped in df.index
+    states = {t.user_attrs["ray_trial_id"]: t.state.name for t in optuna_trials(exp_dir, name) if t.state.name != "FAIL"}
+    assert states == {k: "COMPLETE" for k in df.index}
+
+
 # --- 2. a worker node is lost mid-trial -----------------------------------------------------------
 
 def test_worker_node_lost_mid_trial(tmp_path):

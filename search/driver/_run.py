@@ -198,13 +198,16 @@ def run(plan: Plan) -> int:
 
     settle_sampled_ahead()
     flush_studies()  # what the last settling told (Tune's final snapshot wrote the rest)
+    if plan.resume:  # a trial ended that the restored searcher was never told of: Tune's concurrency
+        _reconcile_with_snapshot(plan, "at the end")  # limiter forwards only trials its own (older) state lists
     location.push_state()
     return end_sweep(plan, sweep_run, res, trained=True)
 
 
-def _reconcile_with_snapshot(plan: Plan) -> None:
-    """The study as Tune's snapshot has it, before the Tuner is restored (search.optimizer's
-    `reconcile_with_snapshot`: what a kill between the snapshot and the study's write leaves)."""
+def _reconcile_with_snapshot(plan: Plan, when: str = "before the restore") -> None:
+    """The study as Tune's snapshot has it (search.optimizer's `reconcile_with_snapshot`): before
+    the Tuner is restored, what a kill between the snapshot and the study's write leaves; at the
+    end of a resumed sweep, a trial that ended without the searcher hearing of it."""
     import optuna
     from ray.tune import ExperimentAnalysis
 
@@ -218,7 +221,7 @@ def _reconcile_with_snapshot(plan: Plan) -> None:
     done = reconcile_with_snapshot(study, ExperimentAnalysis(plan.location.exp_dir).trials,
                                    list(plan.floors.objectives), plan.floors)
     if any(done.values()):
-        print(f"brsearch: --resume {plan.name!r}: Optuna set to Tune's last snapshot ({done['told']} ended trial(s) "
+        print(f"brsearch: --resume {plan.name!r}: Optuna set to Tune's trials {when} ({done['told']} ended trial(s) "
               f"told, {done['resumed']} running trial(s) taken up)", flush=True)
     plan.location.push_state()
 
