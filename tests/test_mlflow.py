@@ -211,6 +211,45 @@ def test_epochs_a_crash_lost_are_replayed_after_a_later_one_was_logged(tmp_path)
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3], key
 
 
+def test_the_replay_sends_a_last_result_that_only_tunes_snapshot_holds(tmp_path):
+    """Tune stages each trial's result.json and uploads it with its snapshots: a driver killed
+    while the server was away can leave the stored results one epoch short, while the snapshot's
+    last result has that epoch. The replay sends it from there, once."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from search.tracking import SweepLogger, SweepRun, child_runs, replay, start_parent_run
+
+    uri = mlflow_uri(tmp_path)
+    client = MlflowClient(uri)
+    exp = client.create_experiment("short")
+    parent = start_parent_run(client, exp, "short", {}, {})
+    run = SweepRun(uri, exp, parent, "short")
+
+    def row(step: int) -> dict:
+        return {"epoch": step, "max_epochs": 3, "clean_acc": 0.1 * step, "robust_acc": 0.05 * step,
+                "channel_sparsity": 0.0, "timestamp": 1_700_000_000 + step, "training_iteration": step}
+
+    class Trial:
+        trial_id, status, config, checkpoint = "t1", "TERMINATED", {"bits": 2}, None
+        last_result = row(3)
+
+        def __str__(self) -> str:
+            return "trial_t1"
+
+    class Analysis:
+        trials = [Trial()]
+        trial_dataframes = {"t1": pd.DataFrame([row(1), row(2)])}  # the stored result.json
+
+    for _ in range(2):  # a second replay sends nothing twice
+        logger = SweepLogger(run, log_models=False)
+        replay(logger, Analysis(), None)
+        assert logger.close(patience_s=30) == 0
+    run_id = child_runs(client, run)["t1"].info.run_id
+    for key in ("epoch", "clean_acc"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3], key
+
+
 # --- a real tracking server that goes away ------------------------------------------------------
 
 def _free_port() -> int:

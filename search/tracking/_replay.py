@@ -48,6 +48,11 @@ def replay(logger: SweepLogger, analysis: Any, floors: Floors | None) -> int:
     frames = analysis.trial_dataframes
     for t in analysis.trials:
         rows = _records(frames.get(t.trial_id))
+        last = {k: v for k, v in (t.last_result or {}).items() if not (isinstance(v, float) and math.isnan(v))}
+        if result_step(last) and result_step(last) not in {result_step(r) for r in rows}:
+            # Tune stages result.json and uploads it with its snapshots, so a driver killed just
+            # after a trial's last result leaves the storage without it; the snapshot has it
+            rows.append(last)
         if not rows:
             continue
         n += 1
