@@ -128,7 +128,9 @@ def test_sweep_on_an_autoscaling_cluster_asks_for_gpus_and_grows(fake_cluster, t
     proc = subprocess.run(
         [sys.executable, "-m", "search.pareto", "--address", fake_cluster["address"], "--name", "auto",
          "--trials", "3", "--seed", "0", "--storage-path", str(tmp_path / "results"),
-         "--tracking-uri", mlflow_uri(tmp_path), *TINY],
+         # a fresh worker per trial: with 3-second trials, a reused one would run every trial on
+         # the first node before the fake provider brings the second up (longer trials spread)
+         "--no-reuse-actors", "--tracking-uri", mlflow_uri(tmp_path), *TINY],
         cwd=tmp_path, env=fake_cluster["env"], capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "2 at once (1 CPU, 1 GPU each" in proc.stdout, proc.stdout[-3000:]
