@@ -381,6 +381,28 @@ def test_resume_after_a_tell_past_the_snapshot_agrees_with_optuna(tmp_path):
         assert trials[k].values == pytest.approx([df.loc[k, m] for m in ("clean_acc", "robust_acc", "channel_sparsity")])
 
 
+def planted(patch: str) -> str:
+    """A `python -c` script: `patch` plants a fault in the driver, then `search.pareto ARGS` runs."""
+    return ("import os, signal, sys, time\nfrom ray.tune.execution.tune_controller import TuneController\n"
+            "from search.optimizer import ParetoSearch\n" + patch + "\nfrom search.pareto import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+
+
+# the driver dies at the first result it gets
+KILL_AT_THE_FIRST_RESULT = """
+result = ParetoSearch.on_trial_result
+
+
+def kill_at_the_first_result(self, trial_id, res):
+    result(self, trial_id, res)
+    print(f"CRASH at {trial_id} epoch {res.get('epoch')}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+ParetoSearch.on_trial_result = kill_at_the_first_result
+"""
+
+
 def planted_crash(script: str, args: list[str], cwd: Path) -> tuple[subprocess.Popen, str]:
     """`search.pareto ARGS` with a fault planted by `script` (python -c), run until it kills
     itself; its Ray instance is killed after it. Returns the process and its output."""
@@ -396,6 +418,16 @@ def planted_crash(script: str, args: list[str], cwd: Path) -> tuple[subprocess.P
     return first, out
 
 
+def crash_a_sweep(script: str, name: str, trials: int, concurrent: int, tmp_path: Path) -> tuple[list[str], Path, str]:
+    """A tiny sweep of 2-epoch trials run under a planted fault until the driver kills itself;
+    returns its command line (for the --resume), its experiment folder and the killed run's output."""
+    args = ["--name", name, "--trials", str(trials), "--epochs", "2", "--max-concurrent", str(concurrent),
+            "--storage-path", str(tmp_path / "results"), "--tracking-uri", mlflow_uri(tmp_path), *TINY]
+    first, out = planted_crash(script, args, tmp_path)
+    assert first.returncode == -signal.SIGKILL and "CRASH" in out, out[-3000:]
+    return args, tmp_path / "results" / name, out
+
+
 def finished_sweep_children(exp_dir: Path, tmp_path: Path) -> dict:
     """The ended sweep's child runs by trial id, after checking its one parent run FINISHED."""
     sweep_json = json.loads((exp_dir / "brsearch" / "sweep.json").read_text())
@@ -407,24 +439,8 @@ def finished_sweep_children(exp_dir: Path, tmp_path: Path) -> dict:
 # a driver stopped before Tune's first experiment snapshot: Tune's snapshots are planted away
 # (as when the first upload to s3:// never finished) and the driver is killed once a trial has a
 # checkpointed epoch, with tuner.pkl, the study, MLflow runs and trial folders already written
-CRASH_BEFORE_SNAPSHOT = """
-import os, signal, sys
-from ray.tune.execution.tune_controller import TuneController
-from search.optimizer import ParetoSearch
-TuneController.checkpoint = lambda self, force=False, wait=False: None
-result = ParetoSearch.on_trial_result
-
-
-def crash_on_first_result(self, trial_id, res):
-    result(self, trial_id, res)
-    print(f"CRASH before any snapshot, at {trial_id} epoch {res.get('epoch')}", flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-ParetoSearch.on_trial_result = crash_on_first_result
-from search.pareto import main
-sys.exit(main(sys.argv[1:]))
-"""
+CRASH_BEFORE_SNAPSHOT = planted("TuneController.checkpoint = lambda self, force=False, wait=False: None\n"
+                                + KILL_AT_THE_FIRST_RESULT)
 
 
 @pytest.mark.slow
@@ -435,11 +451,7 @@ def test_resume_of_a_sweep_stopped_before_tunes_first_snapshot(tmp_path):
     trials again under the same parent run and study: the sweep ends with every trial once, the
     killed driver's Optuna trials FAIL and its MLflow runs ended as lost."""
     name, trials = "early", 3
-    args = ["--name", name, "--trials", str(trials), "--epochs", "2", "--max-concurrent", "2",
-            "--storage-path", str(tmp_path / "results"), "--tracking-uri", mlflow_uri(tmp_path), *TINY]
-    exp_dir = tmp_path / "results" / name
-    first, out = planted_crash(CRASH_BEFORE_SNAPSHOT, args, tmp_path)
-    assert first.returncode == -signal.SIGKILL and "CRASH before any snapshot" in out, out[-3000:]
+    args, exp_dir, _ = crash_a_sweep(CRASH_BEFORE_SNAPSHOT, name, trials, 2, tmp_path)
     assert (exp_dir / "tuner.pkl").exists() and snapshot(exp_dir) is None
     assert not study_trials(exp_dir, name)  # the study is written with Tune's snapshots: none yet
 
@@ -507,12 +519,8 @@ def test_a_trial_that_ended_after_the_last_snapshot_leaves_no_trace_in_optuna(tm
     resume runs another trial in its place and every store agrees (before, Optuna kept it
     COMPLETE while no table did). Its MLflow run, logged live to its end, is ended as lost."""
     name, trials = "unsnap", 3
-    args = ["--name", name, "--trials", str(trials), "--epochs", "2", "--max-concurrent", "1",
-            "--storage-path", str(tmp_path / "results"), "--tracking-uri", mlflow_uri(tmp_path), *TINY]
-    exp_dir = tmp_path / "results" / name
-    first, out = planted_crash(CRASH_AFTER_AN_UNSNAPSHOTTED_END, args, tmp_path)
+    args, exp_dir, out = crash_a_sweep(CRASH_AFTER_AN_UNSNAPSHOTTED_END, name, trials, 1, tmp_path)
     crashed = re.search(r"CRASH after (\w+) ended", out)
-    assert first.returncode == -signal.SIGKILL and crashed, out[-3000:]
     tid = crashed.group(1)
     assert tid not in snapshot(exp_dir)
     assert tid not in {t.user_attrs.get("ray_trial_id") for t in study_trials(exp_dir, name)}
@@ -554,22 +562,7 @@ ParetoSearch.on_trial_complete = drop_the_first_end
 from search.pareto import main
 sys.exit(main(sys.argv[1:]))
 """
-KILL_AT_A_RESULT = """
-import os, signal, sys
-from search.optimizer import ParetoSearch
-result = ParetoSearch.on_trial_result
-
-
-def kill_at_the_first_result(self, trial_id, res):
-    result(self, trial_id, res)
-    print(f"CRASH at {trial_id}", flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-ParetoSearch.on_trial_result = kill_at_the_first_result
-from search.pareto import main
-sys.exit(main(sys.argv[1:]))
-"""
+KILL_AT_A_RESULT = planted(KILL_AT_THE_FIRST_RESULT)
 
 
 @pytest.mark.slow
@@ -579,11 +572,7 @@ def test_a_trial_end_the_resumed_searcher_missed_is_told_at_the_end(tmp_path):
     end is dropped). Optuna would keep it RUNNING while the table says completed; the resumed
     sweep's end tells Optuna from Tune's trials, with one line."""
     name, trials = "missed", 3
-    args = ["--name", name, "--trials", str(trials), "--epochs", "2", "--max-concurrent", "2",
-            "--storage-path", str(tmp_path / "results"), "--tracking-uri", mlflow_uri(tmp_path), *TINY]
-    exp_dir = tmp_path / "results" / name
-    first, out = planted_crash(KILL_AT_A_RESULT, args, tmp_path)
-    assert first.returncode == -signal.SIGKILL and "CRASH at" in out, out[-3000:]
+    args, exp_dir, _ = crash_a_sweep(KILL_AT_A_RESULT, name, trials, 2, tmp_path)
     second = subprocess.run([sys.executable, "-c", DROP_ONE_END, *args, "--resume"], cwd=tmp_path, env=_env(),
                             capture_output=True, text=True, timeout=400)
     text = second.stdout + second.stderr
