@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from search.front import Floors
-from search.optimizer import Space
+from search.optimizer import RAY_TRIAL_ID, Space
 from search.storage import SweepLocation
 from trainables.config import ConfigError
 from trainables.contract import COMPLETED, TRIAL_ID, TRIALS_FILE
@@ -106,7 +106,7 @@ def import_trials(storage_path: str, names: tuple[str, ...], space: Space, floor
         dropped: dict[str, int] = {}
         refused: dict[str, int] = {}
         for ft in finished:
-            row = by_id.get(ft.user_attrs.get("ray_trial_id"))
+            row = by_id.get(ft.user_attrs.get(RAY_TRIAL_ID))
             if row is None:
                 refused["not completed in its trials table"] = refused.get("not completed in its trials table", 0) + 1
                 continue

@@ -13,6 +13,6 @@ __all__, __getattr__, __dir__ = attach(__name__, {
                 "resolve_sampler", "sampler_label", "scheduler_gap"],
     "_ranking": ["RungRule", "decide", "keeps", "rung_position"],
     "_samplers": ["make_sampler"],
-    "_searcher": ["AHEAD_REASON", "AHEAD_STATS", "ParetoSearch", "reconcile_with_snapshot", "settle_sampled_ahead"],
+    "_searcher": ["AHEAD_REASON", "AHEAD_STATS", "RAY_TRIAL_ID", "ParetoSearch", "reconcile_with_snapshot", "settle_sampled_ahead"],
     "_space": ["Space", "builtin_spaces", "joint_modelling_gap", "load_space", "parse_sets"],
 })

@@ -52,7 +52,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search.front import Floors
 from search.results import stopped_reason
-from search.storage import PACED
+from search.storage import PACED, TUNE_SNAPSHOT
 from trainables.contract import DIRECTIONS, DIVERGED, EPOCH, FAILURE_REASON, MAX_EPOCHS, OBJECTIVES, is_completed
 
 from ._space import Space
@@ -67,7 +67,6 @@ UNFINISHED_SCALE = 1e-10  # below the 1e-9 of a completed trial at its clean flo
 AHEAD_STATS = {"used": 0, "waited_s": 0.0}  # this process: samples taken, and the loop's wait for them (benchmarks)
 RESUMED = "brsearch_resumed"  # a RUNNING trial Tune's restored snapshot continues (`reconcile_with_snapshot`)
 RAY_TRIAL_ID = "ray_trial_id"  # the Tune trial an Optuna trial was handed out to
-SNAPSHOT_FILE = "experiment_state-{}.json"  # Tune's experiment snapshot (TuneController.CKPT_FILE_TMPL)
 
 
 class ParetoSearch(OptunaSearch):
@@ -189,7 +188,7 @@ class ParetoSearch(OptunaSearch):
         upload later writes the same files again."""
         exp = self._published_dir(checkpoint_dir)
         if exp is not None:
-            _publish(Path(checkpoint_dir) / SNAPSHOT_FILE.format(session_str), exp)
+            _publish(Path(checkpoint_dir) / TUNE_SNAPSHOT.format(session_str), exp)
         super().save_to_dir(checkpoint_dir, session_str)  # `save`: the journal, then the pickle
         if exp is not None:
             _publish(Path(checkpoint_dir) / self.CKPT_FILE_TMPL.format(session_str), exp)

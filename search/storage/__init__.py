@@ -7,6 +7,6 @@ from search._lazy import attach
 
 __all__, __getattr__, __dir__ = attach(__name__, {
     "_keeper": ["CheckpointKeeper"],
-    "_location": ["SweepLocation", "is_remote", "join_uri", "resolve_storage", "study_spec_from_flag"],
+    "_location": ["TUNE_SNAPSHOT", "SweepLocation", "is_remote", "join_uri", "resolve_storage", "study_spec_from_flag"],
     "_study": ["PACED", "SnapshotPacedJournal", "StateSync", "flush_studies", "open_study_storage"],
 })

@@ -41,7 +41,7 @@ from trainables.contract import (
 )
 
 STATE_FILES = (RECORD_FILE, STUDY_SQLITE, STUDY_JOURNAL)
-TUNE_SNAPSHOT = "experiment_state-"  # Tune's experiment snapshots: experiment_state-<time>.json
+TUNE_SNAPSHOT = "experiment_state-{}.json"  # a Tune experiment snapshot, by session (TuneController.CKPT_FILE_TMPL)
 
 
 def is_remote(storage: str) -> bool:
@@ -182,7 +182,8 @@ class SweepLocation:
         """Whether the storage holds a Tune experiment snapshot (`experiment_state-*.json`, what
         `Tuner.restore` continues from). A driver killed before Tune's first has only its
         `tuner.pkl`, and Ray's restore then starts an experiment of one trial."""
-        return any(n.startswith(TUNE_SNAPSHOT) and n.endswith(".json") for n in self._names("", folders=False))
+        prefix, suffix = TUNE_SNAPSHOT.split("{}")
+        return any(n.startswith(prefix) and n.endswith(suffix) for n in self._names("", folders=False))
 
     def checkpoints(self, trial_id: str) -> list[str]:
         """The trial's checkpoint folder names, newest first."""
