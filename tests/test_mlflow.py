@@ -6,6 +6,7 @@ started again on the same store; the sweep is the real CLI on local Ray with tin
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -248,6 +249,55 @@ def test_the_replay_sends_a_last_result_that_only_tunes_snapshot_holds(tmp_path)
     run_id = child_runs(client, run)["t1"].info.run_id
     for key in ("epoch", "clean_acc"):
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3], key
+
+
+def test_the_replay_sends_epochs_only_the_trials_checkpoint_holds(tmp_path):
+    """A trial continued after a driver crash starts a fresh result.json, so the epochs before the
+    crash are only in the reports its newest checkpoint holds (older checkpoints pruned, a newer
+    one torn): the replay sends them from there, once, and leaves epochs Tune has alone."""
+    import pandas as pd
+    import pyarrow.fs as pafs
+    from mlflow.tracking import MlflowClient
+
+    from search.tracking import SweepLogger, SweepRun, child_runs, replay, start_parent_run
+
+    uri = mlflow_uri(tmp_path)
+    client = MlflowClient(uri)
+    exp = client.create_experiment("cont")
+    run = SweepRun(uri, exp, start_parent_run(client, exp, "cont", {}, {}), "cont")
+
+    def row(step: int, acc: float) -> dict:
+        return {"epoch": step, "max_epochs": 4, "clean_acc": acc, "robust_acc": 0.05 * step,
+                "channel_sparsity": 0.0, "timestamp": 1_700_000_000 + step, "training_iteration": step}
+
+    trial_dir = tmp_path / "exp" / "trial_t1"
+    for n, upto in ((1, 2), (2, 3)):  # checkpoint_000001 holds epochs 1-2, checkpoint_000002 1-3
+        (trial_dir / f"checkpoint_{n:06d}").mkdir(parents=True)
+        (trial_dir / f"checkpoint_{n:06d}" / "reports.json").write_text(
+            json.dumps([row(s, 0.1 * s) for s in range(1, upto + 1)]))
+    (trial_dir / "checkpoint_000003").mkdir()
+    (trial_dir / "checkpoint_000003" / "reports.json").write_text('[{"epoch": 1, "clea')  # torn
+
+    class Trial:
+        trial_id, status, config, checkpoint = "t1", "TERMINATED", {"bits": 2}, None
+        last_result = row(4, 0.4)
+        storage = SimpleNamespace(storage_filesystem=pafs.LocalFileSystem(), trial_fs_path=str(trial_dir))
+
+        def __str__(self) -> str:
+            return "trial_t1"
+
+    class Analysis:
+        trials = [Trial()]
+        trial_dataframes = {"t1": pd.DataFrame([row(3, 0.33), row(4, 0.4)])}  # since the restore
+
+    for _ in range(2):  # a second replay sends nothing twice
+        logger = SweepLogger(run, log_models=False)
+        replay(logger, Analysis(), None)
+        assert logger.close(patience_s=30) == 0
+    run_id = child_runs(client, run)["t1"].info.run_id
+    got = {m.step: m.value for m in client.get_metric_history(run_id, "clean_acc")}
+    assert len(client.get_metric_history(run_id, "clean_acc")) == 4
+    assert got == {1: pytest.approx(0.1), 2: pytest.approx(0.2), 3: 0.33, 4: 0.4}  # 3: Tune's, not the checkpoint's
 
 
 # --- a real tracking server that goes away ------------------------------------------------------

@@ -159,6 +159,15 @@ def test_sweep_front_matches_trials(sweep4):
     # Tune's per-trial result files, and no TensorBoard event files (search.driver.NoTensorBoard)
     assert all((exp / f"trial_{t}" / "result.json").is_file() for t in trials["trial_id"])
     assert not list(exp.glob("trial_*/events.out.tfevents*"))
+    # each trial's newest checkpoint holds every report so far, as Tune's result.json has them
+    # (the record a replay reads for epochs a crash took out of result.json)
+    for t in trials["trial_id"]:
+        stored = [json.loads(ln) for ln in (exp / f"trial_{t}" / "result.json").read_text().splitlines()]
+        newest = max((exp / f"trial_{t}").glob("checkpoint_*"))
+        reports = json.loads((newest / "reports.json").read_text())
+        assert [r["epoch"] for r in reports] == [r["epoch"] for r in stored] == [1, 2], t
+        for r, s in zip(reports, stored):
+            assert all(r[m] == s[m] for m in OBJECTIVES), (t, r, s)
     # the Tune trainable says which node ran it (one local node here)
     assert trials["node_id"].notna().all() and trials["node_id"].nunique() == 1
 

@@ -18,7 +18,7 @@ from typing import Any
 __all__ = [
     "CHANNEL_SPARSITY", "CLEAN_ACC", "ROBUST_ACC", "DIRECTIONS", "LATENCY_MS", "LATENCY_SPREAD_MS", "LATENCY_THREADS",
     "MAXIMIZE", "MAX_OBJECTIVES", "MINIMIZE", "MIN_OBJECTIVES", "ObjectiveError", "SIZE_KIB", "parse_objectives", "CHECKPOINT_FILE", "COMPLETED", "DIVERGED", "EPOCH", "FAILED", "FAILURE_REASON", "FINAL", "FRONT_FILE", "FRONT_TABLE",
-    "INTERRUPTED", "LOST", "MAX_EPOCHS", "MODEL_FILE", "NODE_ID", "OBJECTIVES", "RECORD_FILE", "RUNNING", "RUN_CHECKPOINT_FILE", "RUN_METRICS_FILE",
+    "INTERRUPTED", "LOST", "MAX_EPOCHS", "MODEL_FILE", "NODE_ID", "OBJECTIVES", "RECORD_FILE", "REPORTS_FILE", "RUNNING", "RUN_CHECKPOINT_FILE", "RUN_METRICS_FILE",
     "STATE_DIR", "STATUSES", "STOPPED", "STRONG_EVAL_FILE", "STUDY_JOURNAL", "STUDY_SQLITE", "SWITCH_SUFFIX",
     "TABLE_SUFFIXES", "TRIALS_FILE", "TRIALS_TABLE", "TRIAL_ID", "checkpoint_index", "is_completed", "is_feasible", "switch_name", "table_files",
     "training_config", "trial_dir",
@@ -81,6 +81,7 @@ TRIAL_ID = "trial_id"  #: Tune's trial id (a result key and the tables' key colu
 # --- file names ------------------------------------------------------------------------------
 CHECKPOINT_FILE = "state.pt"  #: training state inside a Tune checkpoint (model, optimizer, RNG, metrics)
 MODEL_FILE = "model.pt"  #: the quantized model, in the final checkpoint only
+REPORTS_FILE = "reports.json"  #: every report of a trial up to its checkpoint, beside CHECKPOINT_FILE
 RUN_CHECKPOINT_FILE = "checkpoint.pt"  #: a `trainables.train` run's training state (its --out folder)
 RUN_METRICS_FILE = "metrics.json"  #: a `trainables.train` run's final metrics
 STATE_DIR = "brsearch"  #: the sweep's own files inside its experiment directory

@@ -8,8 +8,10 @@ selected on) and the quantized model. It uses
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from .contract import (
     MODEL_FILE,
     NODE_ID,
     OBJECTIVES,
+    REPORTS_FILE,
     checkpoint_index,
     training_config,
 )
@@ -34,8 +37,14 @@ from .loop import DivergedError, Hooks, train
 
 
 class TuneHooks(Hooks):
-    epoch = 0  # epochs completed as of the last report (or the checkpoint restored)
-    diverged_before = False  # restored from a diverged trial's marker
+    """Reports to Tune with a checkpoint per epoch. Each checkpoint also holds every report of the
+    trial so far (REPORTS_FILE): Tune's own result.json of a trial continued after a driver crash
+    starts again empty, so these are the one record of its earlier epochs (`stored_reports`)."""
+
+    def __init__(self) -> None:
+        self.epoch = 0  # epochs completed as of the last report (or the checkpoint restored)
+        self.diverged_before = False  # restored from a diverged trial's marker
+        self.reports: list[dict[str, Any]] = []
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         ck = tune.get_checkpoint()
@@ -53,6 +62,7 @@ class TuneHooks(Hooks):
             self.diverged_before = True
             raise DivergedError(state[DIVERGED])
         self.epoch = int(state.get(EPOCH, 0))
+        self.reports = [r for r in state.pop(REPORTS_FILE, []) if int(r.get(EPOCH, 0)) <= self.epoch]
         print(f"trial {trial}: resumed after epoch {self.epoch}", flush=True)
         return state
 
@@ -67,7 +77,7 @@ class TuneHooks(Hooks):
                    FAILURE_REASON: f"DivergedError: {error}", FINAL: False, EPOCH: self.epoch}
         with tempfile.TemporaryDirectory() as d:
             torch.save({DIVERGED: str(error), EPOCH: self.epoch}, Path(d) / CHECKPOINT_FILE)
-            _report(metrics, d)
+            self._report(metrics, d)
 
     def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any], final: bool) -> None:
         self.epoch = int(metrics.get(EPOCH, self.epoch))
@@ -77,14 +87,16 @@ class TuneHooks(Hooks):
             if model is not None:
                 torch.save(model, Path(d) / MODEL_FILE)
             # node_id: which Ray node ran the trial (trials.parquet shows how a sweep used the cluster)
-            _report({**metrics, FINAL: final, NODE_ID: _node_id()}, d)
+            self._report({**metrics, FINAL: final, NODE_ID: _node_id()}, d)
 
-
-def _report(metrics: dict[str, Any], checkpoint_dir: str) -> None:
-    """tune.report with a checkpoint, tried again while the storage is away: Tune uploads the
-    checkpoint before it queues the result, so a failed upload reported nothing yet."""
-    patiently(lambda: tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(checkpoint_dir)),
-              "upload a checkpoint")
+    def _report(self, metrics: dict[str, Any], checkpoint_dir: str) -> None:
+        """tune.report with a checkpoint, tried again while the storage is away: Tune uploads the
+        checkpoint before it queues the result, so a failed upload reported nothing yet."""
+        # stamped as Tune stamps a result, so a replayed row is the one logged live
+        self.reports.append({**metrics, "timestamp": int(time.time())})
+        (Path(checkpoint_dir) / REPORTS_FILE).write_text(json.dumps(self.reports, default=str))
+        patiently(lambda: tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(checkpoint_dir)),
+                  "upload a checkpoint")
 
 
 def readable_state(ck: tune.Checkpoint) -> tuple[dict[str, Any] | None, str, str]:
@@ -107,27 +119,54 @@ def readable_state(ck: tune.Checkpoint) -> tuple[dict[str, Any] | None, str, str
 
 
 def _load(ck: tune.Checkpoint) -> dict[str, Any]:
+    """The state, with the trial's reports under REPORTS_FILE (none in a checkpoint written
+    before reports were kept); a torn reports file makes the checkpoint unreadable, as a torn state."""
     with ck.as_directory() as d:
-        return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        reports = Path(d) / REPORTS_FILE
+        state[REPORTS_FILE] = json.loads(reports.read_text()) if reports.exists() else []
+        return state
+
+
+def _checkpoint_folders(fs: Any, trial_path: str) -> list[tuple[int, str]]:
+    """(N, path) of the checkpoint_NNNNNN folders in a trial's directory, oldest first."""
+    import pyarrow.fs as pafs
+
+    try:
+        infos = patiently(lambda: fs.get_file_info(pafs.FileSelector(trial_path, allow_not_found=True)),
+                          f"list {trial_path}")
+    except OSError:
+        return []
+    return sorted((n, i.path) for i in infos
+                  if i.type == pafs.FileType.Directory and (n := checkpoint_index(i.base_name)) is not None)
 
 
 def _siblings(ck: tune.Checkpoint) -> list[tune.Checkpoint]:
     """The other checkpoint_NNNNNN folders of ck's trial: older ones newest first, then newer ones."""
-    import pyarrow.fs as pafs
-
     path = Path(ck.path)
     me = checkpoint_index(path.name)
     if me is None:
         return []
-    try:
-        infos = patiently(lambda: ck.filesystem.get_file_info(pafs.FileSelector(path.parent.as_posix(), allow_not_found=True)),
-                          f"list {path.parent}")
-    except OSError:
-        return []
-    found = sorted((n, i.path) for i in infos
-                   if i.type == pafs.FileType.Directory and (n := checkpoint_index(i.base_name)) is not None)
+    found = _checkpoint_folders(ck.filesystem, path.parent.as_posix())
     order = [p for n, p in reversed(found) if n < me] + [p for n, p in found if n > me]
     return [tune.Checkpoint(p, filesystem=ck.filesystem) for p in order]
+
+
+def stored_reports(fs: Any, trial_path: str) -> list[dict[str, Any]]:
+    """Every report of a trial as its newest readable checkpoint holds them (REPORTS_FILE), for
+    epochs that Tune's result.json lost; [] when no checkpoint holds any."""
+    for _, folder in reversed(_checkpoint_folders(fs, trial_path)):
+        try:
+            raw = patiently(lambda: _read_bytes(fs, f"{folder}/{REPORTS_FILE}"), f"read {folder}")  # noqa: B023 - called at once
+            return list(json.loads(raw))
+        except Exception:  # noqa: BLE001 - missing (an older checkpoint) or torn: try the one before
+            continue
+    return []
+
+
+def _read_bytes(fs: Any, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
 
 
 def trial_device(requested: str, gpu_ids: list[str]) -> str:

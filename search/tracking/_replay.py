@@ -3,9 +3,9 @@ outage that outlasted the sweep (`python -m search.pareto --name N --resume-logg
 end of every `--resume` (a driver that crashed may have had logging queued).
 
 The source is Tune's experiment directory: every trial's config, every result it reported
-(`result.json`), its status and final checkpoint. `SweepLogger`'s operations are idempotent, so a
-replay sends only what is missing: runs are found by tag, epochs already logged are skipped,
-models are found by their run. The parent's live hypervolume curve is rebuilt for the
+(`result.json`, and the reports its newest checkpoint holds), its status and final checkpoint.
+`SweepLogger`'s operations are idempotent, so a replay sends only what is missing: runs are found
+by tag, epochs already logged are skipped, models are found by their run. The parent's live hypervolume curve is rebuilt for the
 completions MLflow has not seen, in the order they happened.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from mlflow.entities import Metric
 from search.front import Floors
 from search.results import trial_outcome
 from trainables.contract import COMPLETED
+from trainables.tune import stored_reports
 
 from ._callback import add_point, front_metrics, front_row, live_front
 from ._writer import SweepLogger, result_metrics, result_step
@@ -29,8 +30,30 @@ def _records(frame: Any) -> list[dict[str, Any]]:
         return []
     out = []
     for row in frame.to_dict(orient="records"):
-        out.append({k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))})
+        out.append(_finite(row))
     return out
+
+
+def _stored_rows(trial: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A trial's results, epoch by epoch, from every place the storage keeps them: Tune's
+    result.json (`rows`), the snapshot's last result, and the reports in its newest checkpoint.
+
+    Tune stages result.json and uploads it with its snapshots, so a driver killed just after a
+    trial's last result leaves the storage without it (the snapshot has it); and a trial continued
+    after a driver crash starts a fresh result.json, so its epochs before the crash are only in its
+    checkpoints (`trainables.tune.stored_reports`, read only when epochs are missing)."""
+    by_step: dict[int, dict[str, Any]] = {}  # the first result of an epoch: what the live logger kept
+    last = _finite(trial.last_result or {})
+    for r in [*rows, *([last] if result_step(last) else [])]:
+        by_step.setdefault(result_step(r), r)
+    if any(s not in by_step for s in range(1, max(by_step, default=0) + 1)):
+        for r in stored_reports(trial.storage.storage_filesystem, trial.storage.trial_fs_path):
+            by_step.setdefault(result_step(r), _finite(r))
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _finite(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if not (isinstance(v, float) and math.isnan(v))}
 
 
 def replay(logger: SweepLogger, analysis: Any, floors: Floors | None) -> int:
@@ -47,12 +70,7 @@ def replay(logger: SweepLogger, analysis: Any, floors: Floors | None) -> int:
     n = 0
     frames = analysis.trial_dataframes
     for t in analysis.trials:
-        rows = _records(frames.get(t.trial_id))
-        last = {k: v for k, v in (t.last_result or {}).items() if not (isinstance(v, float) and math.isnan(v))}
-        if result_step(last) and result_step(last) not in {result_step(r) for r in rows}:
-            # Tune stages result.json and uploads it with its snapshots, so a driver killed just
-            # after a trial's last result leaves the storage without it; the snapshot has it
-            rows.append(last)
+        rows = _stored_rows(t, _records(frames.get(t.trial_id)))
         if not rows:
             continue
         n += 1
