@@ -256,6 +256,10 @@ def test_driver_sigkill_then_resume(tmp_path):
         # since the restore; the full per-epoch history is in MLflow, checked below)
         after = [r for r in history if r["iterations_since_restore"] < r["training_iteration"]]
         assert after and all(r["epoch"] == it + r["iterations_since_restore"] for r in after), history
+        # its newest checkpoint holds every epoch's report, from before the kill and after it
+        newest = max((exp_dir / f"trial_{tid}").glob("checkpoint_*"))
+        reports = json.loads((newest / "reports.json").read_text())
+        assert [r["epoch"] for r in reports] == list(range(1, epochs + 1)), (tid, reports)
     # the finished ones were not run again
     for tid in done_before:
         history = results_of(exp_dir / f"trial_{tid}")
@@ -349,9 +353,12 @@ def test_resume_after_a_tell_past_the_snapshot_agrees_with_optuna(tmp_path):
             "--scheduler", "moasha", "--sampler", "random", "--storage-path", str(tmp_path / "results"),
             "--tracking-uri", mlflow_uri(tmp_path), *TINY]
     exp_dir = tmp_path / "results" / name
+    # a snapshot at every step of Tune's loop, so the first stop told after a step that asked for
+    # no new trial meets a snapshot that holds every asked trial (with Tune's 10-s "auto" period
+    # new trials are asked between snapshots, and the fault may never be reached)
     first = subprocess.Popen([sys.executable, "-c", CRASH_AFTER_TELL, str(exp_dir), *args], cwd=tmp_path,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
-                             start_new_session=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**_env(), "TUNE_GLOBAL_CHECKPOINT_S": "0"}, start_new_session=True)
     try:
         out, _ = first.communicate(timeout=600)
     finally:

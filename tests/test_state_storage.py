@@ -274,6 +274,81 @@ def test_s3_sweep_killed_resumes_from_another_directory_either_way(s3, tmp_path)
     assert not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
 
 
+# Tune's background upload of its snapshots never comes (the driver dies before it does); the
+# driver is killed right after the study that holds a finished trial was pushed to the storage
+CRASH_BEFORE_TUNES_UPLOAD = """
+import os, signal, sys
+from ray.train._internal.syncer import _BackgroundSyncer
+from search.optimizer import ParetoSearch
+from search.storage import StateSync
+tell, push = ParetoSearch.on_trial_complete, StateSync.get_state
+told = []
+
+
+def remember(self, trial_id, result=None, error=False):
+    tell(self, trial_id, result, error)
+    told.append(trial_id)
+
+
+def crash_after_the_push(self):
+    push(self)
+    if told:
+        print(f"CRASH after pushing the study that holds {told}", flush=True)
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+_BackgroundSyncer.sync_up = lambda self, local_dir, remote_dir, exclude=None: False
+ParetoSearch.on_trial_complete = remember
+StateSync.get_state = crash_after_the_push
+from search.pareto import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_s3_study_is_never_ahead_of_tunes_stored_snapshot(s3, tmp_path):
+    """On `s3://` the study is pushed at Tune's snapshot while Tune uploads the snapshot later, in
+    the background. With that upload never done before the kill, the storage still holds a
+    snapshot with every trial the stored study knows (the searcher uploads it first), so nothing
+    finished is known to Optuna only; --resume from another directory finishes the sweep."""
+    import optuna
+    import pandas as pd
+
+    storage, fs = s3
+    name = "s3late"
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    args = ["--name", name, "--trials", "3", "--max-concurrent", "1", "--seed", "3", "--storage-path", storage,
+            "--tracking-uri", mlflow_uri(tmp_path), *TINY]
+    first = subprocess.run([sys.executable, "-c", CRASH_BEFORE_TUNES_UPLOAD, *args], cwd=one,
+                           env=_env(tmp_path / "cache-one"), capture_output=True, text=True, timeout=900,
+                           start_new_session=True)
+    assert first.returncode == -signal.SIGKILL and "CRASH after pushing" in first.stdout, \
+        (first.stdout + first.stderr)[-3000:]
+    exp = f"sweeps/results/{name}"
+    journal = tmp_path / "at-the-kill.journal"
+    journal.write_bytes(_read(fs, f"{exp}/brsearch/optuna.journal"))
+    known = {t.user_attrs["ray_trial_id"]: t.state for t in sweep_study(tmp_path, name, journal).get_trials(deepcopy=False)}
+    assert optuna.trial.TrialState.COMPLETE in known.values(), known
+    import pyarrow.fs as pafs
+
+    names = [i.path for i in fs.get_file_info(pafs.FileSelector(exp)) if i.base_name.startswith("experiment_state-")]
+    assert len(names) == 1, names  # the searcher's upload: Tune's never came
+    stored = {json.loads(t)["trial_id"]: json.loads(t)["status"] for t, _ in json.loads(_read(fs, names[0]))["trial_data"]}
+    assert set(known) <= set(stored), (known, stored)
+    assert all(stored[t] == "TERMINATED" for t, s in known.items() if s == optuna.trial.TrialState.COMPLETE), stored
+
+    with open(two / "out.log", "w") as fo:
+        rc = subprocess.run([sys.executable, "-m", "search.pareto", *args, "--resume"], cwd=two,
+                            env=_env(tmp_path / "cache-two"), stdout=fo, stderr=subprocess.STDOUT, timeout=900).returncode
+    assert rc == 0, (two / "out.log").read_text()[-4000:]
+    trials = pd.read_parquet(io.BytesIO(_read(fs, f"{exp}/trials.parquet")))
+    assert len(trials) == 3 and (trials["status"] == "completed").all(), trials[["trial_id", "status"]]
+    assert {t for t, s in known.items() if s == optuna.trial.TrialState.COMPLETE} <= set(trials["trial_id"])
+    _study_matches(tmp_path, name, _read(fs, f"{exp}/brsearch/optuna.journal"), trials)
+
+
 def _study_matches(tmp_path: Path, name: str, journal: bytes, trials) -> None:
     """Each trial of the table finished once in the Optuna study, and none is left RUNNING."""
     import optuna

@@ -8,5 +8,6 @@ from search._lazy import attach
 __all__, __getattr__, __dir__ = attach(__name__, {
     "_keeper": ["CheckpointKeeper"],
     "_location": ["TUNE_SNAPSHOT", "SweepLocation", "is_remote", "join_uri", "resolve_storage", "study_spec_from_flag"],
-    "_study": ["PACED", "SnapshotPacedJournal", "StateSync", "flush_studies", "open_study_storage"],
+    "_study": ["PACED", "SnapshotPacedJournal", "StateSync", "flush_studies", "open_study_storage", "publish",
+               "snapshot_target"],
 })

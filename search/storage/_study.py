@@ -7,6 +7,8 @@ restored it there), not at a path of the machine that started the sweep.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import threading
 import weakref
 from pathlib import Path
@@ -17,7 +19,7 @@ from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import BaseJournalBackend, JournalFileBackend, JournalFileSymlinkLock
 from ray.tune import Callback
 
-from ._location import SweepLocation, mirrored_study_spec
+from ._location import SweepLocation, is_remote, mirrored_study_spec
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +145,46 @@ def _drop_torn_tail(path: Path) -> None:
             log.warning("%s: cut off a partial last record (%d bytes) left by a killed driver", path, size - keep)
     except FileNotFoundError:
         return
+
+
+def snapshot_target(spec: dict[str, str], staged_dir: str) -> str | None:
+    """Where a searcher with a snapshot-paced study (`spec`, what its storage opened) copies the
+    files Tune stages into `staged_dir`, ahead of Tune's own upload: the local experiment folder,
+    or the remote experiment URI of a mirrored study; None without a paced study, or when Tune
+    stages in the experiment folder itself."""
+    if not spec.get(PACED):
+        return None
+    if "mirror" in spec:  # {"mirror": <experiment URI>/brsearch[?query]}
+        root, q, query = spec["mirror"].partition("?")
+        return root.rstrip("/").rsplit("/", 1)[0] + q + query
+    if "journal" not in spec:
+        return None
+    exp = Path(spec["journal"]).parent.parent
+    return None if exp.resolve() == Path(staged_dir).resolve() else str(exp)
+
+
+def publish(src: Path, target: str) -> None:
+    """Copy a staged file into the experiment folder `target` in one step (locally a temporary
+    file, then `os.replace`; an object store replaces an object in one PUT); nothing when Tune
+    staged no such file."""
+    if not src.is_file():
+        return
+    if not is_remote(target):
+        tmp = Path(target) / f".{src.name}.publish"
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, Path(target) / src.name)
+        return
+    import pyarrow.fs as pafs
+
+    from trainables.fileio import patiently
+
+    fs, root = pafs.FileSystem.from_uri(target)
+
+    def put() -> None:
+        with open(src, "rb") as f, fs.open_output_stream(f"{root}/{src.name}") as out:
+            shutil.copyfileobj(f, out)
+
+    patiently(put, f"upload {src.name}")
 
 
 class StateSync(Callback):
