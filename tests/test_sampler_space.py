@@ -287,6 +287,46 @@ def test_a_sample_in_flight_is_not_saved_and_a_restore_fails_it(tmp_path):
     assert len(left) == 1 and left[0].state == TrialState.FAIL and left[0].user_attrs["brsearch_reason"] == AHEAD_REASON
 
 
+def test_the_trial_limit_is_the_searchers_and_survives_a_stale_limiter_state(tmp_path):
+    """Tune's ConcurrencyLimiter, restored from a search-generator state older than the trials
+    (a kill between Tune's writes), held two ended trials as live and never asked for another:
+    a resumed sweep waited forever with nothing running. The searcher keeps the limit itself,
+    so the limiter passes through, and trials Optuna has finished hold no slot after a restore."""
+    from ray.tune.search import ConcurrencyLimiter
+
+    from search.storage import open_study_storage
+
+    space = load_space("digits")
+    spec = {"journal": str(tmp_path / "optuna.journal")}
+
+    def searcher() -> tuple[ParetoSearch, ConcurrencyLimiter]:
+        s = ParetoSearch(space, make_sampler("random", 0, 2), "lim", open_study_storage(spec), total_trials=6)
+        return s, ConcurrencyLimiter(s, max_concurrent=2)
+
+    s, limiter = searcher()
+    assert limiter.suggest("t0") and limiter.suggest("t1")
+    assert limiter.suggest("t2") is None  # two running: the limit holds
+    stale = limiter.get_state()  # Tune's search-generator state, written at a snapshot
+    s.save(str(tmp_path / "searcher.pkl"))  # the searcher, with t0 and t1 running
+    for t in ("t0", "t1"):
+        limiter.on_trial_complete(t, _result(0))
+    assert limiter.suggest("t2") is not None  # a slot freed
+
+    # the restore: the searcher's pickle and the limiter's state both from before t0 and t1 ended,
+    # while Optuna (written at the later snapshot, or reconciled from it) has them finished
+    again, restored = searcher()
+    again.restore(str(tmp_path / "searcher.pkl"))
+    restored.set_state(stale)
+    # Tune's state file holds no live set (what hung the sweep: two trials ended long ago)
+    assert stale["_limit_concurrency"] is False and not stale["live_trials"]
+    assert again.live_trials() == 0  # Optuna has t0 and t1 finished: no slot held
+    assert restored.suggest("t3") is not None and restored.suggest("t4") is not None
+    assert restored.suggest("t5") is None  # and the limit still holds
+    restored.on_trial_complete("t3", _result(3))  # passed through: Optuna is told
+    assert {t.user_attrs["ray_trial_id"]: t.state for t in again.study.get_trials(deepcopy=False)}["t3"] == TrialState.COMPLETE
+    assert restored.suggest("t5") is not None
+
+
 def test_a_searcher_unpickled_over_a_study_that_never_reached_storage_starts_it_again(tmp_path):
     """`--resume` of an s3:// sweep killed before its first experiment checkpoint: Tune's pickled
     searcher names a study the stored (empty) journal lacks. Its first ask works, on a new study."""

@@ -92,12 +92,32 @@ class ParetoSearch(OptunaSearch):
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 self._ot_study.set_metric_names(list(self._metric))
 
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        """Keep `max_concurrent_trials` here, so Tune's ConcurrencyLimiter passes every call
+        through. The limiter keeps its own set of live trials in Tune's search-generator state,
+        a file written after this searcher's and uploaded apart from the trial states: restored
+        from an older copy (a kill between the writes), it held trials Tune had ended as live,
+        asked for no more trials and the resumed sweep waited forever; and it never passed on
+        the end of a trial it had not handed out itself (one the restore continued)."""
+        self.max_concurrent = max_concurrent
+        return True
+
+    def live_trials(self) -> int:
+        """Trials handed out and not ended, as this searcher knows them: after a restore, one
+        Optuna already has finished (told after the snapshot, or by `reconcile_with_snapshot`)
+        does not hold a slot."""
+        settled = getattr(self, "settled", {})
+        return sum(1 for tid in self._ot_trials if tid not in self._completed_trials and tid not in settled)
+
     def suggest(self, trial_id: str) -> dict | str | None:
         total = getattr(self, "total_trials", None)
         if trial_id not in self._ot_trials and total is not None and len(self._ot_trials) >= total:
             # never more than --trials: a restore whose trial count is older than its trial states
             # (a kill before Tune's own upload, `save_to_dir`) would otherwise ask for more
             return self.FINISHED
+        limit = getattr(self, "max_concurrent", 0)
+        if trial_id not in self._ot_trials and limit and self.live_trials() >= limit:
+            return None  # Tune asks again when a trial ends
         if trial_id not in self._ot_trials:
             ahead = self._take_ahead()
             if ahead is not None:  # Ray's define-by-run suggest uses a trial already in _ot_trials

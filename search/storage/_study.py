@@ -1,4 +1,5 @@
-"""The Optuna storage of a sweep, and the callback that keeps an object store's copy current.
+"""The Optuna storage of a sweep, the callback that keeps an object store's copy current, and
+the copy of each Tune snapshot that reaches the storage before the study does (`publish`).
 
 The storage objects pickle as their *spec* (`open_study_storage`): Tune pickles the searcher with
 its study, and a restored searcher must open the state where it is now (after `--resume`
