@@ -50,7 +50,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search.front import Floors
 from search.results import stopped_reason
-from search.storage import TUNE_SNAPSHOT, is_remote, publish, snapshot_target
+from search.storage import TUNE_SNAPSHOT, publish, snapshot_target
 from trainables.contract import DIRECTIONS, DIVERGED, EPOCH, FAILURE_REASON, MAX_EPOCHS, OBJECTIVES, is_completed
 
 from ._space import Space
@@ -199,20 +199,18 @@ class ParetoSearch(OptunaSearch):
     def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
         """Tune saves the searcher into each experiment snapshot, right after the snapshot's trial
         states, into its staging folder, and uploads both to the storage later, in the
-        background. The study's paced journal (search.storage.SnapshotPacedJournal) reaches the
-        storage at once (a local journal is written there; a mirrored one is pushed by
-        `search.storage.StateSync` right after this), so the trial states are copied there first
-        (`search.storage.publish`), then the journal is written, then this searcher (locally
-        copied here; to an object store by Tune's upload, after the push): a kill at any moment
+        background. The study's paced journal (search.storage.SnapshotPacedJournal) is written
+        straight to the storage, so with a local storage the trial states go there first
+        (`search.storage.publish`), then the journal, then this searcher: a kill at any moment
         leaves the storage's study no newer than its trial states (what is older,
         `reconcile_with_snapshot` settles). Tune's upload later writes the same files again."""
         spec = getattr(getattr(self, "_storage", None), "brsearch_spec", None) or {}
-        target = snapshot_target(spec, checkpoint_dir)
-        if target is not None:
-            publish(Path(checkpoint_dir) / TUNE_SNAPSHOT.format(session_str), target)
+        folder = snapshot_target(spec, checkpoint_dir)
+        if folder is not None:
+            publish(Path(checkpoint_dir) / TUNE_SNAPSHOT.format(session_str), folder)
         super().save_to_dir(checkpoint_dir, session_str)  # `save`: the journal, then the pickle
-        if target is not None and not is_remote(target):
-            publish(Path(checkpoint_dir) / self.CKPT_FILE_TMPL.format(session_str), target)
+        if folder is not None:
+            publish(Path(checkpoint_dir) / self.CKPT_FILE_TMPL.format(session_str), folder)
 
     def save(self, checkpoint_path: str) -> None:
         """The paced journal first, then the searcher pickled as Ray's (a pickled __dict__),

@@ -1,5 +1,5 @@
 """The Optuna storage of a sweep, the callback that keeps an object store's copy current, and
-the copy of each Tune snapshot that reaches the storage before the study does (`publish`).
+the copy of each Tune snapshot that reaches a local storage before the study does (`publish`).
 
 The storage objects pickle as their *spec* (`open_study_storage`): Tune pickles the searcher with
 its study, and a restored searcher must open the state where it is now (after `--resume`
@@ -20,7 +20,7 @@ from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import BaseJournalBackend, JournalFileBackend, JournalFileSymlinkLock
 from ray.tune import Callback
 
-from ._location import SweepLocation, is_remote, mirrored_study_spec
+from ._location import SweepLocation, mirrored_study_spec
 
 log = logging.getLogger(__name__)
 
@@ -149,43 +149,29 @@ def _drop_torn_tail(path: Path) -> None:
 
 
 def snapshot_target(spec: dict[str, str], staged_dir: str) -> str | None:
-    """Where a searcher with a snapshot-paced study (`spec`, what its storage opened) copies the
-    files Tune stages into `staged_dir`, ahead of Tune's own upload: the local experiment folder,
-    or the remote experiment URI of a mirrored study; None without a paced study, or when Tune
-    stages in the experiment folder itself."""
-    if not spec.get(PACED):
-        return None
-    if "mirror" in spec:  # {"mirror": <experiment URI>/brsearch[?query]}
-        root, q, query = spec["mirror"].partition("?")
-        return root.rstrip("/").rsplit("/", 1)[0] + q + query
-    if "journal" not in spec:
+    """The local experiment folder a searcher with a snapshot-paced study (`spec`, what its
+    storage opened) copies the files Tune stages into `staged_dir` to, ahead of Tune's own
+    upload; None without a paced local journal, or when Tune stages in that folder itself.
+
+    Not for an object store: there the study is pushed at the snapshot (`StateSync`) and the
+    snapshot goes up later with Tune's upload. Copying the snapshot first was tried; a kill
+    between its upload and the study's push (a window an outage of the store widens to minutes)
+    left the stored snapshot with trials the stored study lacked, which the restored searcher
+    neither counted nor told, and a chaos run ended with 12 trials of 10."""
+    if not spec.get(PACED) or "journal" not in spec:
         return None
     exp = Path(spec["journal"]).parent.parent
     return None if exp.resolve() == Path(staged_dir).resolve() else str(exp)
 
 
-def publish(src: Path, target: str) -> None:
-    """Copy a staged file into the experiment folder `target` in one step (locally a temporary
-    file, then `os.replace`; an object store replaces an object in one PUT); nothing when Tune
-    staged no such file."""
+def publish(src: Path, folder: str) -> None:
+    """Copy a staged file into the experiment folder in one step (a temporary file, then
+    `os.replace`); nothing when Tune staged no such file."""
     if not src.is_file():
         return
-    if not is_remote(target):
-        tmp = Path(target) / f".{src.name}.publish"
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, Path(target) / src.name)
-        return
-    import pyarrow.fs as pafs
-
-    from trainables.fileio import patiently
-
-    fs, root = pafs.FileSystem.from_uri(target)
-
-    def put() -> None:
-        with open(src, "rb") as f, fs.open_output_stream(f"{root}/{src.name}") as out:
-            shutil.copyfileobj(f, out)
-
-    patiently(put, f"upload {src.name}")
+    tmp = Path(folder) / f".{src.name}.publish"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, Path(folder) / src.name)
 
 
 class StateSync(Callback):
