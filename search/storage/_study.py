@@ -8,7 +8,6 @@ restored it there), not at a path of the machine that started the sweep.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import threading
 import weakref
@@ -19,6 +18,8 @@ import optuna
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import BaseJournalBackend, JournalFileBackend, JournalFileSymlinkLock
 from ray.tune import Callback
+
+from trainables.fileio import atomic_path
 
 from ._location import SweepLocation, mirrored_study_spec
 
@@ -165,13 +166,12 @@ def snapshot_target(spec: dict[str, str], staged_dir: str) -> str | None:
 
 
 def publish(src: Path, folder: str) -> None:
-    """Copy a staged file into the experiment folder in one step (a temporary file, then
-    `os.replace`); nothing when Tune staged no such file."""
+    """Copy a staged file into the experiment folder in one step (`trainables.fileio.atomic_path`);
+    nothing when Tune staged no such file."""
     if not src.is_file():
         return
-    tmp = Path(folder) / f".{src.name}.publish"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, Path(folder) / src.name)
+    with atomic_path(Path(folder) / src.name) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 class StateSync(Callback):
