@@ -198,8 +198,8 @@ def run(plan: Plan) -> int:
 
     settle_sampled_ahead()
     flush_studies()  # what the last settling told (Tune's final snapshot wrote the rest)
-    if plan.resume:  # a trial ended that the restored searcher was never told of: Tune's concurrency
-        _reconcile_with_snapshot(plan, "at the end")  # limiter forwards only trials its own (older) state lists
+    if plan.resume:  # a trial Tune ended whose end never reached the restored searcher: Optuna
+        _reconcile_with_snapshot(plan, "at the end")  # still has it running, Tune's tables have it ended
     location.push_state()
     return end_sweep(plan, sweep_run, res, trained=True)
 

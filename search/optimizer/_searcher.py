@@ -110,15 +110,15 @@ class ParetoSearch(OptunaSearch):
         return sum(1 for tid in self._ot_trials if tid not in self._completed_trials and tid not in settled)
 
     def suggest(self, trial_id: str) -> dict | str | None:
-        total = getattr(self, "total_trials", None)
-        if trial_id not in self._ot_trials and total is not None and len(self._ot_trials) >= total:
-            # never more than --trials: a restore whose trial count is older than its trial states
-            # (a kill before Tune's own upload, `save_to_dir`) would otherwise ask for more
-            return self.FINISHED
-        limit = getattr(self, "max_concurrent", 0)
-        if trial_id not in self._ot_trials and limit and self.live_trials() >= limit:
-            return None  # Tune asks again when a trial ends
         if trial_id not in self._ot_trials:
+            total = getattr(self, "total_trials", None)
+            if total is not None and len(self._ot_trials) >= total:
+                # never more than --trials: a restore whose trial count is older than its trial
+                # states (a kill before Tune's own upload, `save_to_dir`) would otherwise ask for more
+                return self.FINISHED
+            limit = getattr(self, "max_concurrent", 0)
+            if limit and self.live_trials() >= limit:
+                return None  # Tune asks again when a trial ends
             ahead = self._take_ahead()
             if ahead is not None:  # Ray's define-by-run suggest uses a trial already in _ot_trials
                 self._ot_trials[trial_id] = ahead

@@ -5,8 +5,8 @@ end of every `--resume` (a driver that crashed may have had logging queued).
 The source is Tune's experiment directory: every trial's config, every result it reported
 (`result.json`, and the reports its newest checkpoint holds), its status and final checkpoint.
 `SweepLogger`'s operations are idempotent, so a replay sends only what is missing: runs are found
-by tag, epochs already logged are skipped, models are found by their run. The parent's live hypervolume curve is rebuilt for the
-completions MLflow has not seen, in the order they happened.
+by tag, epochs already logged are skipped, models are found by their run. The parent's live
+hypervolume curve is rebuilt for the completions MLflow has not seen, in the order they happened.
 """
 from __future__ import annotations
 
