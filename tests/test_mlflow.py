@@ -18,6 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -212,10 +213,23 @@ def test_epochs_a_crash_lost_are_replayed_after_a_later_one_was_logged(tmp_path)
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3], key
 
 
-def test_the_replay_sends_a_last_result_that_only_tunes_snapshot_holds(tmp_path):
-    """Tune stages each trial's result.json and uploads it with its snapshots: a driver killed
-    while the server was away can leave the stored results one epoch short, while the snapshot's
-    last result has that epoch. The replay sends it from there, once."""
+def _result_row(step: int, clean_acc: float, epochs: int) -> dict:
+    """One result as Tune stores it (result.json, a snapshot's last result, a checkpoint's reports)."""
+    return {"epoch": step, "max_epochs": epochs, "clean_acc": clean_acc, "robust_acc": 0.05 * step,
+            "channel_sparsity": 0.0, "timestamp": 1_700_000_000 + step, "training_iteration": step}
+
+
+class _StoredTrial(SimpleNamespace):
+    """What the replay reads of a Tune trial that ExperimentAnalysis loaded."""
+
+    def __str__(self) -> str:
+        return f"trial_{self.trial_id}"
+
+
+def _replay_twice(tmp_path: Path, name: str, last_result: dict, stored: list[dict], storage: Any = None) -> tuple:
+    """Replay one finished trial `t1` (its stored result.json rows, the snapshot's last result, the
+    storage of its checkpoints) into a fresh sweep run, twice: a second replay sends nothing again.
+    Returns the client and the trial's run id."""
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
@@ -223,30 +237,24 @@ def test_the_replay_sends_a_last_result_that_only_tunes_snapshot_holds(tmp_path)
 
     uri = mlflow_uri(tmp_path)
     client = MlflowClient(uri)
-    exp = client.create_experiment("short")
-    parent = start_parent_run(client, exp, "short", {}, {})
-    run = SweepRun(uri, exp, parent, "short")
-
-    def row(step: int) -> dict:
-        return {"epoch": step, "max_epochs": 3, "clean_acc": 0.1 * step, "robust_acc": 0.05 * step,
-                "channel_sparsity": 0.0, "timestamp": 1_700_000_000 + step, "training_iteration": step}
-
-    class Trial:
-        trial_id, status, config, checkpoint = "t1", "TERMINATED", {"bits": 2}, None
-        last_result = row(3)
-
-        def __str__(self) -> str:
-            return "trial_t1"
-
-    class Analysis:
-        trials = [Trial()]
-        trial_dataframes = {"t1": pd.DataFrame([row(1), row(2)])}  # the stored result.json
-
-    for _ in range(2):  # a second replay sends nothing twice
+    exp = client.create_experiment(name)
+    run = SweepRun(uri, exp, start_parent_run(client, exp, name, {}, {}), name)
+    trial = _StoredTrial(trial_id="t1", status="TERMINATED", config={"bits": 2}, checkpoint=None,
+                         last_result=last_result, storage=storage)
+    analysis = SimpleNamespace(trials=[trial], trial_dataframes={"t1": pd.DataFrame(stored)})
+    for _ in range(2):
         logger = SweepLogger(run, log_models=False)
-        replay(logger, Analysis(), None)
+        replay(logger, analysis, None)
         assert logger.close(patience_s=30) == 0
-    run_id = child_runs(client, run)["t1"].info.run_id
+    return client, child_runs(client, run)["t1"].info.run_id
+
+
+def test_the_replay_sends_a_last_result_that_only_tunes_snapshot_holds(tmp_path):
+    """Tune stages each trial's result.json and uploads it with its snapshots: a driver killed
+    while the server was away can leave the stored results one epoch short, while the snapshot's
+    last result has that epoch. The replay sends it from there, once."""
+    client, run_id = _replay_twice(tmp_path, "short", _result_row(3, 0.3, 3),
+                                   [_result_row(1, 0.1, 3), _result_row(2, 0.2, 3)])  # the stored result.json
     for key in ("epoch", "clean_acc"):
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3], key
 
@@ -255,46 +263,20 @@ def test_the_replay_sends_epochs_only_the_trials_checkpoint_holds(tmp_path):
     """A trial continued after a driver crash starts a fresh result.json, so the epochs before the
     crash are only in the reports its newest checkpoint holds (older checkpoints pruned, a newer
     one torn): the replay sends them from there, once, and leaves epochs Tune has alone."""
-    import pandas as pd
     import pyarrow.fs as pafs
-    from mlflow.tracking import MlflowClient
-
-    from search.tracking import SweepLogger, SweepRun, child_runs, replay, start_parent_run
-
-    uri = mlflow_uri(tmp_path)
-    client = MlflowClient(uri)
-    exp = client.create_experiment("cont")
-    run = SweepRun(uri, exp, start_parent_run(client, exp, "cont", {}, {}), "cont")
-
-    def row(step: int, acc: float) -> dict:
-        return {"epoch": step, "max_epochs": 4, "clean_acc": acc, "robust_acc": 0.05 * step,
-                "channel_sparsity": 0.0, "timestamp": 1_700_000_000 + step, "training_iteration": step}
 
     trial_dir = tmp_path / "exp" / "trial_t1"
     for n, upto in ((1, 2), (2, 3)):  # checkpoint_000001 holds epochs 1-2, checkpoint_000002 1-3
         (trial_dir / f"checkpoint_{n:06d}").mkdir(parents=True)
         (trial_dir / f"checkpoint_{n:06d}" / "reports.json").write_text(
-            json.dumps([row(s, 0.1 * s) for s in range(1, upto + 1)]))
+            json.dumps([_result_row(s, 0.1 * s, 4) for s in range(1, upto + 1)]))
     (trial_dir / "checkpoint_000003").mkdir()
     (trial_dir / "checkpoint_000003" / "reports.json").write_text('[{"epoch": 1, "clea')  # torn
 
-    class Trial:
-        trial_id, status, config, checkpoint = "t1", "TERMINATED", {"bits": 2}, None
-        last_result = row(4, 0.4)
-        storage = SimpleNamespace(storage_filesystem=pafs.LocalFileSystem(), trial_fs_path=str(trial_dir))
-
-        def __str__(self) -> str:
-            return "trial_t1"
-
-    class Analysis:
-        trials = [Trial()]
-        trial_dataframes = {"t1": pd.DataFrame([row(3, 0.33), row(4, 0.4)])}  # since the restore
-
-    for _ in range(2):  # a second replay sends nothing twice
-        logger = SweepLogger(run, log_models=False)
-        replay(logger, Analysis(), None)
-        assert logger.close(patience_s=30) == 0
-    run_id = child_runs(client, run)["t1"].info.run_id
+    storage = SimpleNamespace(storage_filesystem=pafs.LocalFileSystem(), trial_fs_path=str(trial_dir))
+    client, run_id = _replay_twice(tmp_path, "cont", _result_row(4, 0.4, 4),
+                                   [_result_row(3, 0.33, 4), _result_row(4, 0.4, 4)],  # since the restore
+                                   storage)
     got = {m.step: m.value for m in client.get_metric_history(run_id, "clean_acc")}
     assert len(client.get_metric_history(run_id, "clean_acc")) == 4
     assert got == {1: pytest.approx(0.1), 2: pytest.approx(0.2), 3: 0.33, 4: 0.4}  # 3: Tune's, not the checkpoint's
